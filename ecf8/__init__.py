@@ -1,0 +1,12 @@
+"""ecf8: lossless compression of neural-network weights by entropy-coding their exponents.
+
+    blob = ecf8.encode(weights)            # NumPy array: float8_e4m3fn, float8_e5m2, bfloat16, float16
+    w = ecf8.decode(blob)                  # bit-exact NumPy array; device="cuda" decodes on the GPU
+"""
+
+from .api import Info, decode, info
+from .encoder import encode
+from .errors import CorruptDataError, ECF8Error, UnsupportedError
+
+__all__ = ["encode", "decode", "info", "Info", "ECF8Error", "CorruptDataError", "UnsupportedError"]
+__version__ = "0.1.0"

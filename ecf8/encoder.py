@@ -1,0 +1,220 @@
+"""Reference encoder: NumPy only, vectorized over chunks and lanes, bounded extra memory."""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zlib
+
+import numpy as np
+
+from . import format as fmt
+from .errors import UnsupportedError
+from .tables import canonical_codes, code_lengths
+
+__all__ = ["encode"]
+
+BATCH_ELEMENTS = 1 << 20   # elements coded per pass; bounds the encoder's working memory
+
+
+def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
+           allow_stored: bool = True) -> bytes:
+    """Compress an array losslessly into one ECF8 frame.
+
+    x: any shape (0-d and empty too), contiguous or not, of dtype float8_e4m3fn, float8_e5m2,
+    bfloat16 or float16.  chunk_size: elements per independently decodable chunk, a power of two
+    from 512 to 2**20.  max_tables: code tables the chunks may choose among, 1 to 8.
+    allow_stored: store the elements raw (mode 1) when coding would not make them smaller; with
+    False every non-empty tensor is entropy coded.
+    """
+    x = np.asarray(x)
+    spec = fmt.spec_for_dtype(x.dtype)
+    if chunk_size & (chunk_size - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= chunk_size <= (1 << fmt.MAX_CHUNK_LOG2):
+        raise UnsupportedError(f"chunk_size must be a power of two from 512 to 2**20, not {chunk_size}")
+    if not 1 <= max_tables <= fmt.MAX_TABLES:
+        raise UnsupportedError(f"max_tables must be 1..{fmt.MAX_TABLES}, not {max_tables}")
+    if x.size > fmt.MAX_ELEMENTS:
+        raise UnsupportedError("ecf8 codes at most 2**40 elements per frame")
+    u = np.ascontiguousarray(x).reshape(-1).view(spec.uint)
+    if u.size:
+        frame = _encode_coded(u, spec, tuple(x.shape), chunk_size.bit_length() - 1, max_tables)
+        if not allow_stored or len(frame) < u.nbytes:
+            return frame
+    return _encode_stored(u, spec, tuple(x.shape))
+
+
+def _encode_stored(u: np.ndarray, spec: fmt.DtypeSpec, shape: tuple[int, ...]) -> bytes:
+    head = fmt.build_header(spec, fmt.MODE_STORED, shape, 0, None, None, None, 0)
+    body = bytes(fmt.align16(len(head)) - len(head)) + u.astype(u.dtype.newbyteorder("<")).tobytes()
+    return head + body + struct.pack("<I", zlib.crc32(body))
+
+
+def split_fields(u: np.ndarray, spec: fmt.DtypeSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(exponent fields as uint8, raw values sign << M | mantissa) of an element-bits array."""
+    m = spec.man_bits
+    exp = ((u >> m) & ((1 << spec.exp_bits) - 1)).astype(np.uint8)
+    raw = ((u >> (spec.exp_bits + m)) << m) | (u & ((1 << m) - 1))
+    return exp, raw
+
+
+def pack_raw(raw: np.ndarray, spec: fmt.DtypeSpec) -> np.ndarray:
+    """Dense little-endian bit packing of R-bit raw values, padded to 16-element runs (uint8)."""
+    r = spec.raw_bits
+    n = raw.size
+    padded = np.zeros(-(-n // fmt.LANE_RUN) * fmt.LANE_RUN, dtype=raw.dtype)
+    padded[:n] = raw
+    if r == 4:
+        return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
+    if r == 8:
+        return padded.astype(np.uint8)
+    bits = np.unpackbits(padded.astype("<u2").view(np.uint8).reshape(-1, 2), axis=1, bitorder="little")
+    return np.packbits(bits[:, :r].reshape(-1), bitorder="little")
+
+
+def symbols(x: np.ndarray, spec: fmt.DtypeSpec) -> np.ndarray:
+    """Code symbols (uint8) of element bits x: per_symbol consecutive exponent fields, the first
+    in the low bits.  x.size must be a multiple of per_symbol."""
+    if spec.per_symbol == 2 and sys.byteorder == "little":   # E4M3: straight from element pairs
+        v = x.view(np.uint16)
+        return (((v >> 3) & 0x0F) | ((v >> 7) & 0xF0)).astype(np.uint8)
+    exp, _ = split_fields(x, spec)
+    if spec.per_symbol == 1:
+        return exp
+    return exp[0::2] | (exp[1::2] << spec.exp_bits)
+
+
+def _encode_coded(u, spec, shape, chunk_log2, max_tables):
+    n, chunk, per = u.size, 1 << chunk_log2, spec.per_symbol
+    nchunks = -(-n // chunk)
+    # Padding of the last 512-element group repeats the last chunk's most common exponent.
+    tail_exp, _ = split_fields(u[(nchunks - 1) * chunk :], spec)
+    pad = spec.uint(int(np.argmax(np.bincount(tail_exp))) << spec.man_bits)
+    step = max(chunk, BATCH_ELEMENTS // chunk * chunk)
+
+    def batches():
+        """(first chunk, element bits padded to whole groups, real element count) per batch."""
+        for lo in range(0, n, step):
+            x = u[lo : lo + step]
+            m = x.size
+            padded = -(-m // fmt.GROUP) * fmt.GROUP
+            if padded != m:
+                x = np.concatenate([x, np.full(padded - m, pad, spec.uint)])
+            yield lo // chunk, x, m
+
+    hist = np.zeros((nchunks, spec.alphabet), np.int64)
+    for first, x, _ in batches():
+        local = -(-x.size // chunk)
+        rows = symbols(x, spec)
+        for c in range(local):
+            hist[first + c] = np.bincount(rows[c * (chunk // per) : (c + 1) * (chunk // per)],
+                                          minlength=spec.alphabet)
+    lengths, chunk_tables = assign_tables(hist, max_tables, (1 << spec.exp_bits) - 1)
+    codes = np.stack([canonical_codes(l) for l in lengths])
+
+    words, starts, raw_parts = [], [], []
+    base = 0
+    for first, x, m in batches():
+        raw_parts.append(pack_raw(split_fields(x[:m], spec)[1], spec))
+        sym = symbols(x, spec)
+        for count, groups in fmt.chunk_groups(x.size, chunk_log2):
+            k = count * groups * fmt.GROUP // per
+            lanes = sym[:k].reshape(count, groups, fmt.LANES, fmt.LANE_RUN // per)
+            sym = sym[k:]
+            lanes = lanes.transpose(0, 2, 1, 3).reshape(count, fmt.LANES, -1)
+            w, s = _pack_lanes(lanes, chunk_tables[first : first + count], codes, lengths)
+            words.append(w)
+            starts.append(s + base)
+            base += w.size
+            first += count
+    if base >= 1 << 32:
+        raise UnsupportedError("exponent stream exceeds 2**32 words; use a smaller tensor")
+    head = fmt.build_header(spec, fmt.MODE_CODED, shape, chunk_log2, lengths, chunk_tables,
+                            np.concatenate(starts), base)
+    exp_bytes = np.concatenate(words).astype("<u4").tobytes()
+    body = b"".join([bytes(fmt.align16(len(head)) - len(head)), exp_bytes,
+                     bytes(fmt.align16(len(exp_bytes)) - len(exp_bytes)),
+                     np.concatenate(raw_parts).tobytes()])
+    return head + body + struct.pack("<I", zlib.crc32(body))
+
+
+def assign_tables(hist: np.ndarray, max_tables: int, field_mask: int, iters: int = 8
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster chunk histograms (nchunks, A) into at most max_tables code tables.
+
+    k-means over chunks with ideal code lengths (-log2 p) as the distance; tables are then built
+    as Huffman codes.  Returns (lengths (K, A) uint8, chunk table ids (nchunks,) uint8), K chosen
+    among 1, 2, 4, 8 to minimise the coded size including each table's A/2 header bytes.
+    """
+    nchunks, alphabet = hist.shape
+    present = hist > 0
+    mean = (hist * (np.arange(alphabet) & field_mask)).sum(1) / np.maximum(hist.sum(1), 1)
+    rank = np.argsort(np.argsort(mean, kind="stable"), kind="stable")
+    best = None
+    k = 1
+    while k <= min(max_tables, nchunks):
+        assign = rank * k // nchunks             # seed: chunks split by mean exponent
+        for _ in range(iters if k > 1 else 0):
+            sums = np.stack([hist[assign == t].sum(0) for t in range(k)]) + 1e-3
+            ideal = np.log2(sums.sum(1, keepdims=True)) - np.log2(sums)
+            new = (hist @ ideal.T).argmin(1)
+            if np.array_equal(new, assign):
+                break
+            assign = new
+        tables = np.stack([code_lengths(hist[assign == t].sum(0), fmt.MAX_CODE_LEN)
+                           for t in range(k) if np.any(assign == t)])
+        cost = hist @ tables.T.astype(np.int64)
+        cost[(present.astype(np.int64) @ (tables == 0).T.astype(np.int64)) > 0] = 1 << 62
+        assign = cost.argmin(1)                 # a chunk may move to a table that codes it better
+        bits = int(cost.min(1).sum()) + tables.shape[0] * alphabet * 4
+        if best is None or bits < best[0]:
+            best = (bits, tables, assign.astype(np.uint8))
+        k *= 2
+    return best[1], best[2]
+
+
+def _pack_lanes(sym, tid, codes, lens):
+    """Code one run of equal-size chunks.
+
+    sym: (B, 32, S) lane symbol streams, S even; tid: (B,) table ids; codes, lens: (K, A) code
+    values and lengths.  Returns (words uint32, start word of each chunk relative to the run).
+    Bits are written most-significant first, each lane's stream starting on a word boundary; words
+    are ordered as the decoder's warp loads them (FORMAT.md §6).
+    """
+    b, lanes, s = sym.shape
+    packed = (codes.astype(np.uint32) << 8) | lens.astype(np.uint32)     # code << 8 | length
+    entry = packed.reshape(-1)[(tid.astype(np.int32) * codes.shape[1])[:, None, None] + sym]
+    # Merge each check step's two codes into one (<= 24 bits); the schedule works per step.
+    e0, e1 = entry[:, :, 0::2], entry[:, :, 1::2]
+    l1 = e1 & 0xFF
+    ln = ((e0 & 0xFF) + l1).astype(np.int32)                              # (B, 32, steps)
+    cd = (((e0 >> 8) << l1) | (e1 >> 8)).astype(np.uint64)
+    end = np.cumsum(ln, axis=2, dtype=np.int32)
+    start = end - ln                                                      # bits before each step
+    lane_words = (end[:, :, -1] + 31) >> 5                                # data words per lane
+    lane_base = np.cumsum(lane_words.reshape(-1)) - lane_words.reshape(-1)
+    off = start & 31
+    word = (start >> 5) + lane_base.reshape(b, lanes, 1).astype(np.int32)
+    val = (cd << (64 - off - ln).astype(np.uint64)).reshape(-1)           # 64-bit window at `word`
+    prev = np.empty_like(ln)
+    prev[:, :, 0] = 32
+    prev[:, :, 1:] = ln[:, :, :-1]
+    seg = np.flatnonzero(off < prev)       # first step starting in its word (or in its lane)
+    acc = np.zeros(int(lane_words.sum()), np.uint64)
+    acc[word.reshape(-1)[seg]] = np.add.reduceat(val, seg)
+    data = (acc >> np.uint64(32)).astype(np.uint32)
+    data[1:] |= acc[:-1].astype(np.uint32)
+    # Refill schedule: before each step a lane holding fewer than 24 bits loads one word, so the
+    # words loaded after step t's check number (start + 23) // 32 + 1.
+    loaded = ((start + (fmt.REFILL_THRESHOLD - 1)) >> 5) + 1
+    loads = np.empty_like(loaded)
+    loads[:, :, 0] = 1
+    np.subtract(loaded[:, :, 1:], loaded[:, :, :-1], out=loads[:, :, 1:])
+    order = loads.transpose(0, 2, 1).reshape(b, -1)                       # warp order: (step, lane)
+    slot = (np.cumsum(order, axis=1, dtype=np.int32) - 1).reshape(b, -1, lanes).transpose(0, 2, 1)
+    real = (loads == 1) & (loaded <= lane_words[:, :, None])
+    count = (np.where(real, slot, -1).reshape(b, -1).max(axis=1) + 1).astype(np.int64)
+    chunk_base = np.cumsum(count) - count
+    pos = (slot + chunk_base[:, None, None].astype(np.int32))[real]       # (chunk, lane, word) order
+    out = np.zeros(int(count.sum()), np.uint32)
+    out[pos] = data
+    return out, chunk_base

@@ -1,0 +1,35 @@
+"""Array builders used across test modules."""
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = [np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2),
+          np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)]
+
+
+def uint_of(dtype) -> np.dtype:
+    return np.dtype(np.uint8) if np.dtype(dtype).itemsize == 1 else np.dtype(np.uint16)
+
+
+def bits(x: np.ndarray) -> np.ndarray:
+    """The elements' bit patterns, to compare arrays bit-exactly (NaNs included)."""
+    return np.ascontiguousarray(x).view(uint_of(x.dtype))
+
+
+def from_bits(u: np.ndarray, dtype) -> np.ndarray:
+    return np.asarray(u, dtype=uint_of(dtype)).view(dtype)
+
+
+def weights_like(n: int, dtype, seed: int = 0, scale: float = 0.02) -> np.ndarray:
+    """Gaussian 'weights' of a dtype: concentrated exponents like trained weights."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(n).astype(np.float32) * scale
+    if np.dtype(dtype).itemsize == 1:
+        w = w / scale * 16  # FP8 weights live near the middle of their range after scaling
+    return w.astype(dtype)
+
+
+def assert_bit_exact(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(bits(actual), bits(expected))

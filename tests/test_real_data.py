@@ -1,0 +1,49 @@
+"""Real weights: MiniLM layer 0 (../shared/data) round-trips and compresses as measured."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ecf8
+from helpers import assert_bit_exact
+
+
+def _load(shared_data, fname, dtype):
+    with np.load(shared_data / fname) as z:
+        return {k: z[k].view(dtype) for k in z.files}
+
+
+def test_fp8_e4m3_block128(shared_data):
+    tensors = _load(shared_data, "minilm-layer0-fp8-e4m3fn-block128.npz", ml_dtypes.float8_e4m3fn)
+    total_bytes = total_n = 0
+    for name, x in tensors.items():
+        blob = ecf8.encode(x)
+        assert_bit_exact(ecf8.decode(blob), x)
+        total_bytes += len(blob)
+        total_n += x.size
+    # Measured 6.74 bits/weight for these six tensors (147k-590k weights each); the paper's
+    # format needs 6.99 and nvCOMP ANS 6.92 on the same recipe.
+    assert total_bytes * 8 / total_n < 6.80
+
+
+def test_bf16(shared_data):
+    tensors = _load(shared_data, "minilm-layer0-bf16.npz", ml_dtypes.bfloat16)
+    total_bytes = total_n = 0
+    for name, x in tensors.items():
+        blob = ecf8.encode(x)
+        assert_bit_exact(ecf8.decode(blob), x)
+        total_bytes += len(blob)
+        total_n += x.size
+    assert total_bytes * 8 / total_n < 11.0       # 8-bit exponent entropy ~2.7 bits + 8 raw
+
+
+@pytest.mark.parametrize("target", ["e5m2", "fp16"])
+def test_derived_dtypes(shared_data, target):
+    bf16 = _load(shared_data, "minilm-layer0-bf16.npz", ml_dtypes.bfloat16)
+    for name, x in bf16.items():
+        w = x.astype(np.float32)
+        y = (w / np.abs(w).max() * 57344).astype(ml_dtypes.float8_e5m2) if target == "e5m2" \
+            else w.astype(np.float16)
+        blob = ecf8.encode(y, max_tables=8)
+        assert_bit_exact(ecf8.decode(blob), y)
+        assert len(blob) < y.nbytes
