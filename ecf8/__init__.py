@@ -5,8 +5,10 @@
 """
 
 from .api import Info, decode, info
+from .decoder_cuda import BatchDecoder, CudaArray, DeviceTensor, decode_batch, to_device
 from .encoder import encode
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 
-__all__ = ["encode", "decode", "info", "Info", "ECF8Error", "CorruptDataError", "UnsupportedError"]
+__all__ = ["encode", "decode", "info", "Info", "to_device", "decode_batch", "BatchDecoder",
+           "DeviceTensor", "CudaArray", "ECF8Error", "CorruptDataError", "UnsupportedError"]
 __version__ = "0.1.0"

