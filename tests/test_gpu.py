@@ -79,6 +79,7 @@ def test_out_stream_and_device_resident():
     dt = ecf8.to_device(ecf8.encode(x))
     out = cupy.full(x.size, 0xAB, cupy.uint8)      # poisoned: every byte must be written
     stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.Device().synchronize()               # the fill ran on another stream
     y = ecf8.decode(dt, device="cuda", out=out, stream=stream)
     stream.synchronize()
     assert y.bits.data.ptr == out.data.ptr
@@ -90,6 +91,7 @@ def test_out_stream_and_device_resident():
 
     for s in (stream.ptr, Foreign(), None):
         out.fill(0)
+        cupy.cuda.Device().synchronize()
         ecf8.decode(dt, device="cuda", out=out, stream=s)
         cupy.cuda.Device().synchronize()
         np.testing.assert_array_equal(out.get(), bits(x).reshape(-1))
@@ -120,6 +122,7 @@ def test_cuda_graph_capture_and_replay():
         ecf8.decode(dt, device="cuda", out=out, stream=stream)
         graph = stream.end_capture()
     out.fill(0)
+    cupy.cuda.Device().synchronize()
     graph.launch(stream)
     stream.synchronize()
     np.testing.assert_array_equal(out.get(), bits(x))
