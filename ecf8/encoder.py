@@ -14,7 +14,7 @@ from .tables import canonical_codes, code_lengths
 
 __all__ = ["encode"]
 
-BATCH_ELEMENTS = 1 << 20   # elements coded per pass; bounds the encoder's working memory
+BATCH_ELEMENTS = 1 << 19   # elements coded per pass; bounds the encoder's working memory
 
 
 def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
@@ -111,10 +111,13 @@ def _encode_coded(u, spec, shape, chunk_log2, max_tables):
     lengths, chunk_tables = assign_tables(hist, max_tables, (1 << spec.exp_bits) - 1)
     codes = np.stack([canonical_codes(l) for l in lengths])
 
-    words, starts, raw_parts = [], [], []
-    base = 0
+    words, starts = [], []
+    raw_plane = np.empty(fmt.raw_plane_bytes(spec, n), np.uint8)
+    raw_at = base = 0
     for first, x, m in batches():
-        raw_parts.append(pack_raw(split_fields(x[:m], spec)[1], spec))
+        packed = pack_raw(split_fields(x[:m], spec)[1], spec)
+        raw_plane[raw_at : raw_at + packed.size] = packed
+        raw_at += packed.size
         sym = symbols(x, spec)
         for count, groups in fmt.chunk_groups(x.size, chunk_log2):
             k = count * groups * fmt.GROUP // per
@@ -130,11 +133,15 @@ def _encode_coded(u, spec, shape, chunk_log2, max_tables):
         raise UnsupportedError("exponent stream exceeds 2**32 words; use a smaller tensor")
     head = fmt.build_header(spec, fmt.MODE_CODED, shape, chunk_log2, lengths, chunk_tables,
                             np.concatenate(starts), base)
-    exp_bytes = np.concatenate(words).astype("<u4").tobytes()
-    body = b"".join([bytes(fmt.align16(len(head)) - len(head)), exp_bytes,
-                     bytes(fmt.align16(len(exp_bytes)) - len(exp_bytes)),
-                     np.concatenate(raw_parts).tobytes()])
-    return head + body + struct.pack("<I", zlib.crc32(body))
+    # Assemble the frame in one buffer: each section is written once.
+    exp_at = fmt.align16(len(head))
+    raw_off = fmt.align16(exp_at + 4 * base)
+    out = np.zeros(raw_off + raw_plane.size + 4, np.uint8)
+    out[: len(head)] = np.frombuffer(head, np.uint8)
+    np.concatenate(words, out=out[exp_at : exp_at + 4 * base].view("<u4"))
+    out[raw_off : raw_off + raw_plane.size] = raw_plane
+    out[-4:] = np.frombuffer(struct.pack("<I", zlib.crc32(out[len(head) : -4])), np.uint8)
+    return out.tobytes()
 
 
 def assign_tables(hist: np.ndarray, max_tables: int, field_mask: int, iters: int = 8
