@@ -33,3 +33,16 @@ def assert_bit_exact(actual: np.ndarray, expected: np.ndarray) -> None:
     assert actual.dtype == expected.dtype
     assert actual.shape == expected.shape
     np.testing.assert_array_equal(bits(actual), bits(expected))
+
+
+def garbage_payload(blob: bytes, seed: int = 0) -> bytes:
+    """The frame with every payload byte (after the header checksum) replaced by random bytes;
+    the payload checksum is left stale, so only verify=False decodes it."""
+    from ecf8 import format as fmt
+
+    frame = fmt.parse(memoryview(blob))
+    out = bytearray(blob)
+    end = len(out) - 4
+    out[frame.payload_offset : end] = np.random.default_rng(seed).integers(
+        0, 256, end - frame.payload_offset, dtype=np.uint8).tobytes()
+    return bytes(out)
