@@ -232,9 +232,14 @@ def _out_buffer(out: Any, dt_shape_n: int, spec: fmt.DtypeSpec, device_id: int):
     itemsize = spec.dtype.itemsize
     if isinstance(out, CudaArray):
         out = out.bits
+    if not hasattr(out, "__cuda_array_interface__") and hasattr(out, "__dlpack__"):
+        try:
+            out = cupy.from_dlpack(out)          # zero-copy view of any DLPack CUDA array
+        except Exception as e:
+            raise UnsupportedError(f"out cannot be used as a CUDA buffer: {e}") from None
     cai = getattr(out, "__cuda_array_interface__", None)
     if cai is None:
-        raise UnsupportedError("out must be a CUDA array (__cuda_array_interface__)")
+        raise UnsupportedError("out must be a CUDA array (__cuda_array_interface__ or DLPack)")
     ptr = int(cai["data"][0])
     nbytes = int(np.prod(cai["shape"], dtype=np.int64)) * np.dtype(cai["typestr"]).itemsize
     if cai.get("strides") not in (None, ()) and not _contiguous(cai):

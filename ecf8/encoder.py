@@ -111,13 +111,10 @@ def _encode_coded(u, spec, shape, chunk_log2, max_tables):
     lengths, chunk_tables = assign_tables(hist, max_tables, (1 << spec.exp_bits) - 1)
     codes = np.stack([canonical_codes(l) for l in lengths])
 
-    words, starts = [], []
-    raw_plane = np.empty(fmt.raw_plane_bytes(spec, n), np.uint8)
-    raw_at = base = 0
+    words, starts, raw_parts = [], [], []
+    base = 0
     for first, x, m in batches():
-        packed = pack_raw(split_fields(x[:m], spec)[1], spec)
-        raw_plane[raw_at : raw_at + packed.size] = packed
-        raw_at += packed.size
+        raw_parts.append(pack_raw(split_fields(x[:m], spec)[1], spec))
         sym = symbols(x, spec)
         for count, groups in fmt.chunk_groups(x.size, chunk_log2):
             k = count * groups * fmt.GROUP // per
@@ -125,7 +122,7 @@ def _encode_coded(u, spec, shape, chunk_log2, max_tables):
             sym = sym[k:]
             lanes = lanes.transpose(0, 2, 1, 3).reshape(count, fmt.LANES, -1)
             w, s = _pack_lanes(lanes, chunk_tables[first : first + count], codes, lengths)
-            words.append(w)
+            words.append(w.astype("<u4", copy=False))
             starts.append(s + base)
             base += w.size
             first += count
@@ -133,15 +130,13 @@ def _encode_coded(u, spec, shape, chunk_log2, max_tables):
         raise UnsupportedError("exponent stream exceeds 2**32 words; use a smaller tensor")
     head = fmt.build_header(spec, fmt.MODE_CODED, shape, chunk_log2, lengths, chunk_tables,
                             np.concatenate(starts), base)
-    # Assemble the frame in one buffer: each section is written once.
-    exp_at = fmt.align16(len(head))
-    raw_off = fmt.align16(exp_at + 4 * base)
-    out = np.zeros(raw_off + raw_plane.size + 4, np.uint8)
-    out[: len(head)] = np.frombuffer(head, np.uint8)
-    np.concatenate(words, out=out[exp_at : exp_at + 4 * base].view("<u4"))
-    out[raw_off : raw_off + raw_plane.size] = raw_plane
-    out[-4:] = np.frombuffer(struct.pack("<I", zlib.crc32(out[len(head) : -4])), np.uint8)
-    return out.tobytes()
+    # One join writes the frame: each section is copied once, straight into the result.
+    payload = [bytes(fmt.align16(len(head)) - len(head)), *words,
+               bytes(fmt.align16(4 * base) - 4 * base), *raw_parts]
+    crc = 0
+    for part in payload:
+        crc = zlib.crc32(part, crc)
+    return b"".join([head, *payload, struct.pack("<I", crc)])
 
 
 def assign_tables(hist: np.ndarray, max_tables: int, field_mask: int, iters: int = 8

@@ -97,6 +97,25 @@ def test_out_stream_and_device_resident():
         np.testing.assert_array_equal(out.get(), bits(x).reshape(-1))
 
 
+def test_out_through_dlpack_only():
+    import cupy
+
+    x = weights_like(50_000, DTYPES[2])
+    dt = ecf8.to_device(ecf8.encode(x))
+    target = cupy.zeros(x.size, cupy.uint16)
+
+    class DLPackOnly:                              # a foreign array exposing DLPack alone
+        def __dlpack__(self, **kwargs):
+            return target.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return target.__dlpack_device__()
+
+    ecf8.decode(dt, device="cuda", out=DLPackOnly())
+    cupy.cuda.Device().synchronize()
+    np.testing.assert_array_equal(target.get(), bits(x))
+
+
 def test_bad_out_rejected():
     import cupy
 
