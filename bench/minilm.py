@@ -112,6 +112,23 @@ def tiled(arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
     return np.tile(flat, reps)[:n]
 
 
+def fp8_checkpoint() -> dict[str, np.ndarray]:
+    """The model as a fine-grained FP8 checkpoint: E4M3 encoder linears with 128x128 block scales
+    (`<name>_scale_inv`, F32, the Transformers convention), every other tensor in BF16."""
+    out = {}
+    for name, w in read_safetensors(safetensors_path()).items():
+        if "encoder.layer" in name and name.endswith(".weight") and w.ndim == 2:
+            rows, cols = w.shape
+            tiles = w.reshape(rows // 128, 128, cols // 128, 128)
+            scale = np.abs(tiles).max(axis=(1, 3)) / FP8_MAX["e4m3"]
+            scale[scale == 0] = 1.0
+            out[name] = quantize_block(w, "e4m3")
+            out[name + "_scale_inv"] = scale.astype(np.float32)
+        else:
+            out[name] = w.astype(ml_dtypes.bfloat16)
+    return out
+
+
 def export(directory: Path, dtypes=("e4m3", "bf16")) -> None:
     """Write minilm-<dtype>.npz bit views for machines that cannot fetch the wheel."""
     directory.mkdir(parents=True, exist_ok=True)

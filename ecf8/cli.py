@@ -3,6 +3,7 @@
     ecf8 encode weights.npy -o weights.ecf8 [--dtype bf16] [--chunk-size N] [--max-tables K]
     ecf8 decode weights.ecf8 -o weights.npy
     ecf8 info weights.ecf8 [...]
+    ecf8 analyze model.safetensors|shard-dir|weights.npy [--json] [--threshold PCT] [--plot FILE.png]
 
 .npy files cannot name ml_dtypes types (NumPy saves them as raw 'V1'/'V2'): ``encode`` takes
 ``--dtype`` for such files or for uint8/uint16 bit views, and ``decode`` writes the bit view
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import api, encoder
+from .checkpoint import atomic_file
 from . import format as fmt
 from .errors import ECF8Error
 
@@ -27,19 +28,11 @@ DTYPE_NAMES = {"e4m3": 1, "e5m2": 2, "bf16": 3, "fp16": 4}
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write data to path through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        f.write(data)
 
 
-def _load_npy(path: Path, dtype: str | None) -> np.ndarray:
+def load_npy(path: Path, dtype: str | None) -> np.ndarray:
     x = np.load(path, allow_pickle=False)
     if dtype:
         spec = fmt.DTYPES[DTYPE_NAMES[dtype]]
@@ -65,10 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("-o", "--output", type=Path, required=True)
     inf = sub.add_parser("info", help="print frame headers")
     inf.add_argument("inputs", type=Path, nargs="+")
+    ana = sub.add_parser("analyze", help="exponent entropy, tail index and achievable savings per tensor")
+    ana.add_argument("path", type=Path, help="a .safetensors file, a directory of shards, or a .npy")
+    ana.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="element type of a bit-view .npy")
+    ana.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    ana.add_argument("--threshold", type=float, default=5.0,
+                     help="least saving, in percent, worth compressing (default 5)")
+    ana.add_argument("--plot", type=Path, help="draw entropy per tensor and one histogram (PNG)")
+    ana.add_argument("--tensor", help="the tensor whose histogram --plot draws (default: largest)")
     args = parser.parse_args(argv)
     try:
         if args.command == "encode":
-            x = _load_npy(args.input, args.dtype)
+            x = load_npy(args.input, args.dtype)
             write_atomic(args.output, encoder.encode(x, chunk_size=args.chunk_size,
                                                      max_tables=args.max_tables))
             print(_describe(args.output))
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                 f.seek(0)
                 write_atomic(args.output, f.read())
             print(f"{args.output}: {y.shape} bits of {y.dtype.name} (uint{8 * y.itemsize} view)")
+        elif args.command == "analyze":
+            from .analyze_cli import run_analyze
+
+            run_analyze(args)
         else:
             for path in args.inputs:
                 print(_describe(path))
