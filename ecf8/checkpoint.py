@@ -19,7 +19,8 @@ import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
 
-__all__ = ["DTYPE_NAMES", "Entry", "atomic_file", "read_header", "iter_tensors", "tensor_files",
+__all__ = ["DTYPE_NAMES", "Entry", "atomic_file", "read_header", "read_header_text", "iter_tensors",
+           "tensor_files",
            "write_safetensors"]
 
 DTYPE_NAMES = {
@@ -63,6 +64,12 @@ def atomic_file(path: Path):
 
 def read_header(path: Path) -> tuple[dict, int]:
     """(header dict, byte offset of the data section); CorruptDataError if it is not safetensors."""
+    header, raw = read_header_text(path)
+    return header, 8 + len(raw)
+
+
+def read_header_text(path: Path) -> tuple[dict, bytes]:
+    """(header dict, the header's exact bytes, padding included)."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -71,13 +78,14 @@ def read_header(path: Path) -> tuple[dict, int]:
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER or n + 8 > path.stat().st_size:
             raise CorruptDataError(f"{path}: not a safetensors file (header length {n})")
+        raw = f.read(n)
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CorruptDataError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise CorruptDataError(f"{path}: not a safetensors file (header is not a JSON object)")
-    return header, 8 + n
+    return header, raw
 
 
 def iter_tensors(path: Path) -> Iterator[Entry]:
@@ -129,7 +137,8 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: Path,
     offset = 0
     arrays = []
     for name, x in tensors.items():
-        x = np.ascontiguousarray(x)
+        x = np.asarray(x)
+        x = x if x.flags.c_contiguous else x.copy()       # (ascontiguousarray makes 0-d 1-d)
         if x.dtype not in names:
             raise UnsupportedError(f"tensor {name!r}: dtype {x.dtype} has no safetensors name")
         header[name] = {"dtype": names[x.dtype], "shape": list(x.shape),
