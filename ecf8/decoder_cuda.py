@@ -118,10 +118,16 @@ def _external(handle: int):
 
 
 class CudaArray:
-    """Decoded elements on a GPU: ``bits`` (CuPy uint8/uint16) viewed as ``dtype`` with ``shape``."""
+    """Decoded elements on a GPU: ``bits`` (CuPy uint8/uint16) viewed as ``dtype`` with ``shape``.
 
-    def __init__(self, bits: Any, dtype: np.dtype, shape: tuple[int, ...], source: Any = None):
+    ``stream`` is the CuPy stream the decode was enqueued on: DLPack consumers that pass their own
+    stream are made to wait for it (an event recorded on it), as the DLPack protocol specifies.
+    """
+
+    def __init__(self, bits: Any, dtype: np.dtype, shape: tuple[int, ...], source: Any = None,
+                 stream: Any = None):
         self.bits = bits
+        self.stream = stream
         self._source = source     # keeps the compressed tensor alive while a decode may run
         self.dtype = np.dtype(dtype)
         self.shape = tuple(shape)
@@ -139,8 +145,21 @@ class CudaArray:
         """The element bits (typestr |u1 or <u2), shaped; consumers reinterpret them."""
         return self.bits.reshape(self.shape).__cuda_array_interface__
 
-    def __dlpack__(self, *args, **kwargs):
-        return self.bits.reshape(self.shape).__dlpack__(*args, **kwargs)
+    def __dlpack__(self, *, stream: Any = None, max_version: tuple[int, int] | None = None,
+                   dl_device: Any = None, copy: bool | None = None):
+        """Export the element bits (uint8/uint16; adapters reinterpret them).
+
+        stream: the consumer's stream (DLPack convention: None/1 legacy default, 2 per-thread
+        default, -1 no synchronization, else a handle).  Versioned capsules when max_version asks.
+        """
+        bits = self.bits.reshape(self.shape)
+        kwargs = {"stream": stream}
+        if max_version is not None:
+            kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
+        if self.stream is None:
+            return bits.__dlpack__(**kwargs)
+        with self.stream:                     # CuPy synchronizes from the current stream
+            return bits.__dlpack__(**kwargs)
 
     def __dlpack_device__(self):
         return self.bits.__dlpack_device__()
@@ -295,7 +314,7 @@ def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = No
                 kernel((dt.blocks,), (WARPS * 32,),
                        (dt.desc, dt.block_starts, np.int32(1), np.uint32(CHUNKS_PER_WARP), np.uint64(ptr)),
                        shared_mem=smem)
-    return CudaArray(bits, spec.dtype, f.shape, dt)
+    return CudaArray(bits, spec.dtype, f.shape, dt, st)
 
 
 class BatchDecoder:
@@ -321,6 +340,7 @@ class BatchDecoder:
                 raise UnsupportedError("one output per tensor")
             views = [_out_buffer(o, t.frame.n, self.spec, dev) for o, t in zip(outs, tensors)]
             self.outputs = [CudaArray(v[0], self.spec.dtype, t.shape) for v, t in zip(views, tensors)]
+            self._tensors = tensors   # keep payloads alive
             coded = [(t, p) for t, (_, p) in zip(tensors, views) if t.frame.mode == fmt.MODE_CODED]
             self.copies = [(p, t) for t, (_, p) in zip(tensors, views)
                            if t.frame.mode == fmt.MODE_STORED and t.frame.n]
@@ -332,13 +352,14 @@ class BatchDecoder:
                 starts = np.cumsum([0] + [t.blocks for t, _ in coded]).astype(np.uint32)
                 self._descs = cupy.asarray(descs.view(np.uint8))
                 self._starts = cupy.asarray(starts)
-            self._tensors = tensors   # keep payloads alive
 
     def run(self, stream: Any = None) -> list[CudaArray]:
         """Enqueue the batch on stream; returns the outputs (valid once the stream reaches them)."""
         cupy = _cupy()
         with cupy.cuda.Device(self.device_id):
             st = _stream(stream)
+            for out in self.outputs:
+                out.stream = st
             with st:
                 if self.ntensors:
                     kernel = _kernel(self.device_id, self.spec.code)
