@@ -34,6 +34,7 @@ DESC_FIELDS = ["words", "raw", "chunk_words", "chunk_tables", "luts", "out", "n"
                "ntables", "chunk_log2"]
 DESC_DTYPE = np.dtype([(f, "<u8") for f in DESC_FIELDS])
 
+_ONE, _CPW = np.int32(1), np.uint32(CHUNKS_PER_WARP)
 _modules: dict[int, Any] = {}
 _kernels: dict[tuple[int, int], Any] = {}
 _lock = threading.Lock()
@@ -107,7 +108,20 @@ def _stream(stream: Any):
     raise UnsupportedError(f"stream must be None, an int handle or have __cuda_stream__, not {type(stream).__name__}")
 
 
+_external_streams: dict[int, Any] = {}
+
+
 def _external(handle: int):
+    """A CuPy stream object for a raw handle (cached: creating one per launch costs microseconds)."""
+    stream = _external_streams.get(handle)
+    if stream is None:
+        if len(_external_streams) > 64:
+            _external_streams.clear()
+        stream = _external_streams[handle] = _new_external(handle)
+    return stream
+
+
+def _new_external(handle: int):
     cupy = _cupy()
     if hasattr(cupy.cuda.Stream, "from_external"):
         class _Handle:
@@ -183,6 +197,7 @@ class DeviceTensor:
     desc: Any             # CuPy: one TensorDesc without `out`
     block_starts: Any     # CuPy uint32 [0, blocks]
     blocks: int
+    _args: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -196,6 +211,36 @@ class DeviceTensor:
     def nbytes(self) -> int:
         """Device bytes held: the frame plus decode tables and index."""
         return int(self.payload.nbytes + self.aux.nbytes + self.desc.nbytes)
+
+    def launch(self, out_ptr: int, stream: Any = None) -> None:
+        """Enqueue this tensor's decode into device memory at out_ptr (n elements, 16-byte
+        aligned, on this tensor's device: the caller's responsibility).  Launch only."""
+        cupy = _cupy()
+        st = _stream(stream)
+        f = self.frame
+        if f.n == 0:
+            return
+        switch = cupy.cuda.runtime.getDevice() != self.device_id
+        if switch:
+            previous = cupy.cuda.runtime.getDevice()
+            cupy.cuda.runtime.setDevice(self.device_id)
+        try:
+            if f.mode == fmt.MODE_STORED:
+                cupy.cuda.runtime.memcpyAsync(out_ptr, self.payload.data.ptr + f.raw_offset, f.raw_bytes,
+                                              cupy.cuda.runtime.memcpyDeviceToDevice, st.ptr)
+            else:
+                args = self._args.get(out_ptr)
+                if args is None:                      # launch arguments, built once per output
+                    if len(self._args) > 8:
+                        self._args.clear()
+                    args = self._args[out_ptr] = (self.desc, self.block_starts, _ONE, _CPW,
+                                                  np.uint64(out_ptr))
+                with st:
+                    _kernel(self.device_id, f.spec.code)((self.blocks,), (WARPS * 32,), args,
+                                                         shared_mem=f.ntables * LUT_BYTES)
+        finally:
+            if switch:
+                cupy.cuda.runtime.setDevice(previous)
 
     def descriptor(self, out_ptr: int = 0) -> np.ndarray:
         f = self.frame
@@ -302,18 +347,7 @@ def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = No
                 ptr = bits.data.ptr
             else:
                 bits, ptr = _out_buffer(out, f.n, spec, dt.device_id)
-            if f.n == 0:
-                pass
-            elif f.mode == fmt.MODE_STORED:
-                src = dt.payload[f.raw_offset : f.raw_offset + f.raw_bytes]
-                cupy.cuda.runtime.memcpyAsync(ptr, src.data.ptr, f.raw_bytes,
-                                              cupy.cuda.runtime.memcpyDeviceToDevice, st.ptr)
-            else:
-                kernel = _kernel(dt.device_id, spec.code)
-                smem = f.ntables * LUT_BYTES
-                kernel((dt.blocks,), (WARPS * 32,),
-                       (dt.desc, dt.block_starts, np.int32(1), np.uint32(CHUNKS_PER_WARP), np.uint64(ptr)),
-                       shared_mem=smem)
+            dt.launch(ptr, st)
     return CudaArray(bits, spec.dtype, f.shape, dt, st)
 
 

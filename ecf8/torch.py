@@ -87,8 +87,9 @@ def decode(blob: Any, device: str | torch.device = "cpu", out: torch.Tensor | No
     if out is None:
         out = torch.empty(n, dtype=_BITS[width], device=dev)
     _check_out(out, n, width, dev)
-    target = out.view(-1).view(_BITS[width])
-    decoder_cuda.decode(dt, f"cuda:{dt.device_id}", out=target, stream=_stream_handle(stream, dev))
+    if out.data_ptr() % 16:
+        raise UnsupportedError("out must be 16-byte aligned")
+    dt.launch(out.data_ptr(), _stream_handle(stream, dev))
     return out.view(-1).view(TORCH_DTYPES[code]).view(dt.frame.shape)
 
 
@@ -105,7 +106,7 @@ class CompressionStats:
 
     modules: int
     original_bytes: int
-    compressed_bytes: int       # frames (host bytes on CPU, device memory on GPU)
+    compressed_bytes: int       # frames (host bytes on CPU; on a GPU with decode tables and index)
     buffer_bytes: int           # the shared decode buffer(s)
 
     @property
@@ -117,21 +118,24 @@ class _Compressed:
     """A module's weight held compressed, decoded into a shared buffer before each forward."""
 
     def __init__(self, module: torch.nn.Module, weight: torch.nn.Parameter, blob: Any,
-                 buffers: dict, options: dict):
+                 buffers: dict):
         self.dtype, self.shape, self.requires_grad = weight.dtype, tuple(weight.shape), weight.requires_grad
         self.device = weight.device
         self.nbytes = weight.numel() * weight.element_size()
         self.blob = blob
         self.buffers = buffers
+        self.view: torch.Tensor | None = None      # the buffer seen as this weight, made once
         self.hooks = [module.register_forward_pre_hook(self.before),
                       module.register_forward_hook(self.after)]
 
-    def buffer(self) -> torch.Tensor:
-        buf = self.buffers[self.device]
-        return buf[: self.nbytes]
-
     def materialize(self) -> torch.Tensor:
-        return decode(self.blob, self.device, out=self.buffer())
+        if self.view is None:
+            buf = self.buffers[self.device][: self.nbytes]
+            self.view = buf.view(self.dtype).view(self.shape)
+        if self.device.type == "cuda":                 # launch only, on torch's current stream
+            self.blob.launch(self.view.data_ptr(), torch.cuda.current_stream(self.device).cuda_stream)
+            return self.view
+        return decode(self.blob, self.device, out=self.view)
 
     def before(self, module, args):
         module.__dict__["weight"] = self.materialize()
@@ -140,22 +144,27 @@ class _Compressed:
         module.__dict__.pop("weight", None)
 
 
-def _eligible(module: torch.nn.Module, min_numel: int) -> bool:
+def _eligible(module: torch.nn.Module, min_numel: int, embeddings: bool) -> bool:
     w = module._parameters.get("weight")
     return (w is not None and w.dtype in _FROM_TORCH and w.dim() == 2 and w.numel() >= min_numel
-            and not hasattr(module, "_ecf8"))
+            and not hasattr(module, "_ecf8")
+            and (embeddings or not isinstance(module, torch.nn.Embedding)))
 
 
-def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, **options) -> CompressionStats:
+def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embeddings: bool = False,
+                    chunk_size: int = 4096, **options) -> CompressionStats:
     """Hold the 2-D FP8/BF16/FP16 weights of `module`'s submodules compressed, on their device.
 
-    Linear, Embedding and Transformers' fine-grained FP8 linears (which keep ``weight_scale_inv``
-    beside the weight, untouched here) qualify.  Each weight is decoded just before its module's
-    forward into one buffer per device, shared by all compressed modules and sized for the largest
-    weight, and dropped after it.  options go to ``ecf8.encode``.  Inference only: compressed
-    weights have no gradient.
+    Linear-like modules qualify, Transformers' fine-grained FP8 linears included (their
+    ``weight_scale_inv`` stays as it is); Embedding tables only with embeddings=True, since the
+    whole table is decoded at every forward and it is usually the largest weight, which sets the
+    size of the shared buffer.  Each weight is decoded just before its module's forward into one
+    buffer per device, shared by all compressed modules and sized for the largest weight, and
+    dropped after it.  chunk_size defaults to 4096 (decode latency over +0.1 bits/weight); other
+    options go to ``ecf8.encode``.  Inference only: compressed weights have no gradient.
     """
-    targets = [m for m in module.modules() if _eligible(m, min_numel)]
+    options = dict(options, chunk_size=chunk_size)
+    targets = [m for m in module.modules() if _eligible(m, min_numel, embeddings)]
     buffers: dict = {}
     sizes: dict = {}
     original = compressed = 0
@@ -165,13 +174,15 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, **options
         sizes[w.device] = max(sizes.get(w.device, 0), nbytes)
         blob = encode(w, **options)
         original += nbytes
-        compressed += len(blob)
         if w.device.type == "cuda":
             from . import decoder_cuda
 
             blob = decoder_cuda.to_device(blob, f"cuda:{w.device.index}")
+            compressed += blob.nbytes          # frame + decode tables + index on the device
+        else:
+            compressed += len(blob)
         del m._parameters["weight"]
-        m._ecf8 = _Compressed(m, w, blob, buffers, options)
+        m._ecf8 = _Compressed(m, w, blob, buffers)
         del w
     for device, nbytes in sizes.items():
         buffers[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -189,6 +200,7 @@ def decompress_module(module: torch.nn.Module) -> int:
             hook.remove()
         m.__dict__.pop("weight", None)
         weight = state.materialize().clone()
+        state.view = None
         m._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=state.requires_grad)
         count += 1
     return count

@@ -109,7 +109,8 @@ def test_compress_module_identical_outputs_and_smaller():
     before = model(ids)
     weights = {n: p.clone() for n, p in model.named_parameters() if p.dim() == 2}
     original = sum(p.numel() * p.element_size() for p in weights.values())
-    stats = ecf8.torch.compress_module(model)
+    assert ecf8.torch.compress_module(model, min_numel=1 << 30).modules == 0
+    stats = ecf8.torch.compress_module(model, embeddings=True)
     assert stats.modules == 11 and stats.original_bytes == original
     assert stats.compressed_bytes < 0.75 * original
     assert stats.buffer_bytes == 512 * 256 * 2                       # the largest: the embedding
@@ -226,6 +227,7 @@ def test_compress_module_cuda():
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
     stats = ecf8.torch.compress_module(model)
+    assert stats.modules == 10                                  # the embedding is opt-in
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() < allocated          # weights freed, buffer + frames on GPU
     after = model(ids)
