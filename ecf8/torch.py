@@ -160,8 +160,9 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
     whole table is decoded at every forward and it is usually the largest weight, which sets the
     size of the shared buffer.  Each weight is decoded just before its module's forward into one
     buffer per device, shared by all compressed modules and sized for the largest weight, and
-    dropped after it.  chunk_size defaults to 4096 (decode latency over +0.1 bits/weight); other
-    options go to ``ecf8.encode``.  Inference only: compressed weights have no gradient.
+    dropped after it.  chunk_size defaults to 4096 (decode latency over +0.1 bits/weight) and
+    max_tables to one per 512 K weights (each costs an 8 KB decode table on the GPU); options go to
+    ``ecf8.encode``.  Inference only: compressed weights have no gradient.
     """
     options = dict(options, chunk_size=chunk_size)
     targets = [m for m in module.modules() if _eligible(m, min_numel, embeddings)]
@@ -172,7 +173,9 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
         w = m._parameters["weight"]
         nbytes = w.numel() * w.element_size()
         sizes[w.device] = max(sizes.get(w.device, 0), nbytes)
-        blob = encode(w, **options)
+        # A GPU holds an 8 KB decode table per code table: one table per 512 K weights at most.
+        tables = options.get("max_tables", max(1, min(4, w.numel() >> 19)))
+        blob = encode(w, **dict(options, max_tables=tables))
         original += nbytes
         if w.device.type == "cuda":
             from . import decoder_cuda
