@@ -11,6 +11,7 @@ float8/bfloat16); framework adapters reinterpret them.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import threading
 from pathlib import Path
@@ -131,6 +132,30 @@ def _new_external(handle: int):
     return cupy.cuda.ExternalStream(handle)
 
 
+# DLPack DLDataTypeCode of each element type (kDLFloat 2, kDLBfloat 4, kDLFloat8_e4m3fn 10,
+# kDLFloat8_e5m2 12); the bit width is unchanged, so only the dtype code of the tensor changes.
+DLPACK_CODES = {"float8_e4m3fn": 10, "float8_e5m2": 12, "bfloat16": 4, "float16": 2}
+
+
+def _retype_capsule(capsule, code: int) -> None:
+    """Set the dtype code of the DLTensor inside a fresh (unconsumed) DLPack capsule.
+
+    Layouts (dlpack.h): DLManagedTensor starts with its DLTensor; DLManagedTensorVersioned has
+    version (8 bytes), manager_ctx, deleter and flags (8 each) first.  In a DLTensor the dtype
+    (code u8, bits u8, lanes u16) follows data (8), device (8) and ndim (4): byte offset 20.
+    """
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    name = get_name(capsule)
+    if name not in (b"dltensor", b"dltensor_versioned"):
+        raise UnsupportedError(f"unexpected DLPack capsule {name!r}")
+    base = get_pointer(capsule, name)
+    tensor = base + (32 if name == b"dltensor_versioned" else 0)
+    ctypes.c_uint8.from_address(tensor + 20).value = code
+
+
 class CudaArray:
     """Decoded elements on a GPU: ``bits`` (CuPy uint8/uint16) viewed as ``dtype`` with ``shape``.
 
@@ -139,9 +164,10 @@ class CudaArray:
     """
 
     def __init__(self, bits: Any, dtype: np.dtype, shape: tuple[int, ...], source: Any = None,
-                 stream: Any = None):
+                 stream: Any = None, typed: bool = False):
         self.bits = bits
         self.stream = stream
+        self.typed = typed        # export the logical DLPack dtype instead of the bits
         self._source = source     # keeps the compressed tensor alive while a decode may run
         self.dtype = np.dtype(dtype)
         self.shape = tuple(shape)
@@ -171,12 +197,21 @@ class CudaArray:
         if max_version is not None:
             kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
         if self.stream is None:
-            return bits.__dlpack__(**kwargs)
-        with self.stream:                     # CuPy synchronizes from the current stream
-            return bits.__dlpack__(**kwargs)
+            capsule = bits.__dlpack__(**kwargs)
+        else:
+            with self.stream:                 # CuPy synchronizes from the current stream
+                capsule = bits.__dlpack__(**kwargs)
+        if self.typed:
+            _retype_capsule(capsule, DLPACK_CODES[self.dtype.name])
+        return capsule
 
     def __dlpack_device__(self):
         return self.bits.__dlpack_device__()
+
+    def logical(self) -> "CudaArray":
+        """The same array, exporting its own DLPack dtype (bfloat16, float16, or the DLPack 1.1
+        codes float8_e4m3fn / float8_e5m2) instead of the bits, for consumers that import them."""
+        return CudaArray(self.bits, self.dtype, self.shape, self._source, self.stream, typed=True)
 
     def get(self) -> np.ndarray:
         """A host copy with the logical dtype and shape."""

@@ -77,6 +77,24 @@ def test_jax_adapter(dtype):
         ecf8.jax.decode(blob, out=np.empty(1))
 
 
+@pytest.mark.parametrize("versioned", [False, True])
+def test_dlpack_capsule_retyping(versioned):
+    """The typed export rewrites only the dtype code; torch then imports float8/bfloat16 as such."""
+    from ecf8.decoder_cuda import DLPACK_CODES, _retype_capsule
+
+    x = weights_like(1000, DTYPES[0])
+    b = weights_like(1000, DTYPES[2])
+    kwargs = {"max_version": (1, 0)} if versioned else {}
+    if versioned and np.lib.NumpyVersion(np.__version__) < "2.1.0":
+        pytest.skip("NumPy exports versioned capsules from 2.1 on")
+    for arr, name, want in ((x, "float8_e4m3fn", torch.float8_e4m3fn), (b, "bfloat16", torch.bfloat16)):
+        capsule = bits(arr).__dlpack__(**kwargs)
+        _retype_capsule(capsule, DLPACK_CODES[name])
+        t = torch.utils.dlpack.from_dlpack(capsule)
+        assert t.dtype == want
+        np.testing.assert_array_equal(torch_bits(t), bits(arr).view(np.uint8 if arr.itemsize == 1 else np.int16))
+
+
 class FP8Linear(torch.nn.Module):
     """Like Transformers' fine-grained FP8 linear: E4M3 weight, 128x128 block scales beside it."""
 
@@ -239,3 +257,16 @@ def test_compress_module_cuda():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured.view(torch.int16), before.view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_typed_dlpack_export(dtype):
+    """logical() exports the element type itself: torch imports FP8/BF16/FP16 without a view."""
+    _torch_cuda()
+    x = weights_like(40_000, dtype).reshape(200, 200)
+    y = ecf8.decode(ecf8.encode(x), device="cuda")
+    t = torch.from_dlpack(y.logical())
+    assert t.dtype == TORCH[dtype] and tuple(t.shape) == x.shape
+    np.testing.assert_array_equal(torch_bits(t.cpu()), bits(x).view(np.uint8 if x.itemsize == 1 else np.int16))
+    assert torch.from_dlpack(y).dtype in (torch.uint8, torch.uint16)     # the default: bits
