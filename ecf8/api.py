@@ -9,7 +9,7 @@ import numpy as np
 
 from . import format as fmt
 from .decoder_cpu import decode_frame
-from .errors import CorruptDataError, UnsupportedError
+from .errors import UnsupportedError
 
 __all__ = ["decode", "info", "Info", "as_buffer"]
 

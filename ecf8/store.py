@@ -24,7 +24,6 @@ import numpy as np
 import zstandard
 
 from . import api, encoder
-from . import format as fmt
 from .checkpoint import (DTYPE_NAMES, atomic_file, iter_tensors, read_header, read_header_text,
                          tensor_files)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
@@ -319,7 +318,7 @@ def verify_file(path: Path, progress: bool | None = None) -> int:
     rows = inspect_file(path)
     bar = _Progress(sum(r.original_bytes for r in rows), f"verify {Path(path).name}", progress)
     try:
-        for name, dtype, x in iter_decoded(path):
+        for name, _, x in iter_decoded(path):
             count += 1
             bar.advance(x.nbytes, name)
     finally:
@@ -329,31 +328,30 @@ def verify_file(path: Path, progress: bool | None = None) -> int:
     return count
 
 
-def _shard_pairs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+def _map_path(src: Path, dst: Path, one_file: Callable[..., None], **kwargs) -> list[Path]:
+    """Apply one_file(src_file, dst_file, **kwargs) to a file, or to each shard of a directory
+    (dst becomes a directory; the shard index is copied unchanged)."""
+    src, dst = Path(src), Path(dst)
     files = tensor_files(src)
     if src.is_dir():
         dst.mkdir(parents=True, exist_ok=True)
-        return [(f, dst / f.name) for f in files]
-    return [(src, dst)]
+        pairs = [(f, dst / f.name) for f in files]
+    else:
+        pairs = [(src, dst)]
+    for a, b in pairs:
+        one_file(a, b, **kwargs)
+    _copy_index(src, dst)
+    return [b for _, b in pairs]
 
 
 def compress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
-    """A file, or a directory of shards (its index copied unchanged), compressed to dst."""
-    src, dst = Path(src), Path(dst)
-    pairs = _shard_pairs(src, dst)
-    for a, b in pairs:
-        compress_file(a, b, **kwargs)
-    _copy_index(src, dst)
-    return [b for _, b in pairs]
+    """A safetensors file, or a directory of shards, compressed to dst (see compress_file)."""
+    return _map_path(src, dst, compress_file, **kwargs)
 
 
 def decompress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
-    src, dst = Path(src), Path(dst)
-    pairs = _shard_pairs(src, dst)
-    for a, b in pairs:
-        decompress_file(a, b, **kwargs)
-    _copy_index(src, dst)
-    return [b for _, b in pairs]
+    """The original file or shard directory restored from a compressed one."""
+    return _map_path(src, dst, decompress_file, **kwargs)
 
 
 def _copy_index(src: Path, dst: Path) -> None:

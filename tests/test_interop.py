@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import ml_dtypes
 import numpy as np
 import pytest
 

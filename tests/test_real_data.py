@@ -38,7 +38,7 @@ def test_bf16(shared_data):
 @pytest.mark.parametrize("target", ["e5m2", "fp16"])
 def test_derived_dtypes(shared_data, target):
     bf16 = _load(shared_data, "minilm-layer0-bf16.npz", ml_dtypes.bfloat16)
-    for name, x in bf16.items():
+    for x in bf16.values():
         w = x.astype(np.float32)
         y = (w / np.abs(w).max() * 57344).astype(ml_dtypes.float8_e5m2) if target == "e5m2" \
             else w.astype(np.float16)
