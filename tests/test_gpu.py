@@ -198,3 +198,22 @@ def test_dlpack_and_cuda_array_interface():
         return
     t = torch.from_dlpack(y).view(torch.float8_e4m3fn)
     np.testing.assert_array_equal(t.view(torch.uint8).cpu().numpy(), bits(x))
+
+
+def test_load_file_on_gpu(tmp_path):
+    """Compressed checkpoints load straight to the GPU, decoded or still compressed."""
+    from ecf8.checkpoint import write_safetensors
+    from ecf8.store import compress_file
+
+    tensors = {"w": weights_like(100_000, DTYPES[0]).reshape(250, 400),
+               "b": weights_like(400, DTYPES[2]),
+               "ids": np.arange(1000, dtype=np.int64)}
+    write_safetensors(tensors, tmp_path / "m.safetensors")
+    compress_file(tmp_path / "m.safetensors", tmp_path / "c.safetensors", jobs=1)
+    decoded = ecf8.load_file(tmp_path / "c.safetensors", device="cuda")
+    for name, x in tensors.items():
+        assert_bit_exact(decoded[name].get(), x)
+    lazy = ecf8.load_file(tmp_path / "c.safetensors", device="cuda", compressed=True)
+    assert isinstance(lazy["w"], ecf8.DeviceTensor)
+    assert_bit_exact(ecf8.decode(lazy["w"], device="cuda").get(), tensors["w"])
+    assert_bit_exact(lazy["ids"].get(), tensors["ids"])
