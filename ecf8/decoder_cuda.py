@@ -5,8 +5,9 @@
     ecf8.decode(dt, device="cuda", out=buf, stream=s)   # and no allocation: CUDA-graph safe
 
 Decoded results are ``CudaArray``: element bits in a CuPy uint8/uint16 array plus the logical
-dtype and shape.  DLPack and ``__cuda_array_interface__`` export the bits (CuPy cannot export
-float8/bfloat16); framework adapters reinterpret them.
+dtype and shape.  DLPack and ``__cuda_array_interface__`` export the bits (CuPy has no
+float8/bfloat16); ``CudaArray.logical()`` exports the element type's own DLPack code instead, and
+the framework adapters hand out typed arrays.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ class DeviceTensor:
         f = self.frame
         if f.mode == fmt.MODE_STORED:
             raise UnsupportedError("stored frames are copied, not decoded")
-        luts_at, tables_at = self._aux_offsets()
+        tables_at, luts_at = _aux_offsets(f)
         base, aux = self.payload.data.ptr, self.aux.data.ptr
         d = np.zeros((), DESC_DTYPE)
         d["words"], d["raw"] = base + f.exp_offset, base + f.raw_offset
@@ -290,10 +291,13 @@ class DeviceTensor:
         d["ntables"], d["chunk_log2"] = f.ntables, f.chunk_log2
         return d
 
-    def _aux_offsets(self) -> tuple[int, int]:
-        f = self.frame
-        tables_at = 4 * (f.nchunks + 1)
-        return fmt.align16(tables_at + f.nchunks), tables_at
+
+
+def _aux_offsets(frame: fmt.Frame) -> tuple[int, int]:
+    """Byte offsets of the table ids and the decode tables in a tensor's aux buffer, which
+    starts with the nchunks + 1 chunk word offsets (u32)."""
+    tables_at = 4 * (frame.nchunks + 1)
+    return tables_at, fmt.align16(tables_at + frame.nchunks)
 
 
 def to_device(blob: Any, device: str = "cuda", *, verify: bool = True) -> DeviceTensor:
@@ -305,8 +309,7 @@ def to_device(blob: Any, device: str = "cuda", *, verify: bool = True) -> Device
     with cupy.cuda.Device(dev):
         payload = cupy.asarray(np.frombuffer(view, np.uint8))
         if frame.mode == fmt.MODE_CODED:
-            tables_at = 4 * (frame.nchunks + 1)
-            luts_at = fmt.align16(tables_at + frame.nchunks)
+            tables_at, luts_at = _aux_offsets(frame)
             aux = np.zeros(luts_at + frame.ntables * LUT_BYTES, np.uint8)
             aux[:tables_at] = frame.chunk_words.astype("<u4").view(np.uint8)
             aux[tables_at : tables_at + frame.nchunks] = frame.chunk_tables
