@@ -73,7 +73,7 @@ def _table(reports: list[TensorReport]) -> str:
     if coded:
         n = sum(r.numel for r in coded)
         mean = lambda key: sum(getattr(r, key) * r.numel for r in coded) / n  # noqa: E731
-        bits = sum(r.numel * fmt.DTYPES[_code(r.dtype)].bits for r in coded)
+        bits = sum(r.numel * fmt.spec_for_name(r.dtype).bits for r in coded)
         got = sum(r.numel * r.achieved_bits_per_weight for r in coded)
         lines.append(f"{'total (coded tensors)':{width}} {'':7} {n:11,} {mean('exponent_entropy_bits'):7.3f} "
                      f"{mean('raw_entropy_bits'):7.3f} {mean('order0_bound_bits_per_weight'):8.3f} "
@@ -82,10 +82,6 @@ def _table(reports: list[TensorReport]) -> str:
     lines.append("bits per element; order-0 = entropy of whole bit patterns; ecf8 bound = H(exp) + raw "
                  "bits; alpha = tail index of the exponent histogram; H model = geometric-model entropy")
     return "\n".join(lines)
-
-
-def _code(name: str) -> int:
-    return next(c for c, s in fmt.DTYPES.items() if s.name == name)
 
 
 def _plot(reports: list[TensorReport], path: Path, tensor: str | None) -> None:
@@ -111,7 +107,7 @@ def _plot(reports: list[TensorReport], path: Path, tensor: str | None) -> None:
     ax1.set_ylabel("exponent entropy (bits)")
     ax1.set_title("Exponent entropy per tensor")
     ax1.legend()
-    spec = fmt.DTYPES[_code(pick.dtype)]
+    spec = fmt.spec_for_name(pick.dtype)
     counts = np.array(pick.exponent_counts, dtype=np.float64)
     e = np.arange(counts.size)
     ax2.bar(e, counts / counts.sum(), color="tab:blue", label="measured")

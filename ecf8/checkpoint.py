@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
 
-__all__ = ["DTYPE_NAMES", "Entry", "atomic_file", "read_header", "read_header_text", "iter_tensors",
+__all__ = ["DTYPE_NAMES", "Entry", "nbytes_of", "atomic_file", "read_header", "read_header_text", "iter_tensors",
            "tensor_files",
            "write_safetensors"]
 
@@ -34,18 +34,25 @@ DTYPE_NAMES = {
 MAX_HEADER = 100 << 20
 
 
+def nbytes_of(dtype_name: str, shape) -> int:
+    """Bytes of a tensor of a safetensors dtype and shape."""
+    return int(np.prod(shape, dtype=np.int64)) * DTYPE_NAMES[dtype_name].itemsize
+
+
 class Entry(tuple):
-    """(name, dtype name, shape, array) of one tensor; the array is a read-only memory map view."""
+    """(name, dtype name, shape, array, file offset) of one tensor; the array is a read-only
+    memory-map view starting at that byte offset of the file."""
 
     __slots__ = ()
 
-    def __new__(cls, name: str, dtype: str, shape: tuple[int, ...], array: np.ndarray):
-        return super().__new__(cls, (name, dtype, shape, array))
+    def __new__(cls, name: str, dtype: str, shape: tuple[int, ...], array: np.ndarray, offset: int):
+        return super().__new__(cls, (name, dtype, shape, array, offset))
 
     name = property(lambda self: self[0])
     dtype = property(lambda self: self[1])
     shape = property(lambda self: self[2])
     array = property(lambda self: self[3])
+    offset = property(lambda self: self[4])
 
 
 @contextlib.contextmanager
@@ -106,10 +113,10 @@ def iter_tensors(path: Path) -> Iterator[Entry]:
             raise UnsupportedError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
         dtype = DTYPE_NAMES[dtype_name]
         count = int(np.prod(shape, dtype=np.int64))
-        if not (0 <= a <= b and base + b <= size and b - a == count * dtype.itemsize):
+        if not (0 <= a <= b and base + b <= size and b - a == nbytes_of(dtype_name, shape)):
             raise CorruptDataError(f"{path}: tensor {name!r} lies outside the file or has the wrong size")
         array = np.frombuffer(mm, dtype, count, base + a) if count else np.empty(0, dtype)
-        yield Entry(name, dtype_name, shape, array.reshape(shape))
+        yield Entry(name, dtype_name, shape, array.reshape(shape), base + a)
 
 
 def tensor_files(path: Path) -> list[Path]:

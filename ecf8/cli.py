@@ -27,7 +27,6 @@ from . import format as fmt
 from .checkpoint import atomic_file
 from .errors import ECF8Error
 
-DTYPE_NAMES = {"e4m3": 1, "e5m2": 2, "bf16": 3, "fp16": 4}
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -39,7 +38,7 @@ def load_npy(path: Path, dtype: str | None) -> np.ndarray:
     """An array from a .npy file, viewed as `dtype` (e4m3, e5m2, bf16, fp16) when given."""
     x = np.load(path, allow_pickle=False)
     if dtype:
-        spec = fmt.DTYPES[DTYPE_NAMES[dtype]]
+        spec = fmt.SHORT_NAMES[dtype]
         if x.dtype.itemsize != spec.dtype.itemsize or x.dtype.kind not in "uiVf":
             raise ECF8Error(f"{path}: elements of {x.dtype} cannot be viewed as {dtype}")
         return x.view(spec.dtype)
@@ -104,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("analyze", help="exponent entropy, tail index and achievable savings per tensor")
     p.add_argument("path", type=Path, help="a .safetensors file, a directory of shards, or a .npy")
-    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="element type of a bit-view .npy")
+    p.add_argument("--dtype", choices=sorted(fmt.SHORT_NAMES), help="element type of a bit-view .npy")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--threshold", type=float, default=5.0,
                    help="least saving, in percent, worth compressing (default 5)")
@@ -113,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="compress one .npy array into an ECF8 frame")
     p.add_argument("input", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES))
+    p.add_argument("--dtype", choices=sorted(fmt.SHORT_NAMES))
     coding(p)
     p = sub.add_parser("decode", help="decompress an ECF8 frame to a .npy file (bit view)")
     p.add_argument("input", type=Path)

@@ -14,9 +14,6 @@ from .errors import UnsupportedError
 
 __all__ = ["encode", "decode"]
 
-_NAMES = {"e4m3": 1, "e5m2": 2, "bf16": 3, "fp16": 4}
-
-
 def encode(x: Any, *, dtype: str | None = None, **options) -> bytes:
     """Compress a CuPy array (copied to the host by this call).
 
@@ -24,7 +21,7 @@ def encode(x: Any, *, dtype: str | None = None, **options) -> bytes:
     """
     host = x.get()
     if dtype is not None:
-        host = host.view(fmt.DTYPES[_NAMES[dtype]].dtype)
+        host = host.view(fmt.SHORT_NAMES[dtype].dtype)
     elif host.dtype != np.float16:
         raise UnsupportedError("say which type the CuPy bits hold: dtype='e4m3', 'e5m2' or 'bf16'")
     return _encode(host, **options)

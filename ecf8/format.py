@@ -75,6 +75,18 @@ DTYPES = {
 }
 
 
+# Short names used by the command line, the CuPy adapter and the numcodecs codec.
+SHORT_NAMES = {"e4m3": DTYPES[1], "e5m2": DTYPES[2], "bf16": DTYPES[3], "fp16": DTYPES[4]}
+
+
+def spec_for_name(name: str) -> DtypeSpec:
+    """The DtypeSpec of a safetensors dtype name (F8_E4M3, F8_E5M2, BF16, F16)."""
+    for spec in DTYPES.values():
+        if spec.name == name:
+            return spec
+    raise UnsupportedError(f"ecf8 does not code {name}")
+
+
 def spec_for_dtype(dtype) -> DtypeSpec:
     """The DtypeSpec of a NumPy dtype; UnsupportedError names the supported ones otherwise."""
     dtype = np.dtype(dtype)

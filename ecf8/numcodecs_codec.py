@@ -15,8 +15,6 @@ from . import format as fmt
 
 __all__ = ["ECF8"]
 
-DTYPE_NAMES = {"e4m3": 1, "e5m2": 2, "bf16": 3, "fp16": 4}
-
 
 class ECF8(Codec):
     """Lossless ECF8 coding of a chunk.
@@ -28,14 +26,14 @@ class ECF8(Codec):
     codec_id = "ecf8"
 
     def __init__(self, dtype: str | None = None, chunk_size: int = 32768, max_tables: int = 4):
-        if dtype is not None and dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)} or None, not {dtype!r}")
+        if dtype is not None and dtype not in fmt.SHORT_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(fmt.SHORT_NAMES)} or None, not {dtype!r}")
         self.dtype, self.chunk_size, self.max_tables = dtype, chunk_size, max_tables
 
     def encode(self, buf):
         x = np.asarray(buf)
         if self.dtype is not None:
-            x = np.ascontiguousarray(x).view(fmt.DTYPES[DTYPE_NAMES[self.dtype]].dtype)
+            x = np.ascontiguousarray(x).view(fmt.SHORT_NAMES[self.dtype].dtype)
         return encoder.encode(x, chunk_size=self.chunk_size, max_tables=self.max_tables)
 
     def decode(self, buf, out=None):

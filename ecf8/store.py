@@ -24,8 +24,8 @@ import numpy as np
 import zstandard
 
 from . import api, encoder
-from .checkpoint import (DTYPE_NAMES, atomic_file, iter_tensors, read_header, read_header_text,
-                         tensor_files)
+from .checkpoint import (DTYPE_NAMES, atomic_file, iter_tensors, nbytes_of, read_header,
+                         read_header_text, tensor_files)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 
 __all__ = ["save_file", "load_file", "compress_file", "decompress_file", "inspect_file",
@@ -51,11 +51,13 @@ def _compress_one(dtype_name: str, x: np.ndarray, options: dict) -> tuple[str, b
     return "none", None
 
 
-def _worker(path: str, name: str, options: dict) -> tuple[str, bytes | None]:
-    for entry in iter_tensors(Path(path)):
-        if entry.name == name:
-            return _compress_one(entry.dtype, entry.array, options)
-    raise CorruptDataError(f"{path}: tensor {name!r} vanished while compressing")
+def _worker(path: str, dtype_name: str, shape: tuple, offset: int, options: dict
+            ) -> tuple[str, bytes | None]:
+    """_compress_one in a worker process, on a memory map of just this (validated) tensor."""
+    if not nbytes_of(dtype_name, shape):
+        return _compress_one(dtype_name, np.empty(shape, DTYPE_NAMES[dtype_name]), options)
+    x = np.memmap(path, DTYPE_NAMES[dtype_name], "r", offset, shape)
+    return _compress_one(dtype_name, x, options)
 
 
 class _Progress:
@@ -141,7 +143,7 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
         with cf.ProcessPoolExecutor(jobs) as pool:
             window: list = []
             for e in entries:
-                window.append((e, pool.submit(_worker, str(src), e.name, options)))
+                window.append((e, pool.submit(_worker, str(src), e.dtype, e.shape, e.offset, options)))
                 if len(window) >= 2 * jobs:
                     e0, fut = window.pop(0)
                     yield e0, fut.result()
@@ -218,7 +220,7 @@ def iter_decoded(path: Path, device: str = "cpu", compressed: bool = False
                 raw = zstandard.ZstdDecompressor().decompress(entry.array.data)
             except zstandard.ZstdError as e:
                 raise CorruptDataError(f"{path}: tensor {entry.name!r}: {e}") from None
-            want = int(np.prod(shape, dtype=np.int64)) * DTYPE_NAMES[dtype].itemsize
+            want = nbytes_of(dtype, shape)
             if len(raw) != want:
                 raise CorruptDataError(f"{path}: tensor {entry.name!r} has {len(raw)} bytes, needs {want}")
             x = _to_device(np.frombuffer(raw, DTYPE_NAMES[dtype]).reshape(shape), device)
@@ -251,7 +253,7 @@ def decompress_file(src: Path, dst: Path, *, progress: bool | None = None) -> No
     for e in iter_tensors(src):
         _, dtype, shape = table.get(e.name, ["none", e.dtype, list(e.shape)])
         entries.append((e.name, dtype, tuple(shape),
-                        int(np.prod(shape, dtype=np.int64)) * DTYPE_NAMES[dtype].itemsize))
+                        nbytes_of(dtype, shape)))
     bar = _Progress(sum(e[3] for e in entries), f"decompress {src.name}", progress)
 
     def payloads():
@@ -306,7 +308,7 @@ def inspect_file(path: Path) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         codec, dtype, shape = table.get(name, ["none", meta["dtype"], meta["shape"]])
-        original = int(np.prod(shape, dtype=np.int64)) * DTYPE_NAMES[dtype].itemsize
+        original = nbytes_of(dtype, shape)
         a, b = meta["data_offsets"]
         rows.append(TensorInfo((name, dtype, tuple(shape), codec, original, b - a)))
     return rows
