@@ -15,13 +15,14 @@ import dataclasses
 import math
 import struct
 import zlib
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
 
-__all__ = ["DtypeSpec", "Frame", "DTYPES", "spec_for_dtype", "parse", "header_crc", "MAX_CODE_LEN"]
+__all__ = ["DtypeSpec", "Frame", "DTYPES", "spec_for_dtype", "parse", "header_crc", "as_buffer", "MAX_CODE_LEN"]
 
 MAGIC = b"ECF8"
 VERSION = 2                # written by the encoder; version 1 frames are still read
@@ -97,6 +98,19 @@ def spec_for_dtype(dtype) -> DtypeSpec:
             return spec
     names = ", ".join(f"{s.dtype.name} ({s.name})" for s in DTYPES.values())
     raise UnsupportedError(f"ecf8 cannot code dtype {dtype}; supported: {names}")
+
+
+def as_buffer(blob: Any) -> memoryview:
+    """A flat byte memoryview of bytes, bytearray, memoryview or a uint8 NumPy array."""
+    if isinstance(blob, np.ndarray):
+        if blob.dtype != np.uint8:
+            raise UnsupportedError(f"a blob array must have dtype uint8, not {blob.dtype}")
+        blob = np.ascontiguousarray(blob).reshape(-1)
+    try:
+        view = memoryview(blob)
+    except TypeError:
+        raise UnsupportedError(f"a blob must be bytes-like or a uint8 array, not {type(blob).__name__}") from None
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 def align16(n: int) -> int:
