@@ -1,7 +1,7 @@
 """A zarr 3 array-to-bytes codec: each chunk of FP8/BF16/FP16 weights is stored as one ECF8 frame.
 
-In the codec chain it takes the place of ``bytes`` (``serializer=`` of ``zarr.create_array``); zstd
-or other bytes-to-bytes codecs after it gain nothing.  Array metadata names it
+In the codec chain it takes the place of ``bytes`` (``serializer=`` of ``zarr.create_array``, with
+``compressors=None``: the frame is already compressed).  Array metadata names it
 ``{"name": "ecf8", "configuration": {...}}``; zarr finds the class through the ``zarr.codecs``
 entry point, or by importing this module.  Needs zarr >= 3.1 (not a dependency of ecf8 itself).
 

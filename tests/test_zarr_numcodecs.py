@@ -100,7 +100,7 @@ def test_refusals():
         ECF8(dtype="bf16").decode(frame, np.empty(16, np.uint16))
 
 
-def test_config_and_entry_point():
+def test_config_round_trip():
     codec = numcodecs.get_codec({"id": "ecf8", "dtype": "e4m3", "chunk_size": 4096})
     assert isinstance(codec, ECF8)
     assert numcodecs.get_codec(codec.get_config()).get_config() == codec.get_config()
