@@ -272,7 +272,7 @@ def _plot(reports: list[TensorReport], path: Path, tensor: str | None) -> None:
     ax2.legend(fontsize=7)
     fig.text(0.055, 0.012,
              "Left: order-0 entropy of each tensor's exponent field (dots), what ecf8 actually stores per weight "
-             "minus the sign+mantissa bits it keeps verbatim\n(bars: the exponent code plus all frame overhead), "
+             "minus the sign+mantissa bits it keeps verbatim\n(dashes: the exponent code plus all frame overhead), "
              "and the entropy of the two-sided geometric model (x). Right: the exponent histogram of one tensor.\n"
              "alpha is the tail index fitted above the histogram's mode: if |w| has a heavy tail P(|w| > x) ~ x^-alpha, "
              "each binade above the mode holds 2^-alpha times\nthe one below it; smaller alpha = heavier tail = "

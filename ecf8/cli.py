@@ -28,6 +28,7 @@ from . import api, encoder, store
 from . import format as fmt
 from .checkpoint import atomic_file, iter_tensors
 from .errors import ECF8Error
+from .names import dtype_spec, short_name
 from .progress import job as progress_job
 from .store import ZSTD_LEVEL
 
@@ -42,7 +43,7 @@ def load_npy(path: Path, dtype: str | None) -> np.ndarray:
     """An array from a .npy file, viewed as `dtype` (e4m3, e5m2, bf16, fp16) when given."""
     x = np.load(path, allow_pickle=False)
     if dtype:
-        spec = fmt.SHORT_NAMES[dtype]
+        spec = dtype_spec(dtype)
         if x.dtype.itemsize != spec.dtype.itemsize or x.dtype.kind not in "uiVf":
             raise ECF8Error(f"{path}: elements of {x.dtype} cannot be viewed as {dtype}")
         return x.view(spec.dtype)
@@ -102,6 +103,17 @@ def _positive(text: str) -> int:
     return n
 
 
+def _dtype_arg(text: str) -> str:
+    """--dtype: any spelling of ecf8.names (e4m3, F8_E4M3, float8_e4m3fn, ...), as its short name."""
+    try:
+        return short_name(text)
+    except ECF8Error as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+DTYPE_HELP = "element type of a bit-view .npy: e4m3, e5m2, bf16 or fp16 (F8_E4M3, bfloat16, ... also work)"
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -117,12 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     force = argparse.ArgumentParser(add_help=False)
     force.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
 
-    def coding(p, zstd_default=ZSTD_LEVEL):
+    def coding(p, zstd_default=ZSTD_LEVEL, zstd_help="zstandard level for tensors ecf8 does not code"):
         p.add_argument("--chunk-size", type=int, default=32768,
                        help="elements per chunk, a power of 2 from 512 to 2^20 (default 32768)")
         p.add_argument("--max-tables", type=int, default=4, help="code tables per tensor, 1-8 (default 4)")
         p.add_argument("--zstd-level", type=int, default=zstd_default, choices=range(1, 23), metavar="1-22",
-                       help=f"zstandard level for tensors ecf8 does not code (default {zstd_default})")
+                       help=f"{zstd_help} (default {zstd_default})")
 
     def output(p, what):
         p.add_argument("-o", "--output", type=Path, required=True, help=what)
@@ -149,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p = cmd("analyze", "should I compress this? per-tensor entropy, tail index and what compress does", force)
     p.add_argument("path", type=Path,
                    help="a .safetensors file (plain or compressed), a directory of shards, a .npy or a frame")
-    p.add_argument("--dtype", choices=sorted(fmt.SHORT_NAMES), help="element type of a bit-view .npy")
+    p.add_argument("--dtype", type=_dtype_arg, metavar="TYPE", help=DTYPE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON (tensors, total, answer) instead of a table")
     p.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
                    help="least total saving, in percent, worth compressing for (default 5)")
@@ -164,16 +176,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="a .safetensors file or directory, a .npy or a frame (default: the bundled "
                    "all-MiniLM-L6-v2 sample)")
     p.add_argument("--tensor", metavar="NAME", help="measure only this tensor")
-    p.add_argument("--dtype", choices=sorted(fmt.SHORT_NAMES), help="element type of a bit-view .npy")
+    p.add_argument("--dtype", type=_dtype_arg, metavar="TYPE", help=DTYPE_HELP)
     p.add_argument("--runs", type=_positive, default=5, metavar="N",
                    help="timed runs per measurement after the warm-up; the median is shown (default 5)")
     p.add_argument("--cpu-only", action="store_true", help="skip the GPU measurement")
-    coding(p, zstd_default=3)
+    coding(p, zstd_default=3, zstd_help="zstandard level measured next to ecf8")
     p = cmd("encode", "compress one .npy array into an ECF8 frame", force)
     p.add_argument("input", type=Path, help="a .npy file (FP8/BF16 ones need --dtype: NumPy saves them as bits)")
     output(p, "the frame to write (.ecf8)")
-    p.add_argument("--dtype", choices=sorted(fmt.SHORT_NAMES),
-                   help="element type of a bit-view (uint8/uint16 or raw) .npy")
+    p.add_argument("--dtype", type=_dtype_arg, metavar="TYPE", help=DTYPE_HELP)
     p.add_argument("--chunk-size", type=int, default=32768,
                    help="elements per chunk, a power of 2 from 512 to 2^20 (default 32768)")
     p.add_argument("--max-tables", type=int, default=4, help="code tables per tensor, 1-8 (default 4)")
