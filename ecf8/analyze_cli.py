@@ -18,7 +18,7 @@ from .analysis import TensorReport, analyze_tensor, fit_alpha, model_probabiliti
 from .checkpoint import iter_tensors, read_header, tensor_files
 from .errors import ECF8Error
 
-__all__ = ["sources", "tensors_of", "totals", "run_analyze"]
+__all__ = ["sources", "tensors_of", "totals", "run_analyze", "figure", "short_label"]
 
 
 def _is_frame(path: Path) -> bool:
@@ -206,6 +206,24 @@ def short_label(name: str, width: int = 30) -> str:
 
 
 def _plot(reports: list[TensorReport], path: Path, tensor: str | None) -> None:
+    """Draw the figure (see figure) and write it as a PNG, atomically."""
+    import io
+
+    from .checkpoint import atomic_file
+
+    fig = figure(reports, tensor)
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_file(path) as f:
+        f.write(buf.getvalue())
+
+
+def figure(reports: list[TensorReport], tensor: str | None = None):
+    """A matplotlib Figure: exponent entropy, achieved exponent bits and the model per tensor
+    (left), and one tensor's exponent histogram (right; default: the largest FP8 tensor)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +283,8 @@ def _plot(reports: list[TensorReport], path: Path, tensor: str | None) -> None:
     bias = (1 << (spec.exp_bits - 1)) - 1
     ax2.set_xlabel(f"exponent field e (|w| in [2^(e-{bias}), 2^(e-{bias}+1)); 0: zero/subnormal)", fontsize=8)
     ax2.set_ylabel("share of elements")
-    ax2.set_title(f"{short_label(pick.name, 60)} ({pick.dtype}, {pick.numel:,} elements)\n"
+    title = pick.name if len(pick.name) <= 60 else "..." + pick.name[-57:]
+    ax2.set_title(f"{title} ({pick.dtype}, {pick.numel:,} elements)\n"
                   f"H(exp) {pick.exponent_entropy_bits:.2f} bits, stored {pick.achieved_bits_per_weight:.2f} "
                   f"bits/weight ({pick.codec})", fontsize=9)
     ax2.grid(axis="y", alpha=0.3)
@@ -278,12 +297,4 @@ def _plot(reports: list[TensorReport], path: Path, tensor: str | None) -> None:
              "each binade above the mode holds 2^-alpha times\nthe one below it; smaller alpha = heavier tail = "
              "more exponent entropy. Below the mode each binade holds about half the one above it.",
              fontsize=8, va="bottom")
-    import io
-
-    from .checkpoint import atomic_file
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_file(path) as f:
-        f.write(buf.getvalue())
+    return fig

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true",
-                       help="no progress bar and no messages besides results and errors")
+                       help="no progress bar, no messages besides results (info, verify, analyze, bench) and errors")
     force = argparse.ArgumentParser(add_help=False)
     force.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
 
@@ -288,12 +288,10 @@ def _run(args) -> int:
             for path in args.inputs:
                 if _is_frame(path):
                     api.decode(path.read_bytes())
-                    line = f"{path}: ok (1 frame)"
+                    print(f"{path}: ok (1 frame)")
                 else:
                     n = store.verify_file(path, progress=False if args.quiet else None)
-                    line = f"{path}: ok ({n} tensors)"
-                if not args.quiet:
-                    print(line)
+                    print(f"{path}: ok ({n} tensors)")
     elif cmd == "analyze":
         from .analyze_cli import run_analyze
 

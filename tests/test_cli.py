@@ -138,17 +138,19 @@ def test_compress_reports_sizes_and_when_only_zstd_acted(tmp_path, capsys):
         main(["compress", str(f32), "-o", str(tmp_path / "x"), "--zstd-level", "23"])
 
 
-def test_quiet_prints_nothing_but_errors(tmp_path, capsys):
+def test_quiet_prints_nothing_but_results_and_errors(tmp_path, capsys):
     src = _checkpoint(tmp_path / "m.safetensors")
     np.save(tmp_path / "w.npy", weights_like(4096, ml_dtypes.bfloat16).view(np.uint16))
     for argv in (["compress", str(src), "-o", str(tmp_path / "c.safetensors"), "-j", "1"],
                  ["decompress", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "r.safetensors")],
-                 ["verify", str(tmp_path / "c.safetensors")],
                  ["encode", str(tmp_path / "w.npy"), "--dtype", "bf16", "-o", str(tmp_path / "w.ecf8")],
                  ["decode", str(tmp_path / "w.ecf8"), "-o", str(tmp_path / "w2.npy")]):
         assert main(argv + ["-q"]) == 0
         assert capsys.readouterr() == ("", ""), argv
     assert (tmp_path / "r.safetensors").read_bytes() == src.read_bytes()
+    assert main(["verify", "-q", str(tmp_path / "c.safetensors"), str(tmp_path / "w.ecf8")]) == 0
+    assert capsys.readouterr() == (f"{tmp_path / 'c.safetensors'}: ok (3 tensors)\n"
+                                   f"{tmp_path / 'w.ecf8'}: ok (1 frame)\n", "")
 
 
 def test_one_progress_bar_over_a_multi_file_job(tmp_path, monkeypatch):
