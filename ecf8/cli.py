@@ -1,16 +1,19 @@
-"""The ``ecf8`` command.
+"""The ``ecf8`` command (also ``python -m ecf8``).
 
-    ecf8 compress model.safetensors|shard-dir -o OUT [--jobs N]   # a compressed safetensors file
+    ecf8 bench [PATH]        # bits/weight and CPU/GPU speed next to zstd; no PATH: a bundled real sample
+    ecf8 compress model.safetensors|shard-dir -o OUT [-j N] [--zstd-level L]   # compressed safetensors
     ecf8 decompress OUT -o restored.safetensors                   # the original, byte for byte
     ecf8 info FILE...        # per-tensor table of a compressed checkpoint, or an ECF8 frame header
     ecf8 verify FILE...      # every checksum, every tensor decoded; exit status 1 on any problem
-    ecf8 analyze PATH [--json] [--threshold PCT] [--plot FILE.png]   # see docs/analyze.md
+    ecf8 analyze PATH [--json] [--tensor NAME] [--plot FILE.png]   # should I compress? docs/analyze.md
     ecf8 encode weights.npy -o weights.ecf8 [--dtype bf16]       # one array, one frame
     ecf8 decode weights.ecf8 -o weights.npy
 
-.npy files cannot name ml_dtypes types (NumPy saves them as raw 'V1'/'V2'): ``encode`` takes
-``--dtype`` for such files or for uint8/uint16 bit views, and ``decode`` writes the bit view.
-Errors print one line and exit with status 1; output files appear only when complete.
+Every command takes -q (no progress bar or messages besides results); every command that writes
+refuses an existing output unless given -f/--force.  .npy files cannot name ml_dtypes types (NumPy
+saves them as raw 'V1'/'V2'): ``encode`` takes ``--dtype`` (any spelling of ``ecf8.names``) for such
+files or for uint8/uint16 bit views, and ``decode`` writes the bit view.  Errors print one line
+naming the file (and tensor) and exit with status 1; output files appear only when complete.
 """
 
 from __future__ import annotations
