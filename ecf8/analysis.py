@@ -115,10 +115,11 @@ def analyze_tensor(name: str, x: np.ndarray, dtype_name: str, options: dict | No
 
     options: as for ``ecf8 compress`` (chunk_size, max_tables, zstd_level).
     """
-    from .store import _compress_one
+    from .store import choose_codec
 
     report = TensorReport(name, dtype_name, int(x.size), list(x.shape), original_bytes=int(x.nbytes))
-    codec, payload = _compress_one(dtype_name, x, options or {})
+    raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    codec, payload = choose_codec(dtype_name, x.shape, raw, options or {})
     report.codec = codec
     report.stored_bytes = report.original_bytes if payload is None else len(payload)
     if x.size:

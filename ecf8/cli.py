@@ -96,6 +96,21 @@ def _jobs(text: str) -> int:
     return n or (os.cpu_count() or 1)
 
 
+def _chunk_size(text: str) -> int:
+    n = _positive(text)
+    if n & (n - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= n <= (1 << fmt.MAX_CHUNK_LOG2):
+        raise argparse.ArgumentTypeError(f"must be a power of 2 from {1 << fmt.MIN_CHUNK_LOG2} to "
+                                         f"2^{fmt.MAX_CHUNK_LOG2}, not {n}")
+    return n
+
+
+def _max_tables(text: str) -> int:
+    n = _positive(text)
+    if n > fmt.MAX_TABLES:
+        raise argparse.ArgumentTypeError(f"must be 1 to {fmt.MAX_TABLES}, not {n}")
+    return n
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -132,10 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     force = argparse.ArgumentParser(add_help=False)
     force.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
 
-    def coding(p, zstd_default=ZSTD_LEVEL, zstd_help="zstandard level for tensors ecf8 does not code"):
-        p.add_argument("--chunk-size", type=int, default=32768,
+    def chunking(p):
+        p.add_argument("--chunk-size", type=_chunk_size, default=32768, metavar="N",
                        help="elements per chunk, a power of 2 from 512 to 2^20 (default 32768)")
-        p.add_argument("--max-tables", type=int, default=4, help="code tables per tensor, 1-8 (default 4)")
+        p.add_argument("--max-tables", type=_max_tables, default=4, metavar="N",
+                       help="code tables per tensor, 1-8 (default 4)")
+
+    def coding(p, zstd_default=ZSTD_LEVEL, zstd_help="zstandard level for tensors ecf8 does not code"):
+        chunking(p)
         p.add_argument("--zstd-level", type=int, default=zstd_default, choices=range(1, 23), metavar="1-22",
                        help=f"{zstd_help} (default {zstd_default})")
 
@@ -188,9 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="a .npy file (FP8/BF16 ones need --dtype: NumPy saves them as bits)")
     output(p, "the frame to write (.ecf8)")
     p.add_argument("--dtype", type=_dtype_arg, metavar="TYPE", help=DTYPE_HELP)
-    p.add_argument("--chunk-size", type=int, default=32768,
-                   help="elements per chunk, a power of 2 from 512 to 2^20 (default 32768)")
-    p.add_argument("--max-tables", type=int, default=4, help="code tables per tensor, 1-8 (default 4)")
+    chunking(p)
     p = cmd("decode", "decompress an ECF8 frame to a .npy file (a uint8/uint16 bit view)", force)
     p.add_argument("input", type=Path, help="an ECF8 frame")
     output(p, "the .npy file to write")

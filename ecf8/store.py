@@ -37,16 +37,17 @@ ZSTD_LEVEL = 19
 BIG = 10**20          # larger than any data offset: reserves the widest header
 
 
-def _compress_one(dtype_name: str, x: np.ndarray, options: dict) -> tuple[str, bytes | None]:
-    """(codec, payload) for one tensor; payload None means 'store unchanged'.
-
-    options: ``ecf8.encode``'s, plus ``zstd_level`` (default ZSTD_LEVEL).  ``ecf8 analyze`` calls
-    this too, so its verdicts are what compress does."""
+def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
+                 ) -> tuple[str, bytes | None]:
+    """(codec, payload) that compress stores a tensor as, from its dtype name, shape and bytes
+    (uint8, C order); payload None means 'store unchanged'.  options: ``ecf8.encode``'s, plus
+    ``zstd_level`` (default ZSTD_LEVEL).  ``ecf8 analyze`` calls this too, so its verdicts are
+    what compress does."""
     options = dict(options)
     level = options.pop("zstd_level", ZSTD_LEVEL)
-    raw = x.reshape(-1).view(np.uint8)
-    if dtype_name in CODED and x.size:
-        blob = encoder.encode(x, **options)
+    raw = raw.reshape(-1)
+    if dtype_name in CODED and raw.size:
+        blob = encoder.encode(raw.view(DTYPE_NAMES[dtype_name]).reshape(shape), **options)
         if len(blob) < raw.size:
             return "ecf8", blob
     if raw.size >= 64:
@@ -54,6 +55,11 @@ def _compress_one(dtype_name: str, x: np.ndarray, options: dict) -> tuple[str, b
         if len(packed) <= raw.size - raw.size // 16:
             return "zstd", packed
     return "none", None
+
+
+def _compress_one(dtype_name: str, x: np.ndarray, options: dict) -> tuple[str, bytes | None]:
+    """(codec, payload) for one tensor; payload None means 'store unchanged'."""
+    return choose_codec(dtype_name, x.shape, x.reshape(-1).view(np.uint8), options)
 
 
 def _worker(path: str, dtype_name: str, shape: tuple, offset: int, options: dict

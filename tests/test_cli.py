@@ -219,3 +219,17 @@ def test_no_temporary_file_name_leaks(tmp_path, capsys):
     assert cli._message(e) == "No such file or directory: /data/model.safetensors"
     e = ecf8.ECF8Error("/d/.x.safetensors.plain.tmp: tensor 'a' is bad")
     assert cli._message(e) == "/d/x.safetensors: tensor 'a' is bad"
+
+
+def test_coding_options_validated_before_any_work(tmp_path, capsys):
+    src = _checkpoint(tmp_path / "m.safetensors")
+    for opt, bad in (("--chunk-size", "1000"), ("--chunk-size", "256"), ("--chunk-size", str(1 << 21)),
+                     ("--max-tables", "0"), ("--max-tables", "9")):
+        for cmd in ("compress", "analyze", "bench"):
+            argv = [cmd, str(src), opt, bad] + (["-o", str(tmp_path / "c.safetensors")] if cmd == "compress" else [])
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            assert e.value.code == 2 and opt in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
+    assert main(["compress", str(src), "-o", str(tmp_path / "c.safetensors"), "--chunk-size", "512",
+                 "--max-tables", "8", "-q"]) == 0
