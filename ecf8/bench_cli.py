@@ -65,16 +65,6 @@ class Result:
 
 
 @dataclass
-class GpuResult:
-    """GPU decode of one dtype's tensors (one batched launch) next to a device copy; seconds."""
-
-    decode_s: float
-    copy_s: float
-    exact: bool
-    nbytes: int
-
-
-@dataclass
 class Group:
     """The tensors of one coded dtype."""
 
@@ -148,25 +138,52 @@ def gpu_status() -> tuple[Any, str]:
     return cupy, f"GPU: {name}, CuPy {cupy.__version__}"
 
 
+GPU_BYTES = 256 << 20       # decoded bytes per timed launch: enough to keep a GPU busy for ~0.1 ms+
+
+
+@dataclass
+class GpuResult:
+    """GPU decode of one dtype's tensors (one batched launch) next to a device copy; seconds per
+    launch of `nbytes` decoded bytes (`copies` copies of the tensors)."""
+
+    decode_s: float
+    copy_s: float
+    exact: bool
+    nbytes: int
+    copies: int
+
+
 def bench_gpu(cupy: Any, frames: list[bytes], arrays: list[np.ndarray], runs: int = 20,
-              inner: int = 10) -> GpuResult:
-    """Decode `frames` on the current GPU in one batched launch, check every output against
-    `arrays`, then time `inner` launches between two CUDA events, `runs` times after 3 warm-up
-    launches; the same for a device-to-device copy of the decoded bytes.  Medians per launch."""
+              inner: int = 5, min_bytes: int | None = None) -> GpuResult:
+    """Decode `frames` on the current GPU in one batched launch and time it next to a device copy.
+
+    A small sample would time the launch, not the decoder, so the batch holds as many separately
+    uploaded copies of the frames as make `min_bytes` of output (distinct buffers: nothing is
+    served from cache).  Every output is checked against `arrays` first.  Then `inner` launches
+    between two CUDA events, `runs` times after 3 warm-up launches, for the decode and for a
+    device-to-device copy of the same number of bytes; medians per launch.
+    """
     from . import decoder_cuda
 
-    tensors = [decoder_cuda.to_device(b, f"cuda:{cupy.cuda.Device().id}") for b in frames]
+    nbytes = sum(x.nbytes for x in arrays)
+    copies = max(1, -(-(GPU_BYTES if min_bytes is None else min_bytes) // max(nbytes, 1)))
+    device = f"cuda:{cupy.cuda.Device().id}"
+    tensors = [decoder_cuda.to_device(b, device) for _ in range(copies) for b in frames]
     batch = decoder_cuda.BatchDecoder(tensors)
     stream = cupy.cuda.Stream(non_blocking=True)
     outs = batch.run(stream)
     stream.synchronize()
-    exact = all(_same_bits(o.get(), np.ascontiguousarray(x)) for o, x in zip(outs, arrays))
-    nbytes = sum(x.nbytes for x in arrays)
-    src = cupy.asarray(np.concatenate([np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in arrays]))
+    hosts = [np.ascontiguousarray(x) for x in arrays]
+    exact = all(_same_bits(o.get(), hosts[i % len(hosts)]) for i, o in enumerate(outs))
+    total = nbytes * copies
+    sample = cupy.asarray(np.concatenate([x.reshape(-1).view(np.uint8) for x in hosts]))
+    src = cupy.empty(total, np.uint8)
+    for i in range(copies):
+        src[i * nbytes : (i + 1) * nbytes] = sample
     dst = cupy.empty_like(src)
 
     def copy(st):
-        cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes,
+        cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, total,
                                       cupy.cuda.runtime.memcpyDeviceToDevice, st.ptr)
 
     copy(stream)
@@ -187,7 +204,7 @@ def bench_gpu(cupy: Any, frames: list[bytes], arrays: list[np.ndarray], runs: in
             times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / inner)
         return statistics.median(times)
 
-    return GpuResult(timed(batch.run), timed(copy), exact, nbytes)
+    return GpuResult(timed(batch.run), timed(copy), exact, total, copies)
 
 
 def _groups(paths: list[Path], dtype: str | None, tensor: str | None) -> tuple[list[Group], dict[str, int]]:
@@ -262,11 +279,12 @@ def run_bench(path: Path | None, *, dtype: str | None = None, tensor: str | None
     yield line
     if cupy is None:
         return
-    yield (f"{'dtype':8} {'MB':>9}  {'ecf8 decode GB/s':>16} {'device copy GB/s':>16}  bit-exact   "
+    yield (f"{'dtype':8} {'MB/launch':>9}  {'ecf8 decode GB/s':>16} {'device copy GB/s':>16}  bit-exact   "
            "(one batched launch per dtype; CUDA events, median of 20 after 3 warm-ups)")
     for g, frames in measured:
         r = bench_gpu(cupy, frames, g.arrays)
-        yield (f"{g.dtype:8} {r.nbytes / 1e6:9.2f}  {r.nbytes / r.decode_s / 1e9:16.1f} "
-               f"{r.nbytes / r.copy_s / 1e9:16.1f}  {'yes' if r.exact else 'NO'}")
+        yield (f"{g.dtype:8} {r.nbytes / 1e6:9.1f}  {r.nbytes / r.decode_s / 1e9:16.1f} "
+               f"{r.nbytes / r.copy_s / 1e9:16.1f}  {'yes' if r.exact else 'NO'}"
+               + (f"   ({r.copies} separately uploaded copies of the tensors)" if r.copies > 1 else ""))
         if not r.exact:
             raise ECF8Error(f"{what}: {g.dtype} tensors decoded on the GPU differ from the original")

@@ -135,5 +135,91 @@ def test_gpu_part_degrades_to_a_note(monkeypatch, capsys):
 def test_bench_on_the_gpu(capsys):
     assert main(["bench", "--runs", "1"]) == 0
     out = capsys.readouterr().out
-    gpu = [l for l in out.splitlines() if re.match(r"^(F8_E4M3|BF16)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+yes$", l)]
-    assert len(gpu) == 2, out
+    assert len(gpu_rows(out)) == 2 and all(r[4] == "yes" for r in gpu_rows(out)), out
+
+
+def gpu_rows(text):
+    return [m.groups() for m in (re.match(r"^(F8_E4M3|BF16)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(yes|NO)\b", l)
+                                 for l in text.splitlines()) if m]
+
+
+class _DevArray(np.ndarray):
+    """A host array standing in for a CuPy array: .data.ptr is its address."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+def fake_cupy():
+    """Just enough of CuPy, on the host, to run bench_gpu's logic without a GPU."""
+    import ctypes
+    import time
+
+    class Event:
+        def record(self, stream=None):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+    cp = types.ModuleType("cupy")
+    cp.__version__ = "0-fake"
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"Fake GPU"},
+        memcpyDeviceToDevice=3, memcpyAsync=lambda dst, src, n, kind, stream: ctypes.memmove(dst, src, n))
+    cp.cuda = types.SimpleNamespace(
+        runtime=runtime, Device=lambda *a: types.SimpleNamespace(id=0),
+        Stream=lambda non_blocking=False: types.SimpleNamespace(ptr=0, synchronize=lambda: None),
+        Event=Event, get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3 + 1e-3)
+    cp.asarray = lambda x: np.array(x).view(_DevArray)
+    cp.empty = lambda n, dtype: np.empty(n, dtype).view(_DevArray)
+    cp.empty_like = lambda x: np.empty_like(x).view(_DevArray)
+    return cp
+
+
+def fake_decoder(corrupt=False):
+    """to_device / BatchDecoder on the host: the batch's outputs are CPU decodes of its frames."""
+    from ecf8 import api
+
+    class Out:
+        def __init__(self, y):
+            self.y = y
+
+        def get(self):
+            return self.y
+
+    class Batch:
+        def __init__(self, tensors):
+            self.outs = [Out(api.decode(t)) for t in tensors]
+            if corrupt:
+                self.outs[-1].y = self.outs[-1].y.copy()
+                self.outs[-1].y.reshape(-1).view(np.uint8)[-1] ^= 0x80
+
+        def run(self, stream=None):
+            return self.outs
+
+    return (lambda blob, device: bytes(blob)), Batch
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_gpu_path_logic_on_a_fake_gpu(monkeypatch, capsys, corrupt):
+    """bench_gpu's checks, copies and table on host stand-ins for CuPy and the CUDA decoder (the
+    real GPU run is test_bench_on_the_gpu); a wrong last copy must be caught."""
+    from ecf8 import decoder_cuda
+
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    to_device, batch = fake_decoder(corrupt)
+    monkeypatch.setattr(decoder_cuda, "to_device", to_device)
+    monkeypatch.setattr(decoder_cuda, "BatchDecoder", batch)
+    monkeypatch.setattr(bench_cli, "GPU_BYTES", 4 << 20)
+    assert main(["bench", "--runs", "1"]) == int(corrupt)
+    out = capsys.readouterr().out
+    assert "GPU: Fake GPU, CuPy 0-fake" in out
+    rows_ = gpu_rows(out)
+    if corrupt:
+        assert rows_[0][0] == "F8_E4M3" and rows_[0][4] == "NO"
+        return
+    assert [(r[0], r[4]) for r in rows_] == [("F8_E4M3", "yes"), ("BF16", "yes")]
+    assert float(rows_[0][1]) == pytest.approx(3 * 1_769_472 / 1e6, abs=0.1)   # 3 copies >= 4 MiB
+    assert "(3 separately uploaded copies of the tensors)" in out
