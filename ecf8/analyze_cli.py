@@ -228,6 +228,7 @@ def figure(reports: list[TensorReport], tensor: str | None = None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     coded = [r for r in reports if r.exponent_entropy_bits is not None]
     if not coded:
@@ -280,6 +281,7 @@ def figure(reports: list[TensorReport], tensor: str | None = None):
     ax2.set_yscale("log")
     ax2.set_ylim(share[share > 0].min() / 3, min(1.0, share.max() * 3))
     ax2.set_xlim(e[0] - 0.6, e[-1] + 0.6)
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bias = (1 << (spec.exp_bits - 1)) - 1
     ax2.set_xlabel(f"exponent field e (|w| in [2^(e-{bias}), 2^(e-{bias}+1)); 0: zero/subnormal)", fontsize=8)
     ax2.set_ylabel("share of elements")
