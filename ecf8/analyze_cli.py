@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -260,7 +259,7 @@ def figure(reports: list[TensorReport], tensor: str | None = None):
     ax1.set_xticklabels([short_label(r.name) for r in coded][::step], rotation=90, fontsize=7)
     ax1.set_xlim(-0.7, len(coded) - 0.3)
     others = len(reports) - len(coded)
-    ax1.set_xlabel(f"FP8/BF16/FP16 tensors in file order" + (f", every {step}th named" if step > 1 else "")
+    ax1.set_xlabel("FP8/BF16/FP16 tensors in file order" + (f", every {step}th named" if step > 1 else "")
                    + (f" ({others} tensors of other dtypes not shown)" if others else ""), fontsize=8)
     ax1.set_ylabel("exponent bits per weight")
     ax1.grid(axis="y", alpha=0.3)

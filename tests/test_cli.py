@@ -131,7 +131,7 @@ def test_compress_reports_sizes_and_when_only_zstd_acted(tmp_path, capsys):
         dst = tmp_path / f"b{level}.safetensors"
         assert main(["compress", str(f32), "-o", str(dst), "-j", "1", "--zstd-level", level]) == 0
         out = capsys.readouterr().out
-        assert f"nothing was entropy-coded" in out and f"only zstandard (level {level}) acted" in out
+        assert "nothing was entropy-coded" in out and f"only zstandard (level {level}) acted" in out
         sizes[level] = dst.stat().st_size
     assert sizes["1"] != sizes["19"]          # the level reaches the compressor
     with pytest.raises(SystemExit):
