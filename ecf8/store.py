@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,6 +26,7 @@ from . import api, encoder
 from .checkpoint import (DTYPE_NAMES, atomic_file, iter_tensors, nbytes_of, read_header,
                          read_header_text, tensor_files)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
+from .progress import _Progress
 
 __all__ = ["save_file", "load_file", "compress_file", "decompress_file", "inspect_file",
            "verify_file", "compress_path", "decompress_path", "TensorInfo"]
@@ -37,18 +37,29 @@ ZSTD_LEVEL = 19
 BIG = 10**20          # larger than any data offset: reserves the widest header
 
 
-def _compress_one(dtype_name: str, x: np.ndarray, options: dict) -> tuple[str, bytes | None]:
-    """(codec, payload) for one tensor; payload None means 'store unchanged'."""
-    raw = x.reshape(-1).view(np.uint8)
-    if dtype_name in CODED and x.size:
-        blob = encoder.encode(x, **options)
+def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
+                 ) -> tuple[str, bytes | None]:
+    """(codec, payload) that compress stores a tensor as, from its dtype name, shape and bytes
+    (uint8, C order); payload None means 'store unchanged'.  options: ``ecf8.encode``'s, plus
+    ``zstd_level`` (default ZSTD_LEVEL).  ``ecf8 analyze`` calls this too, so its verdicts are
+    what compress does."""
+    options = dict(options)
+    level = options.pop("zstd_level", ZSTD_LEVEL)
+    raw = raw.reshape(-1)
+    if dtype_name in CODED and raw.size:
+        blob = encoder.encode(raw.view(DTYPE_NAMES[dtype_name]).reshape(shape), **options)
         if len(blob) < raw.size:
             return "ecf8", blob
     if raw.size >= 64:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw.data)
+        packed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw.data)
         if len(packed) <= raw.size - raw.size // 16:
             return "zstd", packed
     return "none", None
+
+
+def _compress_one(dtype_name: str, x: np.ndarray, options: dict) -> tuple[str, bytes | None]:
+    """(codec, payload) for one tensor; payload None means 'store unchanged'."""
+    return choose_codec(dtype_name, x.shape, x.reshape(-1).view(np.uint8), options)
 
 
 def _worker(path: str, dtype_name: str, shape: tuple, offset: int, options: dict
@@ -58,26 +69,6 @@ def _worker(path: str, dtype_name: str, shape: tuple, offset: int, options: dict
         return _compress_one(dtype_name, np.empty(shape, DTYPE_NAMES[dtype_name]), options)
     x = np.memmap(path, DTYPE_NAMES[dtype_name], "r", offset, shape)
     return _compress_one(dtype_name, x, options)
-
-
-class _Progress:
-    """A one-line progress bar on stderr, shown only when stderr is a terminal."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None = None):
-        self.total, self.done, self.label = max(total, 1), 0, label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def advance(self, amount: int, what: str = "") -> None:
-        self.done += amount
-        if self.enabled:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(30 * frac)
-            print(f"\r{self.label} [{bar:30}] {frac:6.1%} {what[:40]:40}", end="", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
 
 
 def _write_checkpoint(path: Path, entries: list[tuple[str, str, tuple, int]],
