@@ -90,12 +90,7 @@ def test_adapters_take_device_objects_and_out_the_same_way(dtype):
         ecf8.cupy.decode(blob, device=torch.device("cpu"))
 
 
-API_PATCH = pytest.mark.xfail(strict=True, reason="needs the api.py patch proposed in the cli helper's "
-                              "report (device objects, out= on the CPU, short Info repr); remove this mark "
-                              "once applied")
 
-
-@API_PATCH
 def test_top_level_decode_takes_device_objects_and_out():
     x = weights_like(6000, ml_dtypes.float8_e4m3fn).reshape(60, 100)
     blob = ecf8.encode(x)
@@ -107,7 +102,6 @@ def test_top_level_decode_takes_device_objects_and_out():
         ecf8.decode(blob, out=np.empty(3, np.uint8))
 
 
-@API_PATCH
 def test_info_repr_is_one_short_line():
     x = weights_like(65536, ml_dtypes.float8_e4m3fn).reshape(256, 256)
     r = repr(ecf8.info(ecf8.encode(x)))
