@@ -47,7 +47,7 @@ def _read(path: Path, device: str) -> Iterator[tuple[str, Any]]:
 
     if device == "cpu":
         for name, _, x in iter_decoded(path, "cpu"):
-            yield name, et.from_numpy(x if x.flags.writeable else np.array(x))
+            yield name, et._to_torch(x)
         return
     from .decoder_cuda import DeviceTensor
 

@@ -14,7 +14,7 @@ import ecf8.torch  # noqa: E402
 
 
 def as_bits(t):
-    return t.detach().cpu().contiguous().view(torch.uint8 if t.element_size() == 1 else torch.int16)
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
 def same(a, b):
