@@ -13,8 +13,9 @@ GPU decoding writes into memory from torch's caching allocator on torch's curren
 A compressed module (after ``compress_module`` or ``load_model``) behaves like the original module
 for inference: ``module.weight`` decodes on demand (inside ``forward``: the just-in-time copy),
 ``state_dict()`` holds the decoded weights under their usual keys and ``load_state_dict`` re-encodes
-what it is given; ``torch.save``/``pickle``/``copy.deepcopy`` give a compressed module again.  Its
-compressed weights are not ``parameters()``: they have no gradient and ``.to()`` does not move them.
+what it is given; ``torch.save``/``pickle``/``copy.deepcopy`` give a compressed module again.  ``.to(device)``
+moves the compressed frames; a dtype conversion makes the weight an ordinary Parameter again.  Its
+compressed weights are not ``parameters()`` (they have no gradient); tied weights stay tied.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -226,6 +228,7 @@ class _Pool:
 
     def __init__(self) -> None:
         self.sizes: dict[torch.device, int] = {}
+        self.weights: weakref.WeakSet = weakref.WeakSet()
         self._local = threading.local()
 
     def __getstate__(self) -> dict:
@@ -233,7 +236,21 @@ class _Pool:
 
     def __setstate__(self, state: dict) -> None:
         self.sizes = state["sizes"]
+        self.weights = weakref.WeakSet()         # the weights add themselves back
         self._local = threading.local()
+
+    def add(self, w: "_Weight") -> None:
+        self.weights.add(w)
+        self.sizes[w.device] = max(self.sizes.get(w.device, 0), w.nbytes)
+
+    def release(self, device: torch.device) -> None:
+        """Forget a device no weight is on any more (this thread's buffers there are freed)."""
+        if not any(w.device == device for w in self.weights):
+            self.sizes.pop(device, None)
+            local = self.state()
+            for key in [k for k in local.buffers if k[0] == device]:
+                del local.buffers[key]
+            local.views.clear()
 
     def state(self) -> Any:
         local = self._local
@@ -276,8 +293,8 @@ class _Weight:
                  requires_grad: bool, pool: _Pool, options: dict):
         self.blob, self.dtype, self.shape, self.device = blob, dtype, tuple(shape), device
         self.requires_grad, self.pool, self.options = requires_grad, pool, options
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-        pool.sizes[device] = max(pool.sizes.get(device, 0), self.nbytes)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        pool.add(self)
 
     @property
     def stored_bytes(self) -> int:
@@ -285,6 +302,7 @@ class _Weight:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
+        state.pop("plain", None)
         if self.device.type == "cuda":                  # device pointers do not survive a pickle
             state["blob"] = self.blob.payload.get().tobytes()
         return state
@@ -293,6 +311,7 @@ class _Weight:
         self.__dict__.update(state)
         if self.device.type == "cuda":
             self.blob = _upload(self.blob, self.device.index)
+        self.pool.add(self)
 
     def _launch(self, out: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":                   # launch only, on torch's current stream
@@ -327,6 +346,19 @@ class _Weight:
                 local.active.pop(id(self), None)
             else:
                 local.active[id(self)] = previous
+
+    def host_frame(self) -> bytes:
+        return self.blob if self.device.type == "cpu" else self.blob.payload.get().tobytes()
+
+    def move(self, device: torch.device) -> None:
+        """Hold the frame on another device (re-uploaded as it is: nothing is decoded)."""
+        _check_device(device, "the target device")
+        frame = self.host_frame()
+        self.blob = _upload(frame, device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else frame
+        old, self.device = self.device, torch.device("cuda", self.blob.device_id) if device.type == "cuda" else device
+        self.pool.add(self)
+        self.pool.release(old)
 
     def assign(self, value: torch.Tensor) -> None:
         """Replace the held weight by value (cast to this weight's dtype), re-encoded."""
@@ -383,6 +415,21 @@ class _CompressedModule:
                               f"current model is {torch.Size(w.shape)}.")
         else:
             w.assign(value)
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .cpu() move the frames (nothing decoded); a dtype conversion
+        (.float(), .half(), ...) turns the weight back into a Parameter, then converts it."""
+        w = self.__dict__["_ecf8"]
+        probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
+        if probe.dtype != w.dtype:
+            plain = w.__dict__.get("plain")             # one Parameter for all holders of a tie
+            if plain is None:
+                plain = w.plain = torch.nn.Parameter(w.fresh(), requires_grad=w.requires_grad)
+            _detach(self, plain)
+            return self._apply(fn, recurse)
+        if probe.device != w.device:
+            w.move(probe.device)
+        return super()._apply(fn, recurse)
 
     def __reduce_ex__(self, protocol):
         return _rebuild, (self._ecf8_base,), self.__dict__

@@ -189,6 +189,18 @@ def test_failure_midway_restores_the_model(monkeypatch):
     assert same(model(x), expected)
 
 
+def test_dtype_conversion_makes_plain_parameters_and_keeps_the_tie():
+    model, ids = tied_model()
+    reference = copy.deepcopy(model).float()
+    ecf8.torch.compress_module(model, embeddings=True)
+    model.to("cpu")                                           # same device: still compressed
+    assert ecf8.torch.is_compressed(model.head)
+    model.float()
+    assert not any(ecf8.torch.is_compressed(m) for m in model.modules())
+    assert model.head.weight is model.embed.weight and model.head.weight.dtype == torch.float32
+    assert same(model(ids), reference(ids))
+
+
 # --- GPU ----------------------------------------------------------------------------------------
 
 def _cuda():
@@ -241,3 +253,20 @@ def test_cuda_two_streams_and_threads_are_exact():
     with cf.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(run, range(4)))
     assert all(same(o, e) for r in results for o, e in zip(r, expected))
+
+
+@pytest.mark.gpu
+def test_cuda_to_moves_the_frames():
+    _cuda()
+    model, ids = tied_model()
+    expected = model.cuda()(ids.cuda())
+    model.cpu()
+    ecf8.torch.compress_module(model, embeddings=True)
+    model.cuda()
+    assert ecf8.torch.is_compressed(model.head) and model.head.__dict__["_ecf8"].device.type == "cuda"
+    assert same(model(ids.cuda()), expected)
+    pool = model.head.__dict__["_ecf8"].pool
+    model.cpu()
+    assert set(d.type for d in pool.sizes) == {"cpu"}
+    model.cuda()
+    assert same(model(ids.cuda()), expected)
