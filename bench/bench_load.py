@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 HIDDEN, MLP, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 32000
-PROMPT, NEW = 32, 16
+PROMPT, NEW = 32, 8
 
 
 class Linear(torch.nn.Module):
