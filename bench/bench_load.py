@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 HIDDEN, MLP, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 32000
 PROMPT, NEW = 32, 8
+INDEX = "model.safetensors.index.json"
 
 
 class Linear(torch.nn.Module):
@@ -98,15 +99,17 @@ def generate(model, ids, steps=NEW):
     return ids
 
 
-def make(variant: str, layers: int, folder: Path) -> None:
-    """Random weights -> plain safetensors and its ecf8 compression (skipped when present)."""
+def make(variant: str, layers: int, folder: Path, shards: int) -> None:
+    """Random weights -> plain safetensors shards (with the Transformers index file) and their
+    ecf8 compression (skipped when present)."""
     from safetensors.torch import save_file
 
     import ecf8.store
 
-    plain, packed = folder / f"{variant}.safetensors", folder / f"{variant}.ecf8.safetensors"
-    if plain.exists() and packed.exists():
+    plain, packed = folder / variant, folder / f"{variant}.ecf8"
+    if (plain / INDEX).exists() and (packed / INDEX).exists():
         return
+    plain.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         model = LM(layers, variant == "fp8")
     g = torch.Generator("cuda").manual_seed(0)
@@ -124,12 +127,24 @@ def make(variant: str, layers: int, folder: Path) -> None:
         else:
             x = 0.02 * torch.randn(p.shape, generator=g, device="cuda")
         tensors[name] = x.to(p.dtype).cpu()
-    save_file(tensors, plain)
-    del tensors
+    total = sum(t.nbytes for t in tensors.values())
+    groups: list[dict] = [{} for _ in range(shards)]
+    done = 0
+    for name, t in tensors.items():             # consecutive tensors, about total/shards bytes each
+        groups[min(shards - 1, done * shards // total)][name] = t
+        done += t.nbytes
+    weight_map = {}
+    for k, group in enumerate(groups):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(group, plain / file)
+        weight_map.update(dict.fromkeys(group, file))
+    (plain / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    del tensors, groups
     t = time.perf_counter()
-    ecf8.store.compress_file(plain, packed, progress=False)
-    print(f"# compressed {variant}: {plain.stat().st_size / 1e9:.2f} GB -> "
-          f"{packed.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s", flush=True)
+    ecf8.store.compress_path(plain, packed, progress=False)
+    size = sum(f.stat().st_size for f in packed.glob("*.safetensors"))
+    print(f"# compressed {variant}: {total / 1e9:.2f} GB -> {size / 1e9:.2f} GB in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
 
 
 def child(variant: str, layers: int, mode: str, folder: Path, cap: float) -> dict:
@@ -152,16 +167,23 @@ def child(variant: str, layers: int, mode: str, folder: Path, cap: float) -> dic
     t = time.perf_counter()
     try:
         if mode == "ecf8":
-            stats = ecf8.torch.load_model(model, folder / f"{variant}.ecf8.safetensors", "cuda", embeddings=True)
+            stats = ecf8.torch.load_model(model, folder / f"{variant}.ecf8", "cuda", embeddings=True)
             out["compressed_GB"] = stats.compressed_bytes / 1e9
             out["buffer_GB"] = stats.buffer_bytes / 1e9
-        else:
+        else:                                   # shard by shard, as Transformers reads them
             from safetensors.torch import load_file
 
-            model.load_state_dict(load_file(folder / f"{variant}.safetensors", device="cuda"), assign=True)
+            index = json.loads((folder / variant / INDEX).read_text())["weight_map"]
+            state = {}
+            for file in dict.fromkeys(index.values()):
+                state.update(load_file(folder / variant / file, device="cuda"))
+            model.load_state_dict(state, assign=True)
+            del state
         torch.cuda.synchronize()
         out["load_s"] = time.perf_counter() - t
         out["load_peak_GB"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+        generate(model, ids, 1)                 # warm-up (cuBLAS, kernels) outside the timing
+        torch.cuda.synchronize()
         t = time.perf_counter()
         tokens = generate(model, ids)
         torch.cuda.synchronize()
@@ -192,6 +214,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--fp8-layers", type=int, default=24)
     ap.add_argument("--bf16-layers", type=int, default=16)
+    ap.add_argument("--shards", type=int, default=4, help="safetensors files per checkpoint")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "MODE", "LAYERS"))
     ap.add_argument("--cap", type=float, default=0.0, help="GPU memory cap in bytes (children)")
     args = ap.parse_args()
@@ -202,7 +225,7 @@ def main() -> None:
     args.dir.mkdir(parents=True, exist_ok=True)
     rows, caps = [], []
     for variant, layers in (("fp8", args.fp8_layers), ("bf16", args.bf16_layers)):
-        make(variant, layers, args.dir)
+        make(variant, layers, args.dir, args.shards)
         torch.cuda.empty_cache()
         plain = run_child(args, variant, layers, "plain")
         packed = run_child(args, variant, layers, "ecf8")
@@ -213,7 +236,8 @@ def main() -> None:
             caps.append((variant, cap, run_child(args, variant, layers, "plain", cap),
                          run_child(args, variant, layers, "ecf8", cap)))
     report = [f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
-              f"Llama-2-7B layer shapes, random weights, prompt {PROMPT}, {NEW} greedy tokens; files in page cache", "",
+              f"Llama-2-7B layer shapes, random weights, {args.shards} shards, prompt {PROMPT}, {NEW} greedy "
+              "tokens; files in the page cache; load = file -> ready on the GPU", "",
               "| model | load | peak GPU GB | ratio | load peak GB | host RSS GB | load s | generate s | tokens |",
               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for variant, layers, plain, packed in rows:

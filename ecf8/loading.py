@@ -15,6 +15,9 @@ what CPU inference runs from, and ``compress_module`` keeps them compressed afte
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -61,6 +64,53 @@ def _read(path: Path, device: str) -> Iterator[tuple[str, Any]]:
         yield name, x if isinstance(x, DeviceTensor) else et._to_torch(x)
 
 
+def _read_files(files: list[Path], device: str, threads: int) -> Iterator[tuple[str, Any]]:
+    """_read over several files, up to `threads` files at once (each in its own thread: checksums
+    and host-to-device copies overlap), at most 2 * threads tensors waiting; in any order."""
+    threads = max(1, min(threads, len(files)))
+    if threads == 1:
+        for f in files:
+            yield from _read(f, device)
+        return
+    ready: queue.Queue = queue.Queue(2 * threads)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work(f: Path) -> None:
+        try:
+            for item in _read(f, device):
+                if not put(item):
+                    return
+        except BaseException as e:              # handed to the consumer, raised there
+            put(e)
+        put(done)
+
+    with cf.ThreadPoolExecutor(threads) as pool:
+        for f in files:
+            pool.submit(work, f)
+        try:
+            remaining = len(files)
+            while remaining:
+                item = ready.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 def _device(device: str | torch.device) -> tuple[torch.device, str]:
@@ -77,8 +127,8 @@ def _device(device: str | torch.device) -> tuple[torch.device, str]:
 
 
 def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cuda", *,
-               embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int = 4096
-               ) -> et.CompressionStats:
+               embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int = 4096,
+               threads: int = 4) -> et.CompressionStats:
     """Fill `model` (built on the meta device, or anywhere) from an ecf8 checkpoint file or folder.
 
     Eligible weights (as for ``compress_module``: 2-D FP8/BF16/FP16 ``weight`` of every module
@@ -91,7 +141,8 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
     Every name, shape and device is checked from the file headers before the model changes; a
     failure while reading puts the model back as it was.  Raises UnsupportedError (mismatched or
     missing tensors, bad device) or CorruptDataError (a damaged file).  chunk_size is used only
-    when load_state_dict re-encodes a weight later.  Returns what is held compressed.
+    when load_state_dict re-encodes a weight later; threads: shards read at once.  Returns what
+    is held compressed.
     """
     dev, target = _device(device)
     files = tensor_files(Path(path))
@@ -108,12 +159,11 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
     weights: list[et._Weight] = []
     try:
         seen = set()
-        for f in files:
-            for name, value in _read(f, target):
-                if name not in plan:            # a second name of a tied parameter
-                    continue
-                seen.add(name)
-                weights += _place(plan[name], value, dev, pool, options, undo, f"{f}: {name!r}")
+        for name, value in _read_files(files, target, threads):
+            if name not in plan:                # a second name of a tied parameter
+                continue
+            seen.add(name)
+            weights += _place(plan[name], value, dev, pool, options, undo)
         if len(seen) != len(plan):
             raise CorruptDataError(f"{path}: {sorted(set(plan) - seen)[:3]} listed but not read")
         for module, kind, name, tensor in moves:
@@ -187,8 +237,8 @@ def _set(module: torch.nn.Module, kind: str, name: str, value: torch.Tensor, und
     undo.append(back)
 
 
-def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options: dict, undo: list,
-           what: str) -> list:
+def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options: dict, undo: list
+           ) -> list:
     """Put one checkpoint tensor in the model; returns the compressed weight made, if any."""
     kind, hs, p, eligible = target
     if not isinstance(value, torch.Tensor):           # an ECF8 frame resident on the GPU

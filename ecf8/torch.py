@@ -154,9 +154,11 @@ def _to_torch(x: Any) -> torch.Tensor:
     """A torch tensor from a NumPy array (CPU) or a decoded CudaArray (zero-copy on the GPU)."""
     if isinstance(x, np.ndarray):
         return from_numpy(x if x.flags.writeable else np.array(x))     # not a view of a file map
-    bits = torch.from_dlpack(x.bits)
     dtype = TORCH_DTYPES[fmt.spec_for_dtype(x.dtype).code] if x.dtype in _NP_CODED else \
         torch.from_numpy(np.empty(0, x.dtype)).dtype
+    if not x.size:
+        return torch.empty(x.shape, dtype=dtype, device=f"cuda:{x.bits.device.id}")
+    bits = torch.from_dlpack(x.bits)
     return bits.view(_UINTS[x.dtype.itemsize]).view(dtype).view(x.shape)
 
 

@@ -98,14 +98,24 @@ def test_load_model_checks_everything_before_changing(tmp_path):
         ecf8.torch.load_model(fewer, path, device="meta")
 
 
-def test_damaged_file_leaves_the_model_as_it_was(tmp_path):
-    _, path = saved_tied(tmp_path)
+def damage(path):
+    """Flip a byte in the middle of the last compressed tensor of a file."""
     header, base = read_header(path)
     packed = [v["data_offsets"] for k, v in header.items() if k != "__metadata__" and v["dtype"] == "U8"]
     a, b = max(packed)                                        # the last compressed tensor read
     data = bytearray(path.read_bytes())
     data[base + (a + b) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_damaged_file_leaves_the_model_as_it_was(tmp_path, shards):
+    _, path = saved_tied(tmp_path)
+    if shards:                                   # two files, read by two threads
+        path = write_shards(tmp_path, ecf8.torch.load_file(path))
+        damage(path / "model-00001-of-00002.safetensors")
+    else:
+        damage(path)
     empty = meta_tied()
     kept = [id(p) for p in empty.parameters()]
     with pytest.raises(ecf8.CorruptDataError):
@@ -113,9 +123,7 @@ def test_damaged_file_leaves_the_model_as_it_was(tmp_path):
     assert [id(p) for p in empty.parameters()] == kept and all(p.is_meta for p in empty.parameters())
 
 
-def test_load_model_shard_folder(tmp_path):
-    model, _ = saved_tied(tmp_path)
-    sd = model.state_dict()
+def write_shards(tmp_path, sd):
     folder = tmp_path / "shards"
     folder.mkdir()
     names = list(sd)
@@ -124,8 +132,15 @@ def test_load_model_shard_folder(tmp_path):
     ecf8.torch.save_file({k: sd[k] for k in names[half:]}, folder / "model-00002-of-00002.safetensors")
     weight_map = {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_load_model_shard_folder(tmp_path, threads):
+    model, _ = saved_tied(tmp_path)
+    folder = write_shards(tmp_path, model.state_dict())
     empty = meta_tied()
-    ecf8.torch.load_model(empty, folder, device="cpu")
+    ecf8.torch.load_model(empty, folder, device="cpu", threads=threads)
     ids = torch.randint(0, 512, (2, 12))
     assert same(empty(ids), model(ids))
 
@@ -152,7 +167,8 @@ def test_cuda_load_model_stays_compressed(tmp_path):
     _cuda()
     model, path = saved_tied(tmp_path)
     ids = torch.randint(0, 512, (2, 12))
-    expected = model(ids)
+    model.cuda()
+    expected = model(ids.cuda())
     empty = meta_tied()
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
@@ -164,3 +180,15 @@ def test_cuda_load_model_stays_compressed(tmp_path):
     assert ecf8.torch.is_compressed(empty.head) and empty.head.__dict__["_ecf8"] is empty.embed.__dict__["_ecf8"]
     assert same(empty(ids.cuda()), expected)
     assert all(same(v, model.state_dict()[k]) for k, v in empty.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_cuda_load_model_shards_in_threads(tmp_path):
+    _cuda()
+    model, _ = saved_tied(tmp_path)
+    folder = write_shards(tmp_path, model.state_dict())
+    ids = torch.randint(0, 512, (2, 12), device="cuda")
+    expected = model.cuda()(ids)
+    empty = meta_tied()
+    stats = ecf8.torch.load_model(empty, folder, device="cuda", threads=2)
+    assert stats.weights == 3 and same(empty(ids), expected)
