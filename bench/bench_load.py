@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -192,8 +190,17 @@ def child(variant: str, layers: int, mode: str, folder: Path, cap: float) -> dic
     except torch.OutOfMemoryError as e:
         out["error"] = "OutOfMemoryError: " + str(e).split(".")[0]
     out["peak_GB"] = (torch.cuda.max_memory_allocated() - base) / 1e9
-    out["rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    out["rss_GB"] = peak_rss()
     return out
+
+
+def peak_rss() -> float:
+    """This process's peak resident set in GB (VmHWM: ru_maxrss would include the parent's peak,
+    which Linux hands down across fork and exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
 
 
 def run_child(args, variant, layers, mode, cap=0.0) -> dict:
