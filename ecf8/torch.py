@@ -184,7 +184,10 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
         if t.device.type == "meta":
             raise UnsupportedError(f"tensor {name!r} is on the meta device: it has no data to save")
         t = t.detach()
-        arrays[name] = to_numpy(t) if t.dtype in _FROM_TORCH else t.cpu().contiguous().numpy()
+        try:
+            arrays[name] = to_numpy(t) if t.dtype in _FROM_TORCH else t.cpu().contiguous().numpy()
+        except TypeError:
+            raise UnsupportedError(f"tensor {name!r}: {t.dtype} has no safetensors name") from None
     store.save_file(arrays, Path(path), metadata, **options)
 
 
@@ -197,9 +200,9 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     from . import store
 
     dev = torch.device(device)
-    target = "cpu" if dev.type == "cpu" else f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
     if dev.type not in ("cpu", "cuda"):
         raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
+    target = "cpu" if dev.type == "cpu" else f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
     with torch_memory() if dev.type == "cuda" else contextlib.nullcontext():
         return {name: _to_torch(x) for name, _, x in store.iter_decoded(Path(path), target)}
 
@@ -261,7 +264,7 @@ class _Pool:
         return local
 
     def view(self, w: "_Weight") -> Any:
-        """(key, view of this thread's buffer as w) for the current stream and nesting depth."""
+        """This thread's buffer for w's device, current stream and nesting depth, viewed as w."""
         local = self.state()
         stream = torch.cuda.current_stream(w.device).cuda_stream if w.device.type == "cuda" else 0
         key = (w.device, stream, local.depth.get(w.device, 0))
@@ -269,9 +272,9 @@ class _Pool:
         if buf is None:
             buf = local.buffers[key] = torch.empty(self.sizes[w.device], dtype=torch.uint8, device=w.device)
             local.views.clear()
-        view = local.views.get((key, id(w)))
+        view = local.views.get((key, w))
         if view is None:
-            view = local.views[(key, id(w))] = buf[: w.nbytes].view(w.dtype).view(w.shape)
+            view = local.views[(key, w)] = buf[: w.nbytes].view(w.dtype).view(w.shape)
         return view
 
     def warm(self, weights: list) -> None:

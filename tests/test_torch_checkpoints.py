@@ -43,7 +43,11 @@ def test_save_file_load_file_roundtrip(tmp_path):
         ecf8.torch.save_file({"w": torch.empty(3, device="meta")}, tmp_path / "m.safetensors")
     with pytest.raises(ecf8.ECF8Error, match="torch.Tensor"):
         ecf8.torch.save_file({"w": np.zeros(3)}, tmp_path / "n.safetensors")
-    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "n.safetensors").exists()
+    with pytest.raises(ecf8.ECF8Error, match="float8_e4m3fnuz"):
+        ecf8.torch.save_file({"w": torch.zeros(3, dtype=torch.float8_e4m3fnuz)}, tmp_path / "u.safetensors")
+    assert not any(tmp_path.glob("[mnu].safetensors"))
+    with pytest.raises(ecf8.ECF8Error, match="cpu or cuda"):
+        ecf8.torch.load_file(path, device="meta")
 
 
 def saved_tied(tmp_path, drop_head=True):
