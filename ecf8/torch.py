@@ -16,6 +16,12 @@ for inference: ``module.weight`` decodes on demand (inside ``forward``: the just
 what it is given; ``torch.save``/``pickle``/``copy.deepcopy`` give a compressed module again.  ``.to(device)``
 moves the compressed frames; a dtype conversion makes the weight an ordinary Parameter again.  Its
 compressed weights are not ``parameters()`` (they have no gradient); tied weights stay tied.
+
+Tensor parallelism: a weight that is a DTensor (``torch.distributed.tensor``, e.g. after
+``parallelize_module`` with ColwiseParallel / RowwiseParallel, or Transformers' ``tp_plan``) is held
+as this rank's local shard only, compressed; ``module.weight``, ``state_dict()`` and
+``decompress_module`` give back a DTensor with the same device mesh, placements, global shape and
+stride, so the module's TP collectives are exactly those of the uncompressed model.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from . import format as fmt
 from .errors import ECF8Error, UnsupportedError
 
 __all__ = ["encode", "decode", "save_file", "load_file", "compress_module", "decompress_module",
-           "load_model", "from_pretrained", "CompressionStats", "is_compressed"]
+           "load_model", "from_pretrained", "CompressionStats", "is_compressed", "is_dtensor"]
 
 TORCH_DTYPES = {1: torch.float8_e4m3fn, 2: torch.float8_e5m2, 3: torch.bfloat16, 4: torch.float16}
 _FROM_TORCH = {v: fmt.DTYPES[k] for k, v in TORCH_DTYPES.items()}
@@ -52,7 +58,11 @@ def _spec(t: torch.Tensor) -> fmt.DtypeSpec:
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A host NumPy (ml_dtypes) array with t's elements and shape (copies from a GPU)."""
+    """A host NumPy (ml_dtypes) array with t's elements and shape (copies from a GPU).
+    Raises UnsupportedError for a DTensor (its data is spread over ranks)."""
+    if is_dtensor(t):
+        raise UnsupportedError("a DTensor's data is spread over ranks: give its local shard "
+                               "(t.to_local()) or the whole tensor (t.full_tensor())")
     spec = _spec(t)
     bits = t.detach().contiguous().view(_BITS[spec.dtype.itemsize]).cpu().numpy()
     return bits.view(spec.dtype)
@@ -196,6 +206,9 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
             raise UnsupportedError(f"tensor {name!r}: expected a torch.Tensor, not {type(t).__name__}")
         if t.device.type == "meta":
             raise UnsupportedError(f"tensor {name!r} is on the meta device: it has no data to save")
+        if is_dtensor(t):
+            raise UnsupportedError(f"tensor {name!r} is a DTensor spread over ranks: save its "
+                                   ".full_tensor() (or each rank's .to_local() under its own name)")
         t = t.detach()
         try:
             arrays[name] = to_numpy(t) if t.dtype in _FROM_TORCH else t.cpu().contiguous().numpy()
@@ -218,6 +231,60 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     target = "cpu" if dev.type == "cpu" else f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
     with torch_memory() if dev.type == "cuda" else contextlib.nullcontext():
         return {name: _to_torch(x) for name, _, x in store.iter_decoded(Path(path), target)}
+
+
+# --- tensor parallelism: DTensor shards ---------------------------------------------------------
+
+def is_dtensor(t: Any) -> bool:
+    """True when t is a ``torch.distributed.tensor.DTensor`` (a Parameter wrapping one included)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class _Layout:
+    """How a DTensor is laid out over ranks: device mesh, placements, global shape and stride.
+    A weight held compressed keeps only its local shard; wrap() makes the DTensor again."""
+
+    def __init__(self, t: torch.Tensor):
+        self.mesh, self.placements = t.device_mesh, tuple(t.placements)
+        self.shape, self.stride = tuple(t.shape), tuple(t.stride())
+
+    def wrap(self, local: torch.Tensor) -> torch.Tensor:
+        """The DTensor whose local shard on this rank is `local` (no communication)."""
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, self.mesh, self.placements, run_check=False,
+                                  shape=torch.Size(self.shape), stride=self.stride)
+
+    def box(self, what: str) -> tuple[slice, ...]:
+        """This rank's slice of the global tensor (Shard / Replicate placements only)."""
+        return _shard_box(self.shape, self.mesh, self.placements, what)
+
+    def local(self, value: torch.Tensor, what: str) -> torch.Tensor:
+        """This rank's shard of `value`: a DTensor laid out as this one, or the whole tensor."""
+        if is_dtensor(value):
+            if value.device_mesh != self.mesh or tuple(value.placements) != self.placements:
+                raise UnsupportedError(f"{what}: a DTensor placed {tuple(value.placements)} cannot replace "
+                                       f"a weight placed {self.placements} on another mesh or layout")
+            return value.to_local()
+        return value[self.box(what)]
+
+
+def _shard_box(shape: tuple, mesh: Any, placements: tuple, what: str) -> tuple[slice, ...]:
+    """The slice of a tensor of global `shape` that this rank holds under `placements` on `mesh`
+    (as ``distribute_tensor`` cuts it).  Raises UnsupportedError for placements other than
+    Shard / Replicate (Partial, strided shards), whose local part is not one box."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for pl in placements:
+        if type(pl) not in (Shard, Replicate):
+            raise UnsupportedError(f"{what}: ecf8 loads Shard and Replicate placements, not {type(pl).__name__} ({pl})")
+    local, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(placements))
+    return tuple(slice(o, o + n) for o, n in zip(offset, local))
 
 
 # --- just-in-time decoding of a module's weights ------------------------------------------------
@@ -305,14 +372,22 @@ class _Pool:
 
 class _Weight:
     """One weight held compressed: a host frame (CPU) or a DeviceTensor (GPU), shared by every
-    module that holds it (tied weights)."""
+    module that holds it (tied weights).  With a layout (tensor parallelism) the frame is this
+    rank's local shard, and the weight is seen as a DTensor."""
 
     def __init__(self, blob: Any, dtype: torch.dtype, shape: tuple, device: torch.device,
-                 requires_grad: bool, pool: _Pool, options: dict):
+                 requires_grad: bool, pool: _Pool, options: dict, layout: _Layout | None = None):
         self.blob, self.dtype, self.shape, self.device = blob, dtype, tuple(shape), device
-        self.requires_grad, self.pool, self.options = requires_grad, pool, options
+        self.requires_grad, self.pool, self.options, self.layout = requires_grad, pool, options, layout
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
         pool.add(self)
+
+    @property
+    def global_shape(self) -> tuple:
+        return self.layout.shape if self.layout is not None else self.shape
+
+    def _wrap(self, local: torch.Tensor) -> torch.Tensor:
+        return self.layout.wrap(local) if self.layout is not None else local
 
     @property
     def stored_bytes(self) -> int:
@@ -338,10 +413,10 @@ class _Weight:
         return decode(self.blob, self.device, out=out)
 
     def fresh(self) -> torch.Tensor:
-        """The weight decoded into new memory on its device."""
+        """The weight decoded into new memory on its device (a DTensor under tensor parallelism)."""
         if self.device.type == "cuda":
-            return self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device))
-        return decode(self.blob, self.device)
+            return self._wrap(self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device)))
+        return self._wrap(decode(self.blob, self.device))
 
     def current(self) -> torch.Tensor:
         """The weight seen by this thread: its decode buffer inside forward, else a fresh copy."""
@@ -352,7 +427,7 @@ class _Weight:
     def decoded(self) -> Iterator[torch.Tensor]:
         """Decode into this thread's (and stream's) buffer for the span of a forward."""
         local = self.pool.state()
-        view = self._launch(self.pool.view(self))
+        view = self._wrap(self._launch(self.pool.view(self)))
         depth = local.depth.get(self.device, 0)
         previous = local.active.get(id(self))
         local.depth[self.device], local.active[id(self)] = depth + 1, view
@@ -371,6 +446,9 @@ class _Weight:
     def move(self, device: torch.device) -> None:
         """Hold the frame on another device (re-uploaded as it is: nothing is decoded)."""
         _check_device(device, "the target device")
+        if self.layout is not None:
+            raise UnsupportedError(f"a tensor-parallel weight stays on its device mesh's {self.device}; "
+                                   f"it cannot move to {device}")
         frame = self.host_frame()
         self.blob = _upload(frame, device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else frame
@@ -378,9 +456,13 @@ class _Weight:
         self.pool.add(self)
         self.pool.release(old)
 
-    def assign(self, value: torch.Tensor) -> None:
-        """Replace the held weight by value (cast to this weight's dtype), re-encoded."""
-        self.blob = encode(value.detach().to(device=self.device, dtype=self.dtype), **self.options)
+    def assign(self, value: torch.Tensor, what: str = "weight") -> None:
+        """Replace the held weight by value (cast to this weight's dtype), re-encoded; under tensor
+        parallelism value is a DTensor laid out alike, or the whole tensor (this rank's shard kept)."""
+        value = value.detach()
+        if self.layout is not None:
+            value = self.layout.local(value, what)
+        self.blob = encode(value.to(device=self.device, dtype=self.dtype), **self.options)
 
 
 class _CompressedModule:
@@ -426,12 +508,12 @@ class _CompressedModule:
         if value is None:
             if strict:
                 missing_keys.append(key)
-        elif not isinstance(value, torch.Tensor) or tuple(value.shape) != w.shape:
+        elif not isinstance(value, torch.Tensor) or tuple(value.shape) != w.global_shape:
             error_msgs.append(f"size mismatch for {key}: copying a param with shape "
                               f"{tuple(getattr(value, 'shape', ()))} from checkpoint, the shape in "
-                              f"current model is {torch.Size(w.shape)}.")
+                              f"current model is {torch.Size(w.global_shape)}.")
         else:
-            w.assign(value)
+            w.assign(value, key)
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .cpu() move the frames (nothing decoded); a dtype conversion
@@ -556,6 +638,10 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
 
     Every target is checked before anything changes: a weight on the meta device or on a device
     other than cpu/cuda raises UnsupportedError and leaves the model as it was.
+
+    Tensor parallelism: a DTensor weight (any placements) is eligible by its global shape, so every
+    rank makes the same choice; each rank encodes and holds only its local shard
+    (``weight.to_local()``), and the statistics count this rank's bytes.  No communication.
     """
     options = dict(options, chunk_size=chunk_size)
     holders, params = _owners(module)
@@ -568,13 +654,15 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
     original = compressed = 0
     try:
         for p, hs in targets:
-            blob = encode(p, **_tables(p.numel(), options))     # CUDA: encoded on its GPU
-            w = _Weight(blob, p.dtype, tuple(p.shape), p.device, p.requires_grad, pool,
-                        _tables(p.numel(), options))
+            layout = _Layout(p) if is_dtensor(p) else None
+            local = p.to_local() if layout is not None else p
+            blob = encode(local, **_tables(local.numel(), options))     # CUDA: encoded on its GPU
+            w = _Weight(blob, p.dtype, tuple(local.shape), local.device, p.requires_grad, pool,
+                        _tables(local.numel(), options), layout)
             for m, _, _ in hs:
                 _attach(m, w)
             done.append((p, hs))
-            original += p.numel() * p.element_size()
+            original += local.numel() * local.element_size()
             compressed += w.stored_bytes
     except BaseException:
         for p, hs in done:                      # the originals are still referenced: put them back
