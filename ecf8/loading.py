@@ -14,9 +14,12 @@ what CPU inference runs from) unless compress=True.
 
 Tensor parallelism: a model whose parameters are DTensors on the meta device (``parallelize_module``
 or a Transformers ``tp_plan`` applied before loading) gets on each rank only that rank's slice of
-each tensor.  An ECF8 frame codes a whole tensor, so each coded tensor is decoded on the host, the
-rank's slice is cut out and, for an eligible weight, re-encoded (CPU encoder) and uploaded: the GPU
-only ever holds the rank's compressed shards; the host holds one whole decoded tensor at a time.
+each tensor, as a DTensor of the same layout.  An ECF8 frame codes a whole tensor, so every rank
+reads and decodes each whole tensor (on a GPU: uploaded as its frame and decoded there, which is
+fast), cuts out its slice and drops the rest; an eligible weight's slice is then re-encoded (the
+CPU encoder, on a host copy of the slice only) and held compressed.  Transient memory: one whole
+decoded tensor at a time (on the GPU, plus up to 2 * threads whole frames read ahead); resident:
+only this rank's slices.
 """
 
 from __future__ import annotations
@@ -164,8 +167,6 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
                 raise CorruptDataError(f"{path}: tensor {name!r} appears in two files")
             index[name] = (dtype, shape, f)
     plan, moves = _plan(model, index, dev, embeddings, min_numel, strict, str(path), keep)
-    if any(t[4] is not None for t in plan.values()):
-        target = "cpu"                          # sharded: decode on the host, keep the rank's slice
     pool = et._Pool()
     options = {"chunk_size": chunk_size}
     undo: list[Callable[[], None]] = []
@@ -222,6 +223,8 @@ def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
                 raise UnsupportedError(f"{where}: {hs[0][2]!r} is a DTensor on a {layout.mesh.device_type} "
                                        f"device mesh, the model is loaded to {dev}")
             layout.box(f"{where}: {hs[0][2]!r}")          # refuses Partial / strided placements
+            if ok:
+                et._check_sharded(p, hs, f"{where}: {hs[0][2]!r}")
         plan[present[0]] = ("param", hs, p, ok, layout)
     for prefix, m in model.named_modules(remove_duplicate=False):
         for n, b in m._buffers.items():
@@ -264,7 +267,9 @@ def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options
            ) -> list:
     """Put one checkpoint tensor in the model; returns the compressed weight made, if any."""
     kind, hs, p, eligible, layout = target
-    if layout is not None:                            # a host tensor: keep this rank's slice
+    if layout is not None:                            # keep this rank's slice of the whole tensor
+        if not isinstance(value, torch.Tensor):       # a whole frame on the GPU: decoded there
+            value = et.decode(value, dev)
         value = value[layout.box(hs[0][2])].contiguous()
     if isinstance(value, torch.Tensor) and eligible:  # decoded on the host: (re-)encode
         tables = et._tables(value.numel(), options)

@@ -618,6 +618,16 @@ def _check_device(device: torch.device, what: str) -> None:
         _cupy()
 
 
+def _check_sharded(p: torch.Tensor, holders: list, what: str) -> None:
+    """A DTensor weight is held compressed only on modules whose class forward runs: a forward
+    replaced per instance (Transformers' own tp_plan layers, which also swap DTensor parameters for
+    local tensors inside it) would bypass the just-in-time decode and see a DTensor it does not expect."""
+    if is_dtensor(p) and any("forward" in m.__dict__ for m, _, _ in holders):
+        raise UnsupportedError(f"{what} is a DTensor on a module whose forward is replaced per instance "
+                               "(e.g. Transformers' tp_plan): not supported; shard the model with "
+                               "torch.distributed.tensor.parallel.parallelize_module instead")
+
+
 def _tables(numel: int, options: dict) -> dict:
     # A GPU holds an 8 KB decode table per code table: one table per 512 K weights at most.
     return dict(options, max_tables=options.get("max_tables", max(1, min(4, numel >> 19))))
@@ -649,6 +659,7 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
                if _eligible(hs, params[k], min_numel, embeddings)]
     for p, hs in targets:
         _check_device(p.device, f"weight {hs[0][2]!r}")
+        _check_sharded(p, hs, f"weight {hs[0][2]!r}")
     pool = _Pool()
     done: list[tuple[torch.nn.Parameter, list]] = []
     original = compressed = 0

@@ -170,12 +170,18 @@ def scenarios(mesh, device, tmp: Path):
                 return all(w in str(e) for w in words)
             return False
         target = tmp / f"dtensor{rank}.safetensors"
+        hooked = sharded(build(0, dtype, device), mesh)
+        hooked.up.forward = lambda h, f=hooked.up.forward: f(h)    # a forward replaced per instance
+        kept = [id(p) for p in hooked.parameters()]
         return {"ECF8Error naming the tensor and placement": refused,
                 "model unchanged": same(model(x), expected),
                 "encode(DTensor) names to_local": refuses(lambda: ecf8.torch.encode(replicated), "to_local"),
                 "save_file(DTensor) names the tensor": refuses(
                     lambda: ecf8.torch.save_file({"q": replicated}, target), "'q'", "DTensor")
-                and not target.exists()}
+                and not target.exists(),
+                "per-instance forward refused before any change": refuses(
+                    lambda: ecf8.torch.compress_module(hooked), "'up.weight'", "per instance")
+                and [id(p) for p in hooked.parameters()] == kept and same(hooked(x), expected)}
 
     path = tmp / "block.safetensors"
     if rank == 0:
