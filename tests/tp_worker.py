@@ -252,7 +252,35 @@ def scenarios(mesh, device, tmp: Path):
                 "model unchanged": [id(p) for p in model.parameters()] == kept
                 and all(p.is_meta for p in model.parameters())}
 
+    def transformers_generate():
+        """A Transformers Llama sharded with PyTorch's TP plan: greedy tokens identical."""
+        try:
+            import transformers
+        except ImportError:
+            return {"skipped: transformers not installed": True}
+        cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=128, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        llm = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).to(device).eval()
+        plan = {"lm_head": ColwiseParallel(output_layouts=Replicate())}
+        for i in range(cfg.num_hidden_layers):
+            pre = f"model.layers.{i}"
+            plan.update({f"{pre}.self_attn.{n}_proj": ColwiseParallel() for n in "qkv"})
+            plan.update({f"{pre}.mlp.{n}_proj": ColwiseParallel() for n in ("gate", "up")})
+            plan.update({f"{pre}.self_attn.o_proj": RowwiseParallel(), f"{pre}.mlp.down_proj": RowwiseParallel()})
+        parallelize_module(llm, mesh, plan)
+        ids = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(1)).to(device)
+
+        def greedy():
+            return llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        want = greedy()
+        stats = ecf8.torch.compress_module(llm, min_numel=1024)
+        return {"every linear compressed": stats.weights == 1 + 7 * cfg.num_hidden_layers,
+                "generate gives identical tokens": torch.equal(greedy(), want)}
+
     return {"compress_module": compress_module,
+            "transformers_generate": transformers_generate,
             "load_model_refuses_partial": load_model_refuses_partial, "colwise_exact": colwise_exact, "fp8_weights": fp8_weights, "state_dict_round_trip": state_dict_round_trip,
             "wrong_layout_refused": wrong_layout_refused, "load_model_decoded": load_model(False),
             "load_model_compressed": load_model(True)}
