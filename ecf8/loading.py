@@ -12,14 +12,14 @@ checkpoint is read one tensor at a time, so neither GPU nor host ever holds the 
 On the CPU (device="cpu") tensors are decoded at load into ordinary parameters (host memory is
 what CPU inference runs from) unless compress=True.
 
-Tensor parallelism: a model whose parameters are DTensors on the meta device (``parallelize_module``
-or a Transformers ``tp_plan`` applied before loading) gets on each rank only that rank's slice of
-each tensor, as a DTensor of the same layout.  An ECF8 frame codes a whole tensor, so every rank
-reads and decodes each whole tensor (on a GPU: uploaded as its frame and decoded there, which is
-fast), cuts out its slice and drops the rest; an eligible weight's slice is then re-encoded (the
-CPU encoder, on a host copy of the slice only) and held compressed.  Transient memory: one whole
-decoded tensor at a time (on the GPU, plus up to 2 * threads whole frames read ahead); resident:
-only this rank's slices.
+Tensor parallelism: a model whose parameters are DTensors on the meta device (built without
+weights, then sharded by ``torch.distributed.tensor.parallel.parallelize_module``) gets on each rank
+only that rank's slice of each tensor, as a DTensor of the same layout.  An ECF8 frame codes a whole
+tensor, so every rank reads and decodes each whole tensor (on a GPU: uploaded as its frame and
+decoded there, which is fast), cuts out its slice and drops the rest; an eligible weight's slice
+is then re-encoded where it is (GPU encoder on a GPU, CPU encoder on the CPU) and held compressed.
+Transient memory: one whole decoded tensor at a time (on a GPU, plus up to 2 * threads whole
+frames read ahead); resident: only this rank's slices.
 """
 
 from __future__ import annotations
@@ -273,9 +273,7 @@ def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options
         value = value[layout.box(hs[0][2])].contiguous()
     if isinstance(value, torch.Tensor) and eligible:  # decoded on the host: (re-)encode
         tables = et._tables(value.numel(), options)
-        blob = et.encode(value, **tables)
-        if dev.type == "cuda":
-            blob = et._upload(blob, dev.index)
+        blob = et.encode(value, **tables)             # a CUDA tensor is encoded on its GPU
         w = et._Weight(blob, value.dtype, tuple(value.shape), dev, False, pool, tables, layout)
         for m, n, _ in hs:
             et._attach(m, w)

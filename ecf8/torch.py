@@ -57,12 +57,16 @@ def _spec(t: torch.Tensor) -> fmt.DtypeSpec:
         raise UnsupportedError(f"ecf8 cannot code {t.dtype}; supported: {names}") from None
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A host NumPy (ml_dtypes) array with t's elements and shape (copies from a GPU).
-    Raises UnsupportedError for a DTensor (its data is spread over ranks)."""
+def _no_dtensor(t: torch.Tensor) -> None:
     if is_dtensor(t):
         raise UnsupportedError("a DTensor's data is spread over ranks: give its local shard "
                                "(t.to_local()) or the whole tensor (t.full_tensor())")
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A host NumPy (ml_dtypes) array with t's elements and shape (copies from a GPU).
+    Raises UnsupportedError for a DTensor (its data is spread over ranks)."""
+    _no_dtensor(t)
     spec = _spec(t)
     bits = t.detach().contiguous().view(_BITS[spec.dtype.itemsize]).cpu().numpy()
     return bits.view(spec.dtype)
@@ -82,7 +86,9 @@ def encode(t: torch.Tensor, *, stream: Any = None, **options):
     """Compress a tensor: bytes for a CPU tensor; a CUDA tensor is encoded on its GPU into the
     same frame (torch-allocated memory), returned as a device-resident ``EncodedTensor`` (a
     DeviceTensor: decode it directly, ``.tobytes()`` for the bytes), on torch's current stream
-    unless ``stream`` is given.  options: as for ``ecf8.encode``."""
+    unless ``stream`` is given.  options: as for ``ecf8.encode``.  A DTensor raises UnsupportedError
+    (encode its ``to_local()`` shard)."""
+    _no_dtensor(t)
     spec = _spec(t)
     if t.is_cuda:
         from . import encoder_cuda
@@ -291,7 +297,8 @@ def _shard_box(shape: tuple, mesh: Any, placements: tuple, what: str) -> tuple[s
 
 @dataclasses.dataclass
 class CompressionStats:
-    """Bytes of the weights that compress_module replaced, and what holds them now."""
+    """Bytes of the weights that compress_module replaced, and what holds them now (under tensor
+    parallelism: this rank's local shards)."""
 
     modules: int                # modules whose weight is held compressed
     original_bytes: int         # the weights freed (a tied matrix counted once)
