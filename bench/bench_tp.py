@@ -7,7 +7,7 @@ TP model with its weights uncompressed and held compressed by ecf8, in the same 
 
 STATUS: NOT RUN ON GPUS YET.  Written without a several-GPU machine; only the CPU dry run above
 (gloo, --tiny) has been run, which checks the script end to end but measures nothing of interest.
-The first run on 2 and 4 GPUs should fill the table in bench/NOTES.md.
+The first run on 2 and 4 GPUs should append its tables to bench/bench_tp.md (--out).
 
 Model: a Transformers LlamaForCausalLM from a config (random BF16 weights; Llama-2-7B shapes by
 default, --layers of them), built without weights (accelerate.init_empty_weights), sharded with

@@ -50,7 +50,7 @@ def gloo(tmp_path_factory):
 
 
 SCENARIOS = ["compress_module", "colwise_exact", "fp8_weights", "state_dict_round_trip",
-             "wrong_layout_refused", "load_model_decoded", "load_model_compressed", "load_model_refuses_partial", "transformers_generate"]
+             "wrong_layout_refused", "load_model_decoded", "load_model_compressed", "load_model_refuses_partial", "transformers_generate", "uneven_shards"]
 
 
 def check(ranks: list[dict], scenario: str, skip: tuple = ()) -> None:

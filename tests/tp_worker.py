@@ -115,7 +115,13 @@ def scenarios(mesh, device, tmp: Path):
         stats = ecf8.torch.compress_module(model)
         w = model.q.weight
         out = model(x)
-        return {"six weights compressed": stats.weights == 6 and all(ecf8.torch.is_compressed(model.get_submodule(n))
+        floats = copy.deepcopy(model).float()                   # a dtype conversion decompresses
+        fw = floats.q.weight
+        converted = (not ecf8.torch.is_compressed(floats.q) and isinstance(fw, DTensor)
+                     and fw.dtype == torch.float32 and fw.placements == (Shard(0),)
+                     and torch.equal(fw.to_local(), w.to_local().float()))
+        return {"dtype conversion gives float32 DTensors": converted,
+                "six weights compressed": stats.weights == 6 and all(ecf8.torch.is_compressed(model.get_submodule(n))
                                                                     for n in PLAN),
                 "only the local shards are held": stats.original_bytes == local_bytes,
                 "weight is a DTensor laid out as before": isinstance(w, DTensor)
@@ -279,7 +285,32 @@ def scenarios(mesh, device, tmp: Path):
         return {"every linear compressed": stats.weights == 1 + 7 * cfg.num_hidden_layers,
                 "generate gives identical tokens": torch.equal(greedy(), want)}
 
+    def uneven_shards():
+        """129 rows over the ranks: shards of unequal size, cut as distribute_tensor cuts them."""
+        def make():
+            torch.manual_seed(7)
+            return torch.nn.Sequential(torch.nn.Linear(DIM, 129), torch.nn.Linear(129, DIM)).to(dtype)
+        plan = {"0": ColwiseParallel(output_layouts=Replicate()), "1": RowwiseParallel(input_layouts=Replicate())}
+        model = parallelize_module(make().to(device).requires_grad_(False), mesh, plan)
+        want = model(x)
+        uneven = tmp / "uneven.safetensors"
+        if rank == 0:
+            ecf8.torch.save_file(make().state_dict(), uneven)
+        dist.barrier()
+        with torch.device("meta"):
+            empty = make()
+        parallelize_module(empty, mesh, plan)
+        ecf8.torch.load_model(empty, uneven, device, compress=True)
+        ecf8.torch.compress_module(model)
+        rows = empty[0].weight.to_local().shape[0]
+        return {"unequal local shapes": rows == model[0].weight.to_local().shape[0]
+                and rows == torch.arange(129).chunk(mesh.size())[rank].numel()
+                and empty[1].weight.to_local().shape[1] == rows,
+                "compressed TP identical": same(model(x), want),
+                "loaded TP identical": same(empty(x), want)}
+
     return {"compress_module": compress_module,
+            "uneven_shards": uneven_shards,
             "transformers_generate": transformers_generate,
             "load_model_refuses_partial": load_model_refuses_partial, "colwise_exact": colwise_exact, "fp8_weights": fp8_weights, "state_dict_round_trip": state_dict_round_trip,
             "wrong_layout_refused": wrong_layout_refused, "load_model_decoded": load_model(False),
