@@ -29,14 +29,14 @@ def gloo_available() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
-def run_ranks(out: Path, backend: str, device: str) -> list[dict]:
-    """Run every scenario on WORLD ranks; [{scenario: {"checks": ..., "error": ...}}] per rank."""
+def run_ranks(out: Path, backend: str, device: str, world: int = WORLD) -> list[dict]:
+    """Run every scenario on `world` ranks; [{scenario: {"checks": ..., "error": ...}}] per rank."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(ecf8.__file__).parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(HERE / "tp_worker.py"), str(out), "--world", str(WORLD),
+    cmd = [sys.executable, str(HERE / "tp_worker.py"), str(out), "--world", str(world),
            "--backend", backend, "--device", device]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    files = [out / f"rank{r}.json" for r in range(WORLD)]
+    files = [out / f"rank{r}.json" for r in range(world)]
     if proc.returncode or not all(f.is_file() for f in files):
         pytest.fail(f"tp_worker.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return [json.loads(f.read_text()) for f in files]
@@ -69,9 +69,11 @@ def test_tp_on_cpu_with_gloo(gloo, scenario):
 
 
 @pytest.mark.gpu
-def test_tp_on_two_gpus_with_nccl(tmp_path):
-    if torch.cuda.device_count() < WORLD or not torch.distributed.is_nccl_available():
-        pytest.skip(f"needs {WORLD} CUDA GPUs and NCCL")
-    ranks = run_ranks(tmp_path, "nccl", "cuda")
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_on_gpus_with_nccl(tmp_path, world):
+    """The same scenarios with NCCL, one GPU per rank: GPU decode and encode of the shards."""
+    if torch.cuda.device_count() < world or not torch.distributed.is_nccl_available():
+        pytest.skip(f"needs {world} CUDA GPUs and NCCL")
+    ranks = run_ranks(tmp_path, "nccl", "cuda", world)
     for scenario in SCENARIOS:       # cuBLAS may pick other kernels for a narrower shard:
         check(ranks, scenario, skip=("uncompressed TP equals unsharded", "compressed TP equals unsharded"))

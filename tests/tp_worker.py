@@ -265,7 +265,7 @@ def scenarios(mesh, device, tmp: Path):
         except ImportError:
             return {"skipped: transformers not installed": True}
         cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                        max_position_embeddings=128, tie_word_embeddings=False)
         torch.manual_seed(0)
         llm = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).to(device).eval()
