@@ -193,7 +193,8 @@ def main(argv=None) -> None:
 
 def report(args, world: int, everyone: list) -> None:
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo dry run)"
-    lines = [f"\n### TP={world}, {name}, {'tiny' if args.tiny else 'Llama-2-7B shapes'}, {args.layers} layers, "
+    shapes = "tiny" if args.tiny else "Llama-2-7B shapes"
+    lines = [f"\n### TP={world}, {name}, {shapes}, {args.layers} layers, "
              f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens\n",
              "| rank | weights | resident weight MiB | ratio | peak MiB | load s | tokens/s | ratio |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -202,7 +203,8 @@ def report(args, world: int, everyone: list) -> None:
         same &= plain["tokens"] == packed["tokens"]
         for r in (plain, packed):
             lines.append(f"| {rank} | {'ecf8' if r['compress'] else 'uncompressed'} | "
-                         f"{r['resident_bytes'] / 2**20:.1f} | {r['resident_bytes'] / plain['resident_bytes']:.3f} | "
+                         f"{r['resident_bytes'] / 2**20:.1f} | "
+                         f"{r['resident_bytes'] / plain['resident_bytes']:.3f} | "
                          f"{r['peak_bytes'] / 2**20:.1f} | {r['load_s']:.2f} | {r['tokens_per_s']:.1f} | "
                          f"{r['tokens_per_s'] / plain['tokens_per_s']:.3f} |")
     lines.append(f"\ngreedy tokens identical with and without ecf8 on every rank: {same}\n")

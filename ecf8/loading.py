@@ -232,7 +232,8 @@ def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
                 continue
             q = f"{prefix}.{n}" if prefix else n
             if et.is_dtensor(b):
-                raise UnsupportedError(f"{where}: buffer {q!r} is a DTensor: ecf8 loads DTensor parameters only")
+                raise UnsupportedError(f"{where}: buffer {q!r} is a DTensor: ecf8 loads DTensor "
+                                       "parameters only")
             if q in index:
                 if index[q][1] != tuple(b.shape):
                     raise UnsupportedError(f"{where}: {q!r} has shape {index[q][1]} in the checkpoint, "

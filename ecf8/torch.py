@@ -288,7 +288,8 @@ def _shard_box(shape: tuple, mesh: Any, placements: tuple, what: str) -> tuple[s
 
     for pl in placements:
         if type(pl) not in (Shard, Replicate):
-            raise UnsupportedError(f"{what}: ecf8 loads Shard and Replicate placements, not {type(pl).__name__} ({pl})")
+            raise UnsupportedError(f"{what}: ecf8 loads Shard and Replicate placements, "
+                                   f"not {type(pl).__name__} ({pl})")
     local, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(placements))
     return tuple(slice(o, o + n) for o, n in zip(offset, local))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import socket
@@ -121,15 +122,15 @@ def scenarios(mesh, device, tmp: Path):
                      and fw.dtype == torch.float32 and fw.placements == (Shard(0),)
                      and torch.equal(fw.to_local(), w.to_local().float()))
         return {"dtype conversion gives float32 DTensors": converted,
-                "six weights compressed": stats.weights == 6 and all(ecf8.torch.is_compressed(model.get_submodule(n))
-                                                                    for n in PLAN),
+                "six weights compressed": stats.weights == 6
+                and all(ecf8.torch.is_compressed(model.get_submodule(n)) for n in PLAN),
                 "only the local shards are held": stats.original_bytes == local_bytes,
                 "weight is a DTensor laid out as before": isinstance(w, DTensor)
                 and w.placements == (Shard(0),) and w.device_mesh == mesh and w.shape == (DIM, DIM)
                 and w.to_local().shape == (DIM // mesh.size(), DIM),
                 "outputs identical to uncompressed TP": same(out, expected),
-                "TP matches the unsharded model within bf16": torch.allclose(out.float(), expected_full.float(),
-                                                                             atol=0.05, rtol=0.05),
+                "TP matches the unsharded model within bf16":
+                torch.allclose(out.float(), expected_full.float(), atol=0.05, rtol=0.05),
                 "second forward identical": same(model(x), expected)}
 
     def state_dict_round_trip():
@@ -144,7 +145,8 @@ def scenarios(mesh, device, tmp: Path):
         other = sharded(build(1, dtype, device), mesh)
         want = other(x)
         model.load_state_dict(other.state_dict())               # DTensors in: re-encoded locally
-        loaded_dtensors = same(model(x), want) and all(ecf8.torch.is_compressed(model.get_submodule(n)) for n in PLAN)
+        loaded_dtensors = (same(model(x), want)
+                           and all(ecf8.torch.is_compressed(model.get_submodule(n)) for n in PLAN))
         whole = {k: v for k, v in build(0, dtype, device).state_dict().items() if k.endswith("weight")}
         model.load_state_dict({**before, **whole})                # whole weights in: rank slices kept
         loaded_whole = same(model(x), expected)
@@ -153,7 +155,8 @@ def scenarios(mesh, device, tmp: Path):
         n = ecf8.torch.decompress_module(model)
         p = model.down.weight
         back = (n == 6 and isinstance(p, torch.nn.Parameter) and isinstance(p, DTensor)
-                and p.placements == (Shard(1),) and same(p, before["down.weight"]) and same(model(x), expected))
+                and p.placements == (Shard(1),) and same(p, before["down.weight"])
+                and same(model(x), expected))
         return {"same keys": keys_ok, "DTensors with the same placements": layout_ok,
                 "exact values": values_ok, "load_state_dict of DTensors": loaded_dtensors,
                 "load_state_dict of whole tensors": loaded_whole, "deepcopy": deepcopy_ok,
@@ -205,8 +208,8 @@ def scenarios(mesh, device, tmp: Path):
             return {"nothing left on meta": not any(p.is_meta for p in model.parameters())
                     and not any(b.is_meta for b in model.buffers()),
                     "compressed as asked": held,
-                    "rank slice only": isinstance(w, DTensor) and w.to_local().shape == (HIDDEN // mesh.size(), DIM)
-                    and w.placements == (Shard(0),),
+                    "rank slice only": isinstance(w, DTensor) and w.placements == (Shard(0),)
+                    and w.to_local().shape == (HIDDEN // mesh.size(), DIM),
                     "bias sharded too": model.up.bias.to_local().shape == (HIDDEN // mesh.size(),),
                     "outputs identical to uncompressed TP": same(model(x), expected)}
         return run
@@ -274,7 +277,8 @@ def scenarios(mesh, device, tmp: Path):
             pre = f"model.layers.{i}"
             plan.update({f"{pre}.self_attn.{n}_proj": ColwiseParallel() for n in "qkv"})
             plan.update({f"{pre}.mlp.{n}_proj": ColwiseParallel() for n in ("gate", "up")})
-            plan.update({f"{pre}.self_attn.o_proj": RowwiseParallel(), f"{pre}.mlp.down_proj": RowwiseParallel()})
+            plan.update({f"{pre}.self_attn.o_proj": RowwiseParallel(),
+                         f"{pre}.mlp.down_proj": RowwiseParallel()})
         parallelize_module(llm, mesh, plan)
         ids = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(1)).to(device)
 
@@ -290,7 +294,8 @@ def scenarios(mesh, device, tmp: Path):
         def make():
             torch.manual_seed(7)
             return torch.nn.Sequential(torch.nn.Linear(DIM, 129), torch.nn.Linear(129, DIM)).to(dtype)
-        plan = {"0": ColwiseParallel(output_layouts=Replicate()), "1": RowwiseParallel(input_layouts=Replicate())}
+        plan = {"0": ColwiseParallel(output_layouts=Replicate()),
+                "1": RowwiseParallel(input_layouts=Replicate())}
         model = parallelize_module(make().to(device).requires_grad_(False), mesh, plan)
         want = model(x)
         uneven = tmp / "uneven.safetensors"
@@ -309,12 +314,12 @@ def scenarios(mesh, device, tmp: Path):
                 "compressed TP identical": same(model(x), want),
                 "loaded TP identical": same(empty(x), want)}
 
-    return {"compress_module": compress_module,
-            "uneven_shards": uneven_shards,
-            "transformers_generate": transformers_generate,
-            "load_model_refuses_partial": load_model_refuses_partial, "colwise_exact": colwise_exact, "fp8_weights": fp8_weights, "state_dict_round_trip": state_dict_round_trip,
+    return {"compress_module": compress_module, "colwise_exact": colwise_exact,
+            "fp8_weights": fp8_weights, "state_dict_round_trip": state_dict_round_trip,
             "wrong_layout_refused": wrong_layout_refused, "load_model_decoded": load_model(False),
-            "load_model_compressed": load_model(True)}
+            "load_model_compressed": load_model(True),
+            "load_model_refuses_partial": load_model_refuses_partial,
+            "transformers_generate": transformers_generate, "uneven_shards": uneven_shards}
 
 
 def worker(rank: int, world: int, port: int, backend: str, device: str, out: str) -> None:
@@ -322,7 +327,7 @@ def worker(rank: int, world: int, port: int, backend: str, device: str, out: str
     if device == "cuda":
         torch.cuda.set_device(rank)
     torch.set_num_threads(1)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     results = {}
     try:
         mesh = init_device_mesh(device, (world,))
