@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -241,13 +242,22 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
 
 # --- tensor parallelism: DTensor shards ---------------------------------------------------------
 
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")   # the latter: torch < 2.4
+
+
+def _dtensor_api() -> Any:
+    """The module defining DTensor, once imported by anyone (no DTensor can exist before), or None."""
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module
+    return None
+
+
 def is_dtensor(t: Any) -> bool:
     """True when t is a ``torch.distributed.tensor.DTensor`` (a Parameter wrapping one included)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    api = _dtensor_api()
+    return api is not None and isinstance(t, api.DTensor)
 
 
 class _Layout:
@@ -260,10 +270,8 @@ class _Layout:
 
     def wrap(self, local: torch.Tensor) -> torch.Tensor:
         """The DTensor whose local shard on this rank is `local` (no communication)."""
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(local, self.mesh, self.placements, run_check=False,
-                                  shape=torch.Size(self.shape), stride=self.stride)
+        return _dtensor_api().DTensor.from_local(local, self.mesh, self.placements, run_check=False,
+                                                 shape=torch.Size(self.shape), stride=self.stride)
 
     def box(self, what: str) -> tuple[slice, ...]:
         """This rank's slice of the global tensor (Shard / Replicate placements only)."""
@@ -283,14 +291,15 @@ def _shard_box(shape: tuple, mesh: Any, placements: tuple, what: str) -> tuple[s
     """The slice of a tensor of global `shape` that this rank holds under `placements` on `mesh`
     (as ``distribute_tensor`` cuts it).  Raises UnsupportedError for placements other than
     Shard / Replicate (Partial, strided shards), whose local part is not one box."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    import importlib
 
+    api = _dtensor_api()
+    utils = importlib.import_module(api.__name__ + "._utils")
     for pl in placements:
-        if type(pl) not in (Shard, Replicate):
+        if type(pl) not in (api.Shard, api.Replicate):
             raise UnsupportedError(f"{what}: ecf8 loads Shard and Replicate placements, "
                                    f"not {type(pl).__name__} ({pl})")
-    local, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(placements))
+    local, offset = utils.compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(placements))
     return tuple(slice(o, o + n) for o, n in zip(offset, local))
 
 
