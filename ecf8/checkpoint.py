@@ -80,9 +80,9 @@ def load_json(text: bytes | str, where: str):
         raise CorruptDataError(f"{where}: invalid JSON ({str(e).splitlines()[0][:80]})") from None
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path, name: Path | None = None) -> None:
     """Let the safetensors library judge a file (header length, JSON, dtypes, shapes, offsets,
-    coverage of the data section); CorruptDataError naming the file if it refuses."""
+    coverage of the data section); CorruptDataError naming the file (or `name`) if it refuses."""
     import safetensors
 
     try:
@@ -90,8 +90,24 @@ def check_safetensors(path: Path) -> None:
             pass
     except Exception as e:      # SafetensorError, OSError: the library's own words
         why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise CorruptDataError(f"{path}: not a valid safetensors file (safetensors "
+        raise CorruptDataError(f"{name or path}: not a valid safetensors file (safetensors "
                                f"{safetensors.__version__}: {why})") from None
+
+
+def _check_twin(path: Path, layout: Layout) -> None:
+    """check_safetensors on a sparse twin of the file whose dtypes outside DTYPE_NAMES (which this
+    safetensors may not know: any string passes through ecf8 as bytes) are U8 of the same bytes."""
+    head: dict = {"__metadata__": layout.metadata} if layout.metadata else {}
+    for t in layout.tensors:
+        known = t.dtype in DTYPE_NAMES
+        head[t.name] = {"dtype": t.dtype if known else "U8", "shape": list(t.shape) if known else [t.nbytes],
+                        "data_offsets": [t.begin, t.end]}
+    text = json.dumps(head).encode()
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + layout.data_size)          # sparse: no data is written
+        f.flush()
+        check_safetensors(Path(f.name), path)
 
 
 def _uint(x) -> bool:
@@ -137,8 +153,19 @@ def read_layout(path: Path, check: bool = True) -> Layout:
     path = Path(path)
     if not path.is_file():
         raise UnsupportedError(f"{path}: no such file")
-    if check:
-        check_safetensors(path)
+    try:
+        if check:
+            check_safetensors(path)
+        layout = _read(path)
+    except CorruptDataError:   # refused for a dtype string this safetensors does not know?
+        layout = _read(path)    # (its message is the more precise when it refuses too)
+        if all(t.dtype in DTYPE_NAMES for t in layout.tensors):
+            raise
+        _check_twin(path, layout)
+    return layout
+
+
+def _read(path: Path) -> Layout:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import json
+import math
 import mmap
 import os
 import shutil
@@ -40,6 +41,7 @@ import numpy as np
 import zstandard
 
 from . import api, encoder
+from . import format as fmt
 from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
                          check_names, check_safetensors, file_mode, load_json, model_files,
                          parse_header, read_layout, write_safetensors)
@@ -77,7 +79,7 @@ def _checksum(t: Tensor, data) -> int:
 def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int]:
     """(codec, payload, crc) of one tensor from its raw bytes (uint8); payload None: unchanged."""
     crc = _checksum(t, raw)
-    if t.dtype in CODED and raw.size:
+    if t.dtype in CODED and raw.size and len(t.shape) <= fmt.MAX_NDIM:    # (more dims: zstd/raw)
         blob = encoder.encode(raw.view(DTYPE_NAMES[t.dtype]).reshape(t.shape), **options)
         if len(blob) < raw.size:
             return "ecf8", blob, crc
@@ -282,6 +284,7 @@ class _Packed:
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         self.stored = {t.name: view[packed.data_start + t.begin: packed.data_start + t.end]
                        for t in packed.tensors}
+        self.stored_as = {t.name: (t.dtype, t.shape) for t in packed.tensors}
         self.version = info["version"]
         text, table = self._v2(info) if self.version == VERSION else self._v1(info)
         self.original = parse_header(text, f"{path}: the original header")
@@ -301,6 +304,11 @@ class _Packed:
                     row[0] == "ecf8" and t.dtype not in CODED):
                 raise CorruptDataError(f"{path}: tensor {name!r}: {len(self.stored[name])} stored bytes "
                                        f"do not fit codec {row[0]} for {t.dtype} {list(t.shape)}")
+        if self.version == VERSION:
+            odd = [name for name, (dtype, shape) in self.stored_as.items()
+                   if dtype != "U8" or shape != (len(self.stored[name]),)]
+            if odd:
+                raise CorruptDataError(f"{path}: tensor {odd[0]!r} is not stored as U8 bytes")
         self.codecs = table
         keep = {k: v for k, v in packed.metadata.items() if k != META_KEY}
         if keep != {k: v for k, v in self.original.metadata.items() if k != META_KEY}:
@@ -309,7 +317,7 @@ class _Packed:
     def _v2(self, info: dict) -> tuple[bytes, dict]:
         path, record = self.path, info.get("record")
         n, size, crc = info.get("header"), info.get("size"), info.get("crc")
-        if not (isinstance(record, str) and record in self.stored and all(type(v) is int for v in (n, size, crc))
+        if not (set(info) == {"format", "version", "record", "header", "size", "crc"} and isinstance(record, str) and record in self.stored and all(type(v) is int for v in (n, size, crc))
                 and 0 <= n <= min(size, MAX_HEADER) and size <= 4 * MAX_HEADER):
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
         raw = _unzstd(self.stored[record], size, f"{path}: record {record!r}")
@@ -322,7 +330,7 @@ class _Packed:
 
     def _v1(self, info: dict) -> tuple[bytes, dict]:
         rows, text = info.get("tensors"), info.get("header")
-        if not (isinstance(rows, dict) and isinstance(text, str)
+        if not (set(info) == {"format", "version", "tensors", "header"} and isinstance(rows, dict) and isinstance(text, str)
                 and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
             raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']")
         try:
@@ -380,8 +388,9 @@ def _unzstd(data, size: int, where: str) -> bytes:
 
 def _numpy_dtype(path: Path, t: Tensor) -> np.dtype:
     dtype = DTYPE_NAMES.get(t.dtype) or _MORE_DTYPES.get(t.dtype)
-    if dtype is None:
-        raise UnsupportedError(f"{path}: tensor {t.name!r} has dtype {t.dtype}, which NumPy cannot hold")
+    if dtype is None or math.prod(t.shape) * np.dtype(dtype).itemsize != t.nbytes:
+        raise UnsupportedError(f"{path}: tensor {t.name!r} has dtype {t.dtype} {list(t.shape)}, "
+                               f"which NumPy cannot hold as {t.nbytes} bytes")
     return np.dtype(dtype)
 
 

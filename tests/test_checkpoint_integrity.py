@@ -163,6 +163,10 @@ def _deep(n):
     lambda h: h["__metadata__"].__setitem__("format", "np"),                     # metadata differs
     lambda h: h.__setitem__("__metadata__", {}),
     lambda h: h.__setitem__("x" * 3, h.pop("s1")),                                # renamed tensor
+    lambda h: h["__metadata__"].__setitem__("ecf8", json.dumps(
+        dict(json.loads(h["__metadata__"]["ecf8"]), extra=None))),                 # an unknown key
+    lambda h: h["s1"].update(dtype="I8"),                                          # not U8 bytes
+    lambda h: h["s1"].update(dtype="U16", shape=[64]),
 ])
 def test_malformed_header_values_are_ecf8_errors(packed, tmp_path, edit):
     _, out = packed
