@@ -30,7 +30,6 @@ import mmap
 import os
 import shutil
 import signal
-import sys
 import zlib
 from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
 from pathlib import Path
@@ -46,8 +45,9 @@ from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, at
                          check_names, check_safetensors, file_mode, load_json, model_files,
                          parse_header, read_layout, write_safetensors)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
+from .progress import _Progress
 
-__all__ = ["save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
+__all__ = ["choose_codec", "save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
            "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
            "decompress_path", "iter_decoded", "TensorInfo"]
 
@@ -76,18 +76,29 @@ def _checksum(t: Tensor, data) -> int:
 
 # ---------------------------------------------------------------------------------- compressing
 
+def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
+                 ) -> tuple[str, bytes | None]:
+    """(codec, payload) that compress stores a tensor as, from its dtype name, shape and bytes
+    (uint8, C order); payload None means 'store unchanged'.  options: ``ecf8.encode``'s, plus
+    ``zstd_level`` (default ZSTD_LEVEL).  ``ecf8 analyze`` calls this too, so its verdicts are
+    what compress does."""
+    options = dict(options)
+    level = options.pop("zstd_level", ZSTD_LEVEL)
+    raw = raw.reshape(-1)
+    if dtype_name in CODED and raw.size and len(shape) <= fmt.MAX_NDIM:     # (more dims: zstd/raw)
+        blob = encoder.encode(raw.view(DTYPE_NAMES[dtype_name]).reshape(shape), **options)
+        if len(blob) < raw.size:
+            return "ecf8", blob
+    if raw.size >= 64:
+        packed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw.data)
+        if len(packed) <= raw.size - raw.size // 16:
+            return "zstd", packed
+    return "none", None
+
+
 def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int]:
     """(codec, payload, crc) of one tensor from its raw bytes (uint8); payload None: unchanged."""
-    crc = _checksum(t, raw)
-    if t.dtype in CODED and raw.size and len(t.shape) <= fmt.MAX_NDIM:    # (more dims: zstd/raw)
-        blob = encoder.encode(raw.view(DTYPE_NAMES[t.dtype]).reshape(t.shape), **options)
-        if len(blob) < raw.size:
-            return "ecf8", blob, crc
-    if raw.size >= 64:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw.data)
-        if len(packed) <= raw.size - raw.size // 16:
-            return "zstd", packed, crc
-    return "none", None, crc
+    return (*choose_codec(t.dtype, t.shape, raw, options), _checksum(t, raw))
 
 
 def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int]:
@@ -134,26 +145,6 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
         raise
     if pool is not None:
         pool.shutdown()
-
-
-class _Progress:
-    """A one-line progress bar on stderr, shown only when stderr is a terminal."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None = None):
-        self.total, self.done, self.label = max(total, 1), 0, label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def advance(self, amount: int, what: str = "") -> None:
-        self.done += amount
-        if self.enabled:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(30 * frac)
-            print(f"\r{self.label} [{bar:30}] {frac:6.1%} {what[:40]:40}", end="", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
 
 
 def _is_packed(meta: dict[str, str]) -> bool:
