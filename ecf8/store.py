@@ -45,6 +45,7 @@ from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, at
                          check_names, check_safetensors, file_mode, load_json, model_files,
                          parse_header, read_layout, write_safetensors)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
+from .names import device_name
 from .progress import _Progress
 
 __all__ = ["choose_codec", "save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
@@ -249,6 +250,8 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
     try:
         write_safetensors(tensors, tmp, metadata)
         compress_file(tmp, path, jobs=1, progress=False, **options)
+    except ECF8Error as e:          # name the user's file, not the temporary one
+        raise type(e)(str(e).replace(str(tmp), str(path))) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -352,7 +355,7 @@ class _Packed:
         """An ecf8-coded tensor decoded on a device, checked to have the original dtype and shape."""
         t = self.tensors[name]
         try:
-            x = api.decode(self.stored[name], device=device)
+            x = api.decode(np.frombuffer(self.stored[name], np.uint8), device=device)
         except ECF8Error as e:
             raise type(e)(f"{self.path}: tensor {name!r}: {e}") from None
         if x.dtype != DTYPE_NAMES[t.dtype] or tuple(x.shape) != t.shape:
@@ -398,6 +401,7 @@ class CompressedFile:
     """
 
     def __init__(self, path: Path, device: str = "cpu", *, compressed: bool = False):
+        device = device_name(device)
         if compressed and device == "cpu":
             raise UnsupportedError("compressed=True keeps tensors compressed on a GPU: give device='cuda'")
         self.device, self.compressed = device, compressed
