@@ -283,7 +283,10 @@ def model_files(folder: Path) -> tuple[list[str], list[str]]:
     inside the folder (UnsupportedError otherwise: a missing shard, an absolute or '..' path)."""
     folder = Path(folder)
     files = []
-    for root, _, names in os.walk(folder):
+    for root, dirs, names in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        if links:       # os.walk would skip it: the output would silently lack its files
+            raise UnsupportedError(f"{Path(root, links[0])}: a link to a folder (give the folder itself)")
         files += [Path(root, n).relative_to(folder).as_posix() for n in names]
     files.sort()
     tensors = [f for f in files if f.endswith(".safetensors")]

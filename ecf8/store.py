@@ -135,6 +135,8 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+    except cf.process.BrokenProcessPool:
+        raise ECF8Error(f"{src}: a worker process died (out of memory? try fewer jobs)") from None
     except BaseException:
         if pool is not None:
             kill = getattr(pool, "kill_workers", None)           # Python 3.14+

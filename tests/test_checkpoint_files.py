@@ -45,6 +45,19 @@ def test_output_modes_follow_the_input_or_the_umask(tmp_path, umask_022):
     assert (tmp_path / "cdir" / "config.json").stat().st_mode & 0o777 == 0o644
 
 
+def _die(*args):
+    os._exit(3)          # a worker killed (say, by the kernel's OOM killer)
+
+
+def test_a_dead_worker_is_an_ecf8_error(tmp_path, monkeypatch):
+    src = tmp_path / "in.safetensors"
+    write_safetensors({f"w{k}": np.zeros(1 << 17, ml_dtypes.bfloat16) for k in range(4)}, src)
+    monkeypatch.setattr(store, "_worker", _die)
+    with pytest.raises(ecf8.ECF8Error, match="worker process died"):
+        store.compress_file(src, tmp_path / "out.safetensors", jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
