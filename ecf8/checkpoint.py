@@ -21,7 +21,7 @@ from typing import Callable, Iterator, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .errors import CorruptDataError, ECF8Error, UnsupportedError
+from .errors import CorruptDataError, UnsupportedError
 
 __all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of", "load_json",
            "check_safetensors", "parse_header", "read_layout", "atomic_file", "atomic_dir",

@@ -7,7 +7,8 @@ bytes unchanged; tensors of any dtype string safetensors accepts pass through as
 entry, the *record* (named ``__ecf8__`` unless taken), is a zstandard frame of the original
 header's exact bytes followed by the JSON table ``{name: [codec, crc32]}``; ``__metadata__``
 keeps the original's keys and adds ``"ecf8"``: ``{"format": "ecf8.safetensors", "version": 2,
-"record": name, "header": header bytes, "size": record bytes, "crc": crc32 of the record}``.
+"record": name, "header": header bytes, "size": record bytes, "crc": crc32 of the record seeded
+with the crc32 of "header" as 8 bytes little-endian}``.
 
 Integrity: crc32 of each tensor's original bytes, seeded with the crc32 of its JSON
 ``[name, dtype, shape]`` (so a payload is bound to its tensor), checked whenever a tensor is
@@ -33,7 +34,7 @@ import signal
 import zlib
 from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -42,7 +43,7 @@ import zstandard
 from . import api, encoder
 from . import format as fmt
 from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
-                         check_names, check_safetensors, file_mode, load_json, model_files,
+                         check_names, file_mode, load_json, model_files,
                          parse_header, read_layout, write_safetensors)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
@@ -216,7 +217,7 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
             raw = layout.text + _dumps(table)
             blob = zstandard.ZstdCompressor(level=RECORD_LEVEL, write_checksum=True).compress(raw)
             f.write(blob)
-            info.update(size=len(raw), crc=zlib.crc32(raw))
+            info.update(size=len(raw), crc=_record_crc(raw, len(layout.text)))
             text = _packed_header(layout, sizes + [len(blob)], record, info)
             if len(text) > reserved:
                 raise ECF8Error("internal error: safetensors header outgrew its reservation")
@@ -313,11 +314,13 @@ class _Packed:
     def _v2(self, info: dict) -> tuple[bytes, dict]:
         path, record = self.path, info.get("record")
         n, size, crc = info.get("header"), info.get("size"), info.get("crc")
-        if not (set(info) == {"format", "version", "record", "header", "size", "crc"} and isinstance(record, str) and record in self.stored and all(type(v) is int for v in (n, size, crc))
+        if not (set(info) == {"format", "version", "record", "header", "size", "crc"}
+                and isinstance(record, str) and record in self.stored
+                and all(type(v) is int for v in (n, size, crc))
                 and 0 <= n <= min(size, MAX_HEADER) and size <= 4 * MAX_HEADER):
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
         raw = _unzstd(self.stored[record], size, f"{path}: record {record!r}")
-        if zlib.crc32(raw) != crc:
+        if _record_crc(raw, n) != crc or raw[n:n + 1] != b"{":
             raise CorruptDataError(f"{path}: record {record!r} fails its checksum")
         table = load_json(raw[n:], f"{path}: record {record!r}")
         if not isinstance(table, dict):
@@ -367,6 +370,11 @@ class _Packed:
 
     def close(self) -> None:
         self.stored = {}
+
+
+def _record_crc(raw: bytes, n: int) -> int:
+    """crc32 of the record, seeded with its split point (the original header's length, 8 bytes LE)."""
+    return zlib.crc32(raw, zlib.crc32(n.to_bytes(8, "little")))
 
 
 def _unzstd(data, size: int, where: str) -> bytes:

@@ -1,7 +1,6 @@
 """Checkpoint layouts as real files have them: the round trip is byte for byte, or compress refuses
 before writing anything (issue 9, classes 1-3)."""
 
-import json
 
 import ml_dtypes
 import numpy as np
