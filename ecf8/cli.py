@@ -31,7 +31,7 @@ import numpy as np
 
 from . import api, encoder, store
 from . import format as fmt
-from .checkpoint import atomic_file, model_files, read_layout
+from .checkpoint import atomic_file, iter_tensors, model_files, read_layout  # noqa: F401
 from .errors import ECF8Error
 from .names import dtype_spec, short_name
 from .progress import job as progress_job
