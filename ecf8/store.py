@@ -1,24 +1,27 @@
 """Compressed checkpoints: safetensors files whose float tensors are ECF8 frames.
 
-A compressed file is itself valid safetensors (every entry ``U8``), written in the original's data
-order.  Each original tensor is one entry of the same name holding an ECF8 frame (FP8/BF16/FP16
-tensors, when that is smaller), a zstandard frame (any dtype, when that saves at least 1/16), or its
-bytes unchanged; tensors of any dtype string safetensors accepts pass through as bytes.  One more
-entry, the *record* (named ``__ecf8__`` unless taken), is a zstandard frame of the original
-header's exact bytes followed by the JSON table ``{name: [codec, crc32]}``; ``__metadata__``
-keeps the original's keys and adds ``"ecf8"``: ``{"format": "ecf8.safetensors", "version": 2,
-"record": name, "header": header bytes, "size": record bytes, "crc": crc32 of the record seeded
-with the crc32 of "header" as 8 bytes little-endian}``.
+Format ``ecf8.safetensors`` version 2.  A compressed file is itself valid safetensors, every entry
+``U8``, written in the original's data order.  Each original tensor is one entry of the same name
+holding an ECF8 frame (FP8/BF16/FP16 tensors of at most 8 dimensions, when that is smaller), a
+zstandard frame (any dtype, when that saves at least 1/16), or its bytes unchanged; any dtype
+string passes through as bytes.  One more entry, the *record* (``__ecf8__``, or with dots appended
+if a tensor has that name), is one zstandard frame of the original header's exact bytes followed by
+the JSON table ``{name: [codec, crc]}``.  ``__metadata__`` keeps the original's keys and adds
+``"ecf8"``: ``{"format": "ecf8.safetensors", "version": 2, "record": name, "header": bytes of the
+original header, "size": bytes of the record, "crc": crc32 of the record, seeded with the crc32 of
+"header" as 8 bytes little-endian}``.
 
-Integrity: crc32 of each tensor's original bytes, seeded with the crc32 of its JSON
-``[name, dtype, shape]`` (so a payload is bound to its tensor), checked whenever a tensor is
-restored on the CPU; the record's crc32 covers the original header and the table; the compressed
-header must say nothing the record does not.  The restored file is the original byte for byte.
-Version-1 files (original header as a metadata string, no crc) stay readable.
+Integrity: a tensor's crc is the crc32 of its original bytes seeded with the crc32 of
+``name NUL dtype NUL d0,d1,...`` (UTF-8), so a payload is bound to its tensor; it is checked
+whenever a tensor is restored on the CPU (decompress, verify, load on the CPU; a GPU load relies
+on the frame's own checksums).  The compressed header must say nothing the record does not: the
+same names (plus the record), U8 entries, the same metadata.  The restored file is the original
+byte for byte.  Version-1 files (original header as a metadata string, no crc) stay readable.
 
 Writing streams tensor by tensor from a memory map through a bounded pool of worker processes into
-a temporary file renamed only on success; the header is reserved at its largest possible size,
-filled in last and padded with spaces as the safetensors format allows.
+a temporary file renamed only on success; the header is reserved at its largest possible size
+(refused beforehand if that exceeds the 100 MB safetensors reads), filled in last and padded with
+spaces as the safetensors format allows.
 """
 
 from __future__ import annotations
@@ -286,6 +289,8 @@ class _Packed:
         text, table = self._v2(info) if self.version == VERSION else self._v1(info)
         self.original = parse_header(text, f"{path}: the original header")
         self.tensors = {t.name: t for t in self.original.tensors}
+        if self.version == VERSION and info["record"] in self.tensors:
+            raise CorruptDataError(f"{path}: the record {info['record']!r} is also an original tensor")
         extra = set(self.stored) - set(self.tensors) - {info.get("record")}
         missing = set(self.tensors) - set(self.stored)
         if extra or missing or set(table) != set(self.tensors):
