@@ -25,8 +25,8 @@ from .errors import CorruptDataError, UnsupportedError
 
 __all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of", "load_json",
            "check_safetensors", "parse_header", "read_layout", "atomic_file", "atomic_dir",
-           "file_mode", "model_files", "check_names", "read_header", "read_header_text", "iter_tensors", "tensor_files",
-           "write_safetensors"]
+           "file_mode", "model_files", "check_names", "read_header", "read_header_text",
+           "iter_tensors", "tensor_files", "write_safetensors"]
 
 DTYPE_NAMES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
@@ -120,7 +120,8 @@ def parse_header(text: bytes, where: str) -> Layout:
     header = load_json(text, f"{where}: header")
     if not isinstance(header, dict):
         raise CorruptDataError(f"{where}: the header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptDataError(f"{where}: __metadata__ must map strings to strings")
     tensors = []
