@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import zlib
+from concurrent.futures.process import BrokenProcessPool
 from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -175,7 +176,7 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
-    except cf.process.BrokenProcessPool:
+    except BrokenProcessPool:
         raise ECF8Error(f"{src}: a worker process died (out of memory? try fewer jobs)") from None
     except BaseException:
         if pool is not None:

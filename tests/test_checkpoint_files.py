@@ -58,6 +58,21 @@ def test_a_dead_worker_is_an_ecf8_error(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
 
 
+def test_an_interrupt_without_workers_stays_an_interrupt(tmp_path):
+    # a fresh interpreter: concurrent.futures.process is not imported when no pool was started
+    src = tmp_path / "in.safetensors"
+    write_safetensors({"w": np.ones(1000, np.float32)}, src)
+    script = ("import sys; from ecf8 import store\n"
+              "def stop(*a, **k): raise KeyboardInterrupt\n"
+              "store.choose_codec = stop\n"
+              "try: store.compress_file(sys.argv[1], sys.argv[2], jobs=1)\n"
+              "except KeyboardInterrupt: sys.exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "out.safetensors")],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
