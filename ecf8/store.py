@@ -176,14 +176,14 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+        if pool is not None:
+            pool.shutdown()                     # (an interrupt here too must stop the workers)
     except BrokenProcessPool:
         raise ECF8Error(f"{src}: a worker process died (out of memory? try fewer jobs)") from None
     except BaseException:
         if pool is not None:
             _stop(pool)
         raise
-    if pool is not None:
-        pool.shutdown()
 
 
 def _is_packed(meta: dict[str, str]) -> bool:
