@@ -629,6 +629,9 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callab
     for rel in tensors:
         check(src / rel)
     with atomic_dir(dst, file_mode(src)) as tmp:
+        for root, dirs, _ in os.walk(src):                    # empty folders too
+            for d in dirs:
+                (tmp / Path(root, d).relative_to(src)).mkdir(mode=file_mode(Path(root, d)), exist_ok=True)
         for rel in tensors + others:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             if rel in tensors:
