@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from . import api, encoder, store
 from . import format as fmt
-from .checkpoint import atomic_file, iter_tensors
+from .checkpoint import atomic_file, iter_tensors, model_files, read_layout  # noqa: F401
 from .errors import ECF8Error
 from .names import dtype_spec, short_name
 from .progress import job as progress_job
@@ -73,7 +75,7 @@ def _checkpoint_table(path: Path) -> str:
     lines = [f"{path}", f"{'tensor':{width}} {'dtype':7} {'shape':>18} {'codec':5} {'original':>12} "
              f"{'stored':>12} {'bits/w':>7} {'saving':>7}"]
     for r in rows:
-        n = int(np.prod(r.shape, dtype=np.int64))
+        n = math.prod(r.shape)
         bpw = f"{r.stored_bytes * 8 / n:7.3f}" if n else f"{'-':>7}"
         saving = f"{1 - r.stored_bytes / r.original_bytes:7.1%}" if r.original_bytes else f"{'-':>7}"
         lines.append(f"{r.name:{width}} {r.dtype:7} {str(list(r.shape)):>18} {r.codec:5} "
@@ -248,9 +250,10 @@ def _job(args):
     total = 0
     try:
         if args.command == "compress":
-            total = sum(e.array.nbytes for f in tensor_files(args.input) for e in iter_tensors(f))
+            total = sum(read_layout(f, check=False).data_size for f in tensor_files(args.input))
         else:
-            paths = args.inputs if args.command == "verify" else tensor_files(args.input)
+            paths = [p for p, e in _inputs(args.inputs) if not e] if args.command == "verify" \
+                else tensor_files(args.input)
             total = sum(r.original_bytes for p in paths if not _is_frame(p) for r in store.inspect_file(p))
     except (ECF8Error, OSError, ValueError, KeyError):
         pass            # the command itself reports the problem
@@ -272,14 +275,50 @@ def _compress_summary(src: Path, outs: list[Path], zstd_level: int) -> str:
     return line
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:        # SIGTERM and Ctrl-C: no partial output, workers stopped, one line, 143 / 130
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:                        # not the main thread: leave signals alone
+        previous = None
     try:
+        args = _parser().parse_args(argv)
         _check_output(args)
         return _run(args)
+    except KeyboardInterrupt as e:
+        print("ecf8: interrupted", file=sys.stderr)
+        code = 143 if isinstance(e, _Terminated) else 130
+        if argv is None:        # the command line itself (outputs are cleaned up by now): leave
+            # at once, not waiting at exit for the threads of a worker pool that was just killed
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except (ECF8Error, OSError, ValueError, KeyError) as e:
         print(f"ecf8: error: {_message(e)}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _inputs(paths: list[Path]):
+    """(file, None) for each path and each safetensors file of a folder; (path, error) for a
+    folder that cannot be listed."""
+    for path in paths:
+        try:
+            files = [path / rel for rel in model_files(path)[0]] if path.is_dir() else [path]
+        except ECF8Error as e:
+            yield path, e
+            continue
+        yield from ((f, None) for f in files)
 
 
 def _run(args) -> int:
@@ -300,18 +339,38 @@ def _run(args) -> int:
         else:
             for out in outs:
                 print(f"{out}: {out.stat().st_size:,} bytes")
-    elif cmd == "info":
-        for path in args.inputs:
-            print(_frame_line(path) if _is_frame(path) else _checkpoint_table(path))
-    elif cmd == "verify":
+    elif cmd == "info":         # every input, each fully accounted for; 1 if any is not
+        failed = False
+        for path, error in _inputs(args.inputs):
+            try:
+                if error:
+                    raise error
+                print(_frame_line(path) if _is_frame(path) else _checkpoint_table(path))
+            except (ECF8Error, OSError) as e:
+                print(f"ecf8: error: {_message(e)}", file=sys.stderr)
+                failed = True
+        return int(failed)
+    elif cmd == "verify":       # every input checked; every problem on its own line
+        failed = False
         with _job(args):
-            for path in args.inputs:
-                if _is_frame(path):
-                    api.decode(path.read_bytes())
-                    print(f"{path}: ok (1 frame)")
-                else:
-                    n = store.verify_file(path, progress=False if args.quiet else None)
-                    print(f"{path}: ok ({n} tensors)")
+            for path, error in _inputs(args.inputs):
+                try:
+                    if error:
+                        raise error
+                    if _is_frame(path):
+                        api.decode(path.read_bytes())
+                        n, problems, what = 1, [], "frame"
+                    else:
+                        n, problems = store.check_file(path, progress=False if args.quiet else None)
+                        what = "tensors"
+                except (ECF8Error, OSError) as e:
+                    n, problems = 0, [str(e) if str(path) in str(e) else f"{path}: {e}"]
+                for problem in problems:
+                    print(f"ecf8: error: {_message(problem)}", file=sys.stderr)
+                failed |= bool(problems)
+                if not problems:
+                    print(f"{path}: ok ({n} {what})")
+        return int(failed)
     elif cmd == "analyze":
         from .analyze_cli import run_analyze
 

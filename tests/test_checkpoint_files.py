@@ -1,0 +1,139 @@
+"""Files on disk: modes as cp/zstd give them; SIGINT/SIGTERM leave no output, no temp file and no
+worker process, print one line and exit 130/143 (issue 9, class 6)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ecf8
+from ecf8 import store
+from ecf8.checkpoint import write_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_output_modes_follow_the_input_or_the_umask(tmp_path, umask_022):
+    ecf8.save_file({"w": np.zeros(100, np.float32)}, tmp_path / "saved.safetensors")
+    assert (tmp_path / "saved.safetensors").stat().st_mode & 0o777 == 0o644
+    src = tmp_path / "in.safetensors"
+    write_safetensors({"w": np.zeros(100, ml_dtypes.bfloat16)}, src)
+    os.chmod(src, 0o640)
+    store.compress_file(src, tmp_path / "c.safetensors", jobs=1)
+    store.decompress_file(tmp_path / "c.safetensors", tmp_path / "r.safetensors")
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "r.safetensors").stat().st_mode & 0o777 == 0o640
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.replace(src, folder / "model.safetensors")
+    (folder / "config.json").write_text("{}")
+    store.compress_path(folder, tmp_path / "cdir", jobs=1)
+    assert (tmp_path / "cdir").stat().st_mode & 0o777 == folder.stat().st_mode & 0o777
+    assert (tmp_path / "cdir" / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def _die(*args):
+    os._exit(3)          # a worker killed (say, by the kernel's OOM killer)
+
+
+def test_a_dead_worker_is_an_ecf8_error(tmp_path, monkeypatch):
+    src = tmp_path / "in.safetensors"
+    write_safetensors({f"w{k}": np.zeros(1 << 17, ml_dtypes.bfloat16) for k in range(4)}, src)
+    monkeypatch.setattr(store, "_worker", _die)
+    with pytest.raises(ecf8.ECF8Error, match="worker process died"):
+        store.compress_file(src, tmp_path / "out.safetensors", jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_an_interrupt_without_workers_stays_an_interrupt(tmp_path):
+    # a fresh interpreter: concurrent.futures.process is not imported when no pool was started
+    src = tmp_path / "in.safetensors"
+    write_safetensors({"w": np.ones(1000, np.float32)}, src)
+    script = ("import sys; from ecf8 import store\n"
+              "def stop(*a, **k): raise KeyboardInterrupt\n"
+              "store.choose_codec = stop\n"
+              "try: store.compress_file(sys.argv[1], sys.argv[2], jobs=1)\n"
+              "except KeyboardInterrupt: sys.exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "out.safetensors")],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_compress_leaves_nothing(tmp_path, sig, code):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "big.safetensors"
+    write_safetensors({f"w{k}": (rng.standard_normal(1 << 19) * 0.02).astype(ml_dtypes.bfloat16)
+                       for k in range(16)}, src)                          # 16 MB of BF16
+    out = tmp_path / "out.safetensors"
+    # Each finished tensor costs the parent 0.5 s more, so the signal surely lands mid-job
+    # (workers busy or waiting for room in the window).
+    slow = ("import sys, time; from ecf8 import progress; step = progress._Progress.advance; "
+            "progress._Progress.advance = lambda self, *a: (time.sleep(0.5), step(self, *a)); "
+            "from ecf8.cli import main; sys.exit(main())")
+    cmd = [sys.executable, "-c", slow, "compress", str(src), "-o", str(out), "--jobs", "2"]
+    with open(tmp_path / "stderr.txt", "wb") as err:      # (a file: an orphan cannot block a read)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    start = time.monotonic()
+    while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < start + 60:
+        time.sleep(0.02)
+    assert proc.poll() is None, (f"compress ended ({proc.returncode}) after {time.monotonic() - start:.1f} s, "
+                                 f"before it could be interrupted: {(tmp_path / 'stderr.txt').read_text()}")
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)         # Ctrl-C reaches the whole process group
+    else:
+        os.kill(proc.pid, sig)           # kill(1) reaches only the parent
+    assert proc.wait(timeout=60) == code
+    assert (tmp_path / "stderr.txt").read_text().splitlines() == ["ecf8: interrupted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors", "stderr.txt"]
+    deadline = time.monotonic() + 10
+    while (left := _running(str(out))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left and not any(map(_alive, workers)), f"processes left running: {left}"
+
+
+def _running(marker: str) -> list[int]:
+    """Live processes whose command line mentions `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes() and _alive(int(cmdline.parent.name)):
+                found.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
