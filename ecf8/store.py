@@ -91,9 +91,11 @@ def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
     what compress does."""
     options = dict(options)
     level = options.pop("zstd_level", ZSTD_LEVEL)
+    device = options.pop("device", "cpu")
     raw = raw.reshape(-1)
     if dtype_name in CODED and raw.size and len(shape) <= fmt.MAX_NDIM:     # (more dims: zstd/raw)
-        blob = encoder.encode(raw.view(DTYPE_NAMES[dtype_name]).reshape(shape), **options)
+        x = raw.view(DTYPE_NAMES[dtype_name]).reshape(shape)
+        blob = encoder.encode(x, **options) if device == "cpu" else _encode_on_gpu(x, device, options)
         if len(blob) < raw.size:
             return "ecf8", blob
     if raw.size >= 64:
@@ -101,6 +103,17 @@ def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
         if len(packed) <= raw.size - raw.size // 16:
             return "zstd", packed
     return "none", None
+
+
+def _encode_on_gpu(x: np.ndarray, device: str, options: dict) -> bytes:
+    """The frame ``encoder.encode(x)`` makes, encoded by the CUDA encoder on `device`."""
+    from . import encoder_cuda
+    from .decoder_cuda import _cupy, _device_id
+
+    cupy = _cupy()
+    bits = x.view(np.uint8 if x.itemsize == 1 else np.uint16)
+    with cupy.cuda.Device(_device_id(device)):
+        return encoder_cuda.encode(cupy.asarray(bits), dtype=x.dtype, **options).tobytes()
 
 
 def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int, int]:
@@ -164,12 +177,17 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
     Ctrl-C, SIGTERM), the workers are killed at once."""
     data = np.memmap(src, np.uint8, "r", layout.data_start, (layout.data_size,)) if layout.data_size \
         else np.empty(0, np.uint8)
+    on_gpu = options.get("device", "cpu") != "cpu"
     big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors)
-    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init) if big else None
+    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init) if big and not on_gpu else None
+    # On a GPU: tensors are read, encoded and written in overlapping threads (no worker processes).
+    threads = cf.ThreadPoolExecutor(2) if on_gpu else None
     window: collections.deque = collections.deque()
     try:
         for t in layout.tensors:
-            if pool is not None and t.nbytes >= INLINE:
+            if threads is not None:
+                window.append(threads.submit(_compress_one, t, data[t.begin:t.end], options))
+            elif pool is not None and t.nbytes >= INLINE:
                 with _signals_held():
                     window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
             else:
@@ -187,6 +205,9 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
         if pool is not None:
             _stop(pool)
         raise
+    finally:
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
 
 
 def _is_packed(meta: dict[str, str]) -> bool:
@@ -215,8 +236,11 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
     """Compress one safetensors file into a compressed (still safetensors) file, which the safetensors
     library is asked to open before it replaces dst (its mode is src's).
 
-    options go to ``ecf8.encode`` (chunk_size, max_tables).  jobs: worker processes (default:
-    the machine's cores; 1 compresses in this process).  At most 2 * jobs tensors are in flight.
+    options go to ``ecf8.encode`` (chunk_size, max_tables), plus zstd_level and device: "cpu"
+    (default) or "cuda[:N]", where FP8/BF16/FP16 tensors are encoded by the CUDA encoder (the same
+    bytes) in two threads that overlap reading, encoding and writing.  jobs: worker processes on
+    the CPU (default: the machine's cores; 1 compresses in this process).  At most 2 * jobs
+    tensors are in flight.
     Raises ECF8Error, before writing anything, for a file safetensors refuses, an already compressed
     one, or one whose compressed header would exceed safetensors' 100 MB limit.
     """
@@ -238,6 +262,11 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
         raise UnsupportedError(f"{src}: the compressed header would take {reserved:,} bytes, over the "
                                f"{MAX_HEADER:,} safetensors reads")
     jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
+    if options.get("device", "cpu") != "cpu":
+        from .decoder_cuda import _cupy, _device_id
+
+        if _device_id(options["device"]) >= _cupy().cuda.runtime.getDeviceCount():
+            raise UnsupportedError(f"{options['device']}: no such GPU")
     bar = _Progress(layout.data_size, f"compress {src.name}", progress)
     results = _results(src, layout, jobs, options)
     try:
