@@ -342,7 +342,7 @@ class _Packed:
         info = load_json(meta, f"{path}: __metadata__['{META_KEY}']")
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
-        if info.get("version") not in (1, VERSION):
+        if type(info.get("version")) is not int or info["version"] not in (1, VERSION):
             raise UnsupportedError(f"{path}: {FORMAT} version {info.get('version')!r} (this ecf8 reads 1 and 2)")
         with open(path, "rb") as f:       # (closed when the last array viewing it goes)
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -398,8 +398,8 @@ class _Packed:
 
     def _v1(self, info: dict) -> tuple[bytes, dict]:
         rows, text = info.get("tensors"), info.get("header")
-        if not (set(info) == {"format", "version", "tensors", "header"} and isinstance(rows, dict) and isinstance(text, str)
-                and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
+        if not (set(info) == {"format", "version", "tensors", "header"} and isinstance(rows, dict)
+                and isinstance(text, str) and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
             raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']")
         try:
             return text.encode(), {name: [r[0], None, None] for name, r in rows.items()}
@@ -413,14 +413,12 @@ class _Packed:
         """The original bytes (uint8) of a tensor, checked against its crc."""
         t, (codec, crc, _) = self.tensors[name], self.codecs[name]
         where = f"{self.path}: tensor {name!r}"
-        data = self.payload(name)
         if codec == "ecf8":
-            x = self.decode(name, "cpu")
-            data = x.reshape(-1).view(np.uint8)
+            data = self.decode(name, "cpu").reshape(-1).view(np.uint8)
         elif codec == "zstd":
-            data = np.frombuffer(_unzstd(data, t.nbytes, where), np.uint8)
+            data = np.frombuffer(_unzstd(self.payload(name), t.nbytes, where), np.uint8)
         else:
-            data = np.frombuffer(data, np.uint8)
+            data = np.frombuffer(self.payload(name), np.uint8)
         if crc is not None and _checksum(t, data) != crc:
             raise CorruptDataError(f"{where} fails its checksum")
         return data
