@@ -13,8 +13,9 @@ original header, "size": bytes of the record, "crc": crc32 of the record, seeded
 
 Integrity: a tensor's crc is the crc32 of its original bytes seeded with the crc32 of
 ``name NUL dtype NUL d0,d1,...`` (UTF-8), checked whenever a tensor is restored on the CPU
-(decompress, verify, load on the CPU); its stored crc, the same over the bytes stored, is checked
-before any use of them (a GPU load too): both bind a payload to its tensor.  The compressed header must say nothing the record does not: the
+(decompress, verify, load on the CPU); its stored crc, the same over the bytes stored but their
+last 4 (an ECF8 frame's own CRC-32), is checked before any use of them (a GPU load too): both
+bind a payload to its tensor.  The compressed header must say nothing the record does not: the
 same names (plus the record), U8 entries, the same metadata.  The restored file is the original
 byte for byte.  Version-1 files (original header as a metadata string, no crc) stay readable.
 
@@ -116,12 +117,19 @@ def _encode_on_gpu(x: np.ndarray, device: str, options: dict) -> bytes:
         return encoder_cuda.encode(cupy.asarray(bits), dtype=x.dtype, **options).tobytes()
 
 
+def _stored_checksum(t: Tensor, data) -> int:
+    """_checksum of the stored bytes but their last 4.  (An ECF8 frame ends with a CRC-32 that runs
+    over all of it before: a CRC-32 over the whole frame would then be one constant for every valid
+    frame of a length, and could not tell two tensors' frames apart.)"""
+    return _checksum(t, memoryview(data).cast("B")[:-4])
+
+
 def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int, int]:
     """(codec, payload, crc, stored crc) of one tensor from its raw bytes (uint8); payload None:
     stored unchanged."""
     codec, payload = choose_codec(t.dtype, t.shape, raw, options)
     crc = _checksum(t, raw)
-    return codec, payload, crc, crc if payload is None else _checksum(t, payload)
+    return codec, payload, crc, _stored_checksum(t, raw if payload is None else payload)
 
 
 def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int, int]:
@@ -342,7 +350,7 @@ class _Packed:
         info = load_json(meta, f"{path}: __metadata__['{META_KEY}']")
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
-        if info.get("version") not in (1, VERSION):
+        if type(info.get("version")) is not int or info["version"] not in (1, VERSION):
             raise UnsupportedError(f"{path}: {FORMAT} version {info.get('version')!r} (this ecf8 reads 1 and 2)")
         with open(path, "rb") as f:       # (closed when the last array viewing it goes)
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -398,8 +406,8 @@ class _Packed:
 
     def _v1(self, info: dict) -> tuple[bytes, dict]:
         rows, text = info.get("tensors"), info.get("header")
-        if not (set(info) == {"format", "version", "tensors", "header"} and isinstance(rows, dict) and isinstance(text, str)
-                and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
+        if not (set(info) == {"format", "version", "tensors", "header"} and isinstance(rows, dict)
+                and isinstance(text, str) and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
             raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']")
         try:
             return text.encode(), {name: [r[0], None, None] for name, r in rows.items()}
@@ -413,14 +421,12 @@ class _Packed:
         """The original bytes (uint8) of a tensor, checked against its crc."""
         t, (codec, crc, _) = self.tensors[name], self.codecs[name]
         where = f"{self.path}: tensor {name!r}"
-        data = self.payload(name)
         if codec == "ecf8":
-            x = self.decode(name, "cpu")
-            data = x.reshape(-1).view(np.uint8)
+            data = self.decode(name, "cpu").reshape(-1).view(np.uint8)
         elif codec == "zstd":
-            data = np.frombuffer(_unzstd(data, t.nbytes, where), np.uint8)
+            data = np.frombuffer(_unzstd(self.payload(name), t.nbytes, where), np.uint8)
         else:
-            data = np.frombuffer(data, np.uint8)
+            data = np.frombuffer(self.payload(name), np.uint8)
         if crc is not None and _checksum(t, data) != crc:
             raise CorruptDataError(f"{where} fails its checksum")
         return data
@@ -428,7 +434,7 @@ class _Packed:
     def payload(self, name: str) -> memoryview:
         """The bytes stored for a tensor, checked against its stored crc."""
         data, stored_crc = self.stored[name], self.codecs[name][2]
-        if stored_crc is not None and _checksum(self.tensors[name], data) != stored_crc:
+        if stored_crc is not None and _stored_checksum(self.tensors[name], data) != stored_crc:
             raise CorruptDataError(f"{self.path}: tensor {name!r}: its stored bytes fail their checksum")
         return data
 
