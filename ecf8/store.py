@@ -323,6 +323,8 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
     """Write NumPy arrays as a compressed checkpoint (FP8/BF16/FP16 as ECF8, others zstd or raw).
     UnsupportedError for names or metadata safetensors cannot store ('__metadata__', non-str)."""
     path = Path(path)
+    for name, x in tensors.items():
+        encoder.reject_framework_tensor(x, name)
     check_names(tensors, metadata)
     tmp = path.with_name(f".{path.name}.plain.tmp")
     try:

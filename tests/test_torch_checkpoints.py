@@ -226,3 +226,9 @@ def test_numpy_entry_points_point_torch_users_to_ecf8_torch():
     t = torch.zeros(8, dtype=torch.bfloat16)
     with pytest.raises(ecf8.UnsupportedError, match="ecf8.torch"):
         ecf8.encode(t)
+
+
+def test_numpy_save_file_points_torch_users_to_ecf8_torch(tmp_path):
+    with pytest.raises(ecf8.UnsupportedError, match="tensor 'w'.*ecf8.torch"):
+        ecf8.save_file({"w": torch.zeros(8, dtype=torch.bfloat16)}, tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []
