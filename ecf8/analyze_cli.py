@@ -46,7 +46,7 @@ def sources(path: Path) -> list[tuple[Path, str]]:
 def tensors_of(path: Path, dtype: str | None = None) -> Iterator[tuple[str, str, np.ndarray]]:
     """(name, dtype name, array) of every tensor of a path; compressed inputs are decoded (their
     restored content), .npy bit views are read as `dtype` ('e4m3', 'e5m2', 'bf16', 'fp16')."""
-    from .cli import load_npy
+    from .numpy import load_npy
     from .store import iter_decoded
 
     for file, kind in sources(path):

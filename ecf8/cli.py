@@ -33,7 +33,8 @@ from . import api, encoder, store
 from . import format as fmt
 from .checkpoint import atomic_file, iter_tensors, model_files, read_layout  # noqa: F401
 from .errors import ECF8Error
-from .names import dtype_spec, short_name
+from .names import short_name
+from .numpy import load_npy
 from .progress import job as progress_job
 from .store import ZSTD_LEVEL
 
@@ -42,19 +43,6 @@ from .store import ZSTD_LEVEL
 def write_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)
-
-
-def load_npy(path: Path, dtype: str | None) -> np.ndarray:
-    """An array from a .npy file, viewed as `dtype` (e4m3, e5m2, bf16, fp16) when given."""
-    x = np.load(path, allow_pickle=False)
-    if dtype:
-        spec = dtype_spec(dtype)
-        if x.dtype.itemsize != spec.dtype.itemsize or x.dtype.kind not in "uiVf":
-            raise ECF8Error(f"{path}: elements of {x.dtype} cannot be viewed as {dtype}")
-        return x.view(spec.dtype)
-    if x.dtype.kind in "Vu":
-        raise ECF8Error(f"{path}: dtype {x.dtype} is a bit view; say which type it holds with --dtype")
-    return x
 
 
 def _is_frame(path: Path) -> bool:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .api import decode as _decode
 from .encoder import encode as _encode
-from .errors import UnsupportedError
-from .names import device_name
+from .errors import ECF8Error, UnsupportedError
+from .names import device_name, dtype_spec
 
-__all__ = ["encode", "decode", "copy_into"]
+__all__ = ["encode", "decode", "copy_into", "load_npy"]
 
 
 def encode(x: np.ndarray, **options) -> bytes:
@@ -43,3 +44,16 @@ def copy_into(y: np.ndarray, out: np.ndarray) -> np.ndarray:
     view = out.reshape(-1).view(np.uint8).view(y.dtype)
     view[...] = y.reshape(-1)
     return view.reshape(y.shape)
+
+
+def load_npy(path: Path, dtype: str | None) -> np.ndarray:
+    """An array from a .npy file, viewed as `dtype` (e4m3, e5m2, bf16, fp16) when given."""
+    x = np.load(path, allow_pickle=False)
+    if dtype:
+        spec = dtype_spec(dtype)
+        if x.dtype.itemsize != spec.dtype.itemsize or x.dtype.kind not in "uiVf":
+            raise ECF8Error(f"{path}: elements of {x.dtype} cannot be viewed as {dtype}")
+        return x.view(spec.dtype)
+    if x.dtype.kind in "Vu":
+        raise ECF8Error(f"{path}: dtype {x.dtype} is a bit view; say which type it holds with --dtype")
+    return x
