@@ -75,12 +75,16 @@ def _checkpoint_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _jobs(text: str) -> int:
-    """--jobs: worker processes; 0 means all cores."""
+def _whole(text: str) -> int:
     try:
-        n = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _jobs(text: str) -> int:
+    """--jobs: worker processes; 0 means all cores."""
+    n = _whole(text)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (all cores) or more, not {n}")
     return n or (os.cpu_count() or 1)
@@ -102,10 +106,7 @@ def _max_tables(text: str) -> int:
 
 
 def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    n = _whole(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
     return n

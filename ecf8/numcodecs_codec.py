@@ -28,6 +28,17 @@ from .errors import CorruptDataError, UnsupportedError
 __all__ = ["ECF8"]
 
 
+def check_options(dtype: str | None, chunk_size: int, max_tables: int) -> None:
+    """UnsupportedError unless dtype is None or a short name (e4m3, e5m2, bf16, fp16) and
+    chunk_size / max_tables are integers ``ecf8.encode`` accepts (shared with the zarr 3 codec)."""
+    if dtype is not None and dtype not in fmt.SHORT_NAMES:
+        raise UnsupportedError(f"ecf8 codec: dtype must be one of {sorted(fmt.SHORT_NAMES)} "
+                               f"or None, not {dtype!r}")
+    if type(chunk_size) is not int or type(max_tables) is not int:
+        raise UnsupportedError("ecf8 codec: chunk_size and max_tables must be integers")
+    encoder.encode(np.empty(0, np.float16), chunk_size=chunk_size, max_tables=max_tables)
+
+
 class ECF8(Codec):
     """Lossless ECF8 coding of a chunk's buffer.
 
@@ -42,12 +53,7 @@ class ECF8(Codec):
     codec_id = "ecf8"
 
     def __init__(self, dtype: str | None = None, chunk_size: int = 32768, max_tables: int = 4):
-        if dtype is not None and dtype not in fmt.SHORT_NAMES:
-            raise UnsupportedError(f"ecf8 codec: dtype must be one of {sorted(fmt.SHORT_NAMES)} "
-                                   f"or None, not {dtype!r}")
-        if type(chunk_size) is not int or type(max_tables) is not int:
-            raise UnsupportedError("ecf8 codec: chunk_size and max_tables must be integers")
-        encoder.encode(np.empty(0, np.float16), chunk_size=chunk_size, max_tables=max_tables)
+        check_options(dtype, chunk_size, max_tables)
         self.dtype, self.chunk_size, self.max_tables = dtype, chunk_size, max_tables
 
     def _elements(self, buf: Any) -> np.ndarray:

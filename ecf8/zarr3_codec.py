@@ -26,6 +26,7 @@ from zarr.registry import register_codec
 from . import api, encoder
 from . import format as fmt
 from .errors import CorruptDataError, UnsupportedError
+from .numcodecs_codec import check_options
 
 if TYPE_CHECKING:
     from typing import Self
@@ -77,12 +78,7 @@ class ECF8Codec(ArrayBytesCodec):
 
     def __init__(self, *, dtype: str | None = None, chunk_size: int = 32768,
                  max_tables: int = 4) -> None:
-        if dtype is not None and dtype not in fmt.SHORT_NAMES:
-            raise UnsupportedError(f"ecf8 codec: dtype must be one of {sorted(fmt.SHORT_NAMES)} "
-                                   f"or None, not {dtype!r}")
-        if type(chunk_size) is not int or type(max_tables) is not int:
-            raise UnsupportedError("ecf8 codec: chunk_size and max_tables must be integers")
-        encoder.encode(np.empty(0, np.float16), chunk_size=chunk_size, max_tables=max_tables)
+        check_options(dtype, chunk_size, max_tables)
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "chunk_size", chunk_size)
         object.__setattr__(self, "max_tables", max_tables)

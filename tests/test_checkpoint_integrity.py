@@ -95,26 +95,30 @@ def test_swapped_payloads_are_caught(packed, tmp_path, x, y):
 def test_swapped_frames_are_caught_on_the_gpu_path_too(packed, monkeypatch):
     # the GPU decoder is stood in for by the CPU one: what matters is that the stored bytes are
     # checked before they are handed to it (a GPU load cannot check the decoded bytes' crc)
-    from ecf8 import api, decoder_cuda
     _, out = packed
 
     def swap(header, data):
         header["a"], header["b"] = header["b"], header["a"]
         return header, data
     _rewrite(out, swap)
+    _expect_caught_on_gpu_path(out, "a", monkeypatch)
+
+
+def _expect_caught_on_gpu_path(out, name, monkeypatch):
+    """safe_open(device="cuda") with the CPU decoder standing in for the GPU's refuses `name`."""
+    from ecf8 import api, decoder_cuda
     cpu_decode = api.decode
     monkeypatch.setattr(api, "decode", lambda blob, device="cpu", **kw: cpu_decode(blob, "cpu"))
     monkeypatch.setattr(decoder_cuda, "to_device", lambda blob, device="cuda", **kw: blob)
     for compressed in (False, True):
         with ecf8.safe_open(out, device="cuda", compressed=compressed) as f:
-            with pytest.raises(ecf8.CorruptDataError, match="'a'.*checksum"):
-                f.get_tensor("a")
+            with pytest.raises(ecf8.CorruptDataError, match=f"'{name}'.*checksum"):
+                f.get_tensor(name)
 
 
 def test_equal_length_frames_swapped_are_caught_on_the_gpu_path(tmp_path, monkeypatch):
     # x and -x code to frames of one length; a CRC-32 over a whole frame (which ends with its own
     # CRC-32) would be the same for both
-    from ecf8 import api, decoder_cuda
     x = weights(4096, ml_dtypes.float8_e4m3fn, 7)
     ecf8.save_file({"p": x, "n": -x}, tmp_path / "m.safetensors")
     out = tmp_path / "m.safetensors"
@@ -125,13 +129,7 @@ def test_equal_length_frames_swapped_are_caught_on_the_gpu_path(tmp_path, monkey
         header["p"], header["n"] = header["n"], header["p"]
         return header, data
     _rewrite(out, swap)
-    cpu_decode = api.decode
-    monkeypatch.setattr(api, "decode", lambda blob, device="cpu", **kw: cpu_decode(blob, "cpu"))
-    monkeypatch.setattr(decoder_cuda, "to_device", lambda blob, device="cuda", **kw: blob)
-    for compressed in (False, True):
-        with ecf8.safe_open(out, device="cuda", compressed=compressed) as f:
-            with pytest.raises(ecf8.CorruptDataError, match="'p'.*checksum"):
-                f.get_tensor("p")
+    _expect_caught_on_gpu_path(out, "p", monkeypatch)
 
 
 def test_deleting_the_last_tensor_is_caught(packed, tmp_path):
