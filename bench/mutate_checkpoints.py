@@ -1,0 +1,528 @@
+"""Checkpoint mutations for bench/mutate.py: a compressed, real-ish FP8 checkpoint, edited.
+
+The base is a small DeepSeek-style FP8 layer: E4M3 weights (MiniLM layer-0 samples from
+/work/shared/data, else synthetic) with F32 ``weight_scale_inv`` block scales, BF16 weights and
+norms, an I64 buffer, compressed with ``ecf8.store.compress_file``.  Each case edits the compressed
+file, then runs ``store.verify_file`` and ``store.decompress_file`` in-process (every
+``--cli-every``-th case also through the ``ecf8`` command) and compares the restored bytes with
+the original file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ecf8 import store
+from ecf8.checkpoint import write_safetensors
+from ecf8.errors import ECF8Error
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ECF8_SHARED_DATA", ROOT.parent / "shared" / "data"))
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data")
+
+KINDS = ["bitflip", "bitflip_data", "bitflip_header", "overwrite_boundary", "truncate", "extend",
+         "raw_tensor_flip", "swap_same_size", "swap_frames", "swap_offsets", "frame_substitute",
+         "header_value", "header_delete", "header_deep", "header_reorder", "meta_value",
+         "meta_delete", "orig_header_edit", "orig_header_delete", "zstd_huge", "zstd_replace"]
+BOUNDARY_BYTES = [0x00, 0xFF, 0x7F, 0x80, ord('"'), ord("{"), ord("9"), ord(" "), ord("-")]
+DEEP = "__DEEP__"
+VALUES = [0, -1, 1.5, 2**63, 2**64, 2**64 - 1, 10**30, None, True, "x", "", [], {}, [None, None],
+          [0, 2**64], [-1, 5], [1.5, 2.5], [2**64], [1.5], [0], [2**63, 0], DEEP, {"a": 1}, [[1]]]
+
+
+def pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The base checkpoint
+
+
+def base_tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    f8 = ml_dtypes.float8_e4m3fn
+    try:
+        with np.load(DATA / "minilm-layer0-fp8-e4m3fn-block128.npz") as z:
+            q = z["encoder.layer.0.attention.self.query.weight"][:256, :256].view(f8)
+            k = z["encoder.layer.0.attention.self.key.weight"][:256, :256].view(f8)
+            v = z["encoder.layer.0.attention.self.value.weight"][:128, :384].view(f8)
+        with np.load(DATA / "minilm-layer0-bf16.npz") as z:
+            o = z["encoder.layer.0.attention.output.dense.weight"][:64, :384].view(ml_dtypes.bfloat16)
+    except OSError:
+        def w(*shape):
+            return (rng.standard_normal(shape).astype(np.float32) * 16).astype(f8)
+        q, k, v = w(256, 256), w(256, 256), w(128, 384)
+        o = (rng.standard_normal((64, 384)).astype(np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    t = {}
+    p = "model.layers.0."
+    t[p + "input_layernorm.weight"] = (1 + 0.05 * rng.standard_normal(384)).astype(ml_dtypes.bfloat16)
+    for name, x in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v)):
+        t[p + name + ".weight"] = np.ascontiguousarray(x)
+        blocks = (x.shape[0] // 128, x.shape[1] // 128)
+        t[p + name + ".weight_scale_inv"] = (rng.random(blocks) * 1e-3 + 1e-4).astype(np.float32)
+    t[p + "self_attn.o_proj.weight"] = np.ascontiguousarray(o)
+    t[p + "post_attention_layernorm.weight"] = (1 + 0.05 * rng.standard_normal(384)).astype(ml_dtypes.bfloat16)
+    t["model.rotary.position_ids"] = np.arange(512, dtype=np.int64).reshape(1, 512)
+    t["model.norm.bias"] = np.zeros(0, np.float32)
+    return t
+
+
+def prepare(tmp, args) -> dict:
+    tmp = Path(tmp)
+    plain, packed = tmp / "base.safetensors", tmp / "base.ecf8.safetensors"
+    write_safetensors(base_tensors(), plain, metadata={"format": "pt"})
+    store.compress_file(plain, packed, jobs=1, progress=False)
+    return {"plain": str(plain), "packed": str(packed), "cli_every": getattr(args, "cli_every", 0)}
+
+
+def setup(arg, workdir) -> dict:
+    state = dict(arg)
+    state["original"] = Path(arg["plain"]).read_bytes()
+    state["blob"] = Path(arg["packed"]).read_bytes()
+    state["workdir"] = Path(workdir)
+    n, text, header, data = parse(state["blob"])
+    state["header"] = header
+    info = json.loads(header["__metadata__"]["ecf8"])
+    state["codecs"] = {name: row[0] for name, row in info["tensors"].items()}
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors surgery
+
+
+def parse(blob: bytes):
+    n = int.from_bytes(blob[:8], "little")
+    text = blob[8 : 8 + n]
+    return n, text, json.loads(text), blob[8 + n :]
+
+
+def dumps(obj) -> bytes:
+    text = json.dumps(obj, separators=(",", ":"))
+    return text.replace(json.dumps(DEEP), "[" * 100_000 + "]" * 100_000).encode()
+
+
+def assemble(header_text: bytes, data: bytes) -> bytes:
+    header_text += b" " * (-len(header_text) % 8)
+    return struct.pack("<Q", len(header_text)) + header_text + data
+
+
+def tensors_of(header: dict) -> list[str]:
+    return [k for k in header if k != "__metadata__"]
+
+
+def relayout(header: dict, data: bytes, replace: dict[str, bytes]) -> bytes:
+    """The file with some tensors' bytes replaced (U8 shapes and all offsets updated)."""
+    names = sorted(tensors_of(header), key=lambda k: header[k]["data_offsets"][0])
+    out, new = bytearray(), dict(header)
+    for name in names:
+        a, b = header[name]["data_offsets"]
+        chunk = replace.get(name, data[a:b])
+        entry = dict(header[name])
+        entry["data_offsets"] = [len(out), len(out) + len(chunk)]
+        if entry["dtype"] == "U8":
+            entry["shape"] = [len(chunk)]
+        new[name] = entry
+        out += chunk
+    return assemble(dumps(new), bytes(out))
+
+
+def _by_codec(state, codec):
+    return [k for k, c in state["codecs"].items() if c == codec]
+
+
+def _range(state, name):
+    n = int.from_bytes(state["blob"][:8], "little")
+    a, b = state["header"][name]["data_offsets"]
+    return 8 + n + a, 8 + n + b
+
+
+def _edit_meta(state, edit) -> bytes:
+    """Apply edit(info dict) to the ecf8 metadata object and re-serialize the file."""
+    n, text, header, data = parse(state["blob"])
+    info = json.loads(header["__metadata__"]["ecf8"])
+    edit(info)
+    header["__metadata__"]["ecf8"] = json.dumps(info, separators=(",", ":")).replace(
+        json.dumps(DEEP), "[" * 100_000 + "]" * 100_000)
+    return assemble(dumps(header), data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutations
+
+
+def m_bitflip(rng, state, lo=0, hi=None):
+    b = bytearray(state["blob"])
+    hi = len(b) if hi is None else hi
+    for _ in range(int(rng.integers(1, 4))):
+        pos = int(rng.integers(lo, hi))
+        b[pos] ^= 1 << int(rng.integers(8))
+    return b
+
+
+def m_bitflip_data(rng, state):
+    return m_bitflip(rng, state, 8 + int.from_bytes(state["blob"][:8], "little"))
+
+
+def m_bitflip_header(rng, state):
+    return m_bitflip(rng, state, 0, 8 + int.from_bytes(state["blob"][:8], "little"))
+
+
+def m_overwrite(rng, state):
+    b = bytearray(state["blob"])
+    b[int(rng.integers(len(b)))] = pick(rng, BOUNDARY_BYTES)
+    return b
+
+
+def m_truncate(rng, state):
+    b = state["blob"]
+    n = 8 + int.from_bytes(b[:8], "little")
+    ends = [r[1] for r in (_range(state, k) for k in tensors_of(state["header"]))]
+    cut = pick(rng, [int(rng.integers(len(b))), int(rng.integers(n)), pick(rng, ends) - 1,
+                     len(b) - 1, pick(rng, sorted(ends)[:-1] or [n])])
+    return b[:cut]
+
+
+def m_extend(rng, state):
+    k = pick(rng, [1, 8, 4096])
+    return state["blob"] + (bytes(k) if rng.random() < 0.5 else rng.integers(0, 256, k, dtype=np.uint8).tobytes())
+
+
+def m_raw_tensor_flip(rng, state):
+    """One bit of a tensor kept unchanged (the F32 scales, ...)."""
+    names = [k for k in _by_codec(state, "none") if _range(state, k)[1] > _range(state, k)[0]]
+    a, b = _range(state, pick(rng, names))
+    out = bytearray(state["blob"])
+    out[int(rng.integers(a, b))] ^= 1 << int(rng.integers(8))
+    return out
+
+
+def m_swap_same_size(rng, state):
+    """Swap the bytes of two tensors that take the same number of bytes."""
+    sizes: dict[int, list[str]] = {}
+    for k in tensors_of(state["header"]):
+        a, b = _range(state, k)
+        if b > a:
+            sizes.setdefault(b - a, []).append(k)
+    groups = [g for g in sizes.values() if len(g) > 1]
+    g = pick(rng, groups)
+    x, y = rng.choice(len(g), 2, replace=False)
+    (a0, b0), (a1, b1) = _range(state, g[x]), _range(state, g[y])
+    out = bytearray(state["blob"])
+    out[a0:b0], out[a1:b1] = state["blob"][a1:b1], state["blob"][a0:b0]
+    return out
+
+
+def m_swap_frames(rng, state):
+    """Two ECF8 tensors of one dtype exchange their frames (the outer header kept consistent)."""
+    n, text, header, data = parse(state["blob"])
+    info = json.loads(header["__metadata__"]["ecf8"])["tensors"]
+    names = _by_codec(state, "ecf8")
+    pairs = [(x, y) for x in names for y in names if x < y and info[x][1] == info[y][1]]
+    x, y = pick(rng, pairs)
+    (ax, bx), (ay, by) = header[x]["data_offsets"], header[y]["data_offsets"]
+    return relayout(header, data, {x: data[ay:by], y: data[ax:bx]})
+
+
+def m_swap_offsets(rng, state):
+    n, text, header, data = parse(state["blob"])
+    names = tensors_of(header)
+    x, y = rng.choice(len(names), 2, replace=False)
+    x, y = names[x], names[y]
+    header[x], header[y] = header[y], header[x]
+    return assemble(dumps(header), data)
+
+
+def m_frame_substitute(rng, state):
+    """An ECF8 tensor's frame replaced by another tensor's frame (any dtype)."""
+    n, text, header, data = parse(state["blob"])
+    names = _by_codec(state, "ecf8")
+    x, y = rng.choice(len(names), 2, replace=False)
+    a, b = header[names[y]]["data_offsets"]
+    return relayout(header, data, {names[x]: data[a:b]})
+
+
+def m_header_value(rng, state):
+    n, text, header, data = parse(state["blob"])
+    target = pick(rng, tensors_of(header) + ["__metadata__"])
+    v = pick(rng, VALUES)
+    if target == "__metadata__":
+        if rng.random() < 0.5:
+            header[target] = v
+        else:
+            header[target] = dict(header[target], **{pick(rng, ["format", "ecf8"]): v})
+    else:
+        field = pick(rng, ["dtype", "shape", "data_offsets", None])
+        if field is None:
+            header[target] = v
+        else:
+            header[target] = dict(header[target], **{field: v})
+    return assemble(dumps(header), data)
+
+
+def m_header_delete(rng, state):
+    n, text, header, data = parse(state["blob"])
+    del header[pick(rng, list(header))]
+    return assemble(dumps(header), data)
+
+
+def m_header_deep(rng, state):
+    n, text, header, data = parse(state["blob"])
+    depth = pick(rng, [64, 1000, 100_000])
+    where = pick(rng, tensors_of(header))
+    text = dumps(header).replace(json.dumps(where).encode() + b":",
+                                 json.dumps(where).encode() + b":" + b"[" * depth + b"0" + b"]" * depth + b",\"_\":", 1) \
+        if rng.random() < 0.5 else b"[" * depth + b"]" * depth
+    return assemble(text, data)
+
+
+def m_header_reorder(rng, state):
+    """The compressed header's entries in another order (same meaning)."""
+    n, text, header, data = parse(state["blob"])
+    keys = list(header)
+    order = rng.permutation(len(keys))
+    return assemble(dumps({keys[i]: header[keys[i]] for i in order}), data)
+
+
+def m_meta_value(rng, state):
+    def edit(info):
+        what = int(rng.integers(4))
+        if what == 0:
+            info[pick(rng, ["format", "version", "tensors", "header"])] = pick(rng, VALUES + [2, "ecf8.safetensors"])
+        elif what == 1:
+            name = pick(rng, list(info["tensors"]))
+            info["tensors"][name] = pick(rng, VALUES)
+        else:
+            name = pick(rng, list(info["tensors"]))
+            row = list(info["tensors"][name])
+            i = int(rng.integers(3))
+            row[i] = pick(rng, [["none", "zstd", "ecf8", "raw", 5, None],
+                                ["F32", "I32", "F8_E5M2", "F8_E4M3", "BF16", "F16", "X", 5, None],
+                                [[2**64], [1.5], [-1], [0], [2**63, 0], [], None, "x", [1, 2**40]]][i])
+            info["tensors"][name] = row
+    return _edit_meta(state, edit)
+
+
+def m_meta_delete(rng, state):
+    if rng.random() < 0.2:
+        n, text, header, data = parse(state["blob"])
+        del header["__metadata__"]["ecf8"]
+        return assemble(dumps(header), data)
+
+    def edit(info):
+        if rng.random() < 0.5:
+            del info["tensors"][pick(rng, list(info["tensors"]))]
+        else:
+            del info[pick(rng, list(info))]
+    return _edit_meta(state, edit)
+
+
+def _edit_original(state, edit) -> bytes:
+    def outer(info):
+        info["header"] = edit(info["header"])
+    return _edit_meta(state, outer)
+
+
+SAME_SIZE = {"F32": "I32", "I32": "F32", "F8_E4M3": "F8_E5M2", "F8_E5M2": "F8_E4M3", "BF16": "F16",
+             "F16": "BF16", "I64": "F64", "F64": "I64", "U8": "I8", "BOOL": "U8"}
+
+
+def m_orig_header_edit(rng, state):
+    def edit(text: str) -> str:
+        h = json.loads(text)
+        names = tensors_of(h)
+        what = int(rng.integers(6))
+        if what == 0:
+            return text + pick(rng, [" ", "  ", "\n"])
+        if what == 1:
+            name = pick(rng, names)
+            h[name]["dtype"] = SAME_SIZE.get(h[name]["dtype"], "U8")
+        elif what == 2:
+            h["__metadata__"] = {"format": pick(rng, ["np", "", "tf"])}
+        elif what == 3:
+            name = pick(rng, [k for k in names if len(h[k]["shape"]) == 2] or names)
+            shape = h[name]["shape"]
+            h[name]["shape"] = [shape[1], shape[0]] if len(shape) == 2 else shape + [1]
+        elif what == 4:
+            keys = list(h)
+            h = {keys[i]: h[keys[i]] for i in rng.permutation(len(keys))}
+        else:
+            name = pick(rng, names)
+            h[name] = dict(h[name], **{pick(rng, ["dtype", "shape", "data_offsets"]): pick(rng, VALUES)})
+        return dumps(h).decode()
+    return _edit_original(state, edit)
+
+
+def m_orig_header_delete(rng, state):
+    def edit(text: str) -> str:
+        h = json.loads(text)
+        names = sorted(tensors_of(h), key=lambda k: h[k]["data_offsets"][0])
+        victim = names[-1] if rng.random() < 0.5 else pick(rng, names + ["__metadata__"])
+        h.pop(victim, None)
+        return dumps(h).decode()
+    return _edit_original(state, edit)
+
+
+def _fcs_field(frame: bytes) -> tuple[int, int]:
+    """(offset, size) of a zstd frame's Frame_Content_Size field."""
+    fhd = frame[4]
+    single = (fhd >> 5) & 1
+    size = [1 if single else 0, 2, 4, 8][fhd >> 6]
+    return 5 + (0 if single else 1) + [0, 1, 2, 4][fhd & 3], size
+
+
+def m_zstd_huge(rng, state):
+    """A zstd tensor's frame claims a huge content size (patched in place)."""
+    a, b = _range(state, pick(rng, _by_codec(state, "zstd")))
+    out = bytearray(state["blob"])
+    off, size = _fcs_field(out[a:b])
+    if size:
+        out[a + off : a + off + size] = bytes([0xFF] * size) if rng.random() < 0.5 else \
+            (1 << (8 * size - 2)).to_bytes(size, "little")
+    return out
+
+
+def m_zstd_replace(rng, state):
+    """A zstd tensor's bytes replaced by a hand-made frame claiming 2**40..2**63 bytes of content."""
+    n, text, header, data = parse(state["blob"])
+    name = pick(rng, _by_codec(state, "zstd"))
+    claim = pick(rng, [2**40, 2**62, 2**63 + 5, 10**12])
+    body = data[slice(*header[name]["data_offsets"])][:64]
+    single = rng.random() < 0.5
+    fhd = (3 << 6) | (single << 5)
+    frame = b"\x28\xb5\x2f\xfd" + bytes([fhd]) + (b"" if single else b"\x58")
+    frame += claim.to_bytes(8, "little") + ((len(body) << 3) | 1).to_bytes(3, "little") + body
+    return relayout(header, data, {name: frame})
+
+
+MUTATORS = {
+    "bitflip": m_bitflip, "bitflip_data": m_bitflip_data, "bitflip_header": m_bitflip_header,
+    "overwrite_boundary": m_overwrite, "truncate": m_truncate, "extend": m_extend,
+    "raw_tensor_flip": m_raw_tensor_flip, "swap_same_size": m_swap_same_size,
+    "swap_frames": m_swap_frames, "swap_offsets": m_swap_offsets,
+    "frame_substitute": m_frame_substitute, "header_value": m_header_value,
+    "header_delete": m_header_delete, "header_deep": m_header_deep,
+    "header_reorder": m_header_reorder, "meta_value": m_meta_value, "meta_delete": m_meta_delete,
+    "orig_header_edit": m_orig_header_edit, "orig_header_delete": m_orig_header_delete,
+    "zstd_huge": m_zstd_huge, "zstd_replace": m_zstd_replace,
+}
+assert list(MUTATORS) == KINDS
+
+
+def mutated_input(state, seed, case) -> bytes:
+    rng = np.random.default_rng([seed, 2, case])
+    return bytes(MUTATORS[KINDS[case % len(KINDS)]](rng, state))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and classifying
+
+
+def _call(fn, *args):
+    try:
+        return "ok", fn(*args)
+    except ECF8Error as e:
+        return "ECF8Error", str(e)
+    except MemoryError:
+        raise
+    except RecursionError as e:
+        return "other:RecursionError", f"{fn.__name__}: {e}"
+    except Exception as e:
+        return f"other:{type(e).__name__}", f"{fn.__name__}: {type(e).__name__}: {e}"
+
+
+def _clean(workdir: Path, keep: str = "m.safetensors") -> list[str]:
+    left = []
+    for p in workdir.iterdir():
+        if p.name != keep:
+            left.append(p.name)
+            p.unlink()
+    return left
+
+
+def run_case(state, seed, case):
+    workdir = state["workdir"]
+    _clean(workdir, "")
+    path, out = workdir / "m.safetensors", workdir / "r.safetensors"
+    path.write_bytes(mutated_input(state, seed, case))
+    v, vmsg = _call(lambda p: store.verify_file(p, progress=False), path)
+    d, dmsg = _call(lambda p, q: store.decompress_file(p, q, progress=False), path, out)
+    restored = out.read_bytes() if d == "ok" and out.exists() else None
+    left = [x for x in _clean(workdir) if not (d == "ok" and x == out.name)]
+    outcome, message = classify(state, v, vmsg, d, dmsg, restored, left)
+    if state.get("cli_every") and case % state["cli_every"] == 0:
+        cli = run_cli(state, path)
+        message += f" [cli: {cli[0]}: {cli[1]}]"
+        if outcome in ("ECF8Error", "identical") and cli[0] not in ("ECF8Error", "identical"):
+            outcome = "cli:" + cli[0]
+    return outcome, message[:400]
+
+
+def classify(state, v, vmsg, d, dmsg, restored, left):
+    if v.startswith("other"):
+        return v, f"verify: {vmsg}"
+    if d.startswith("other"):
+        return d, f"decompress: {dmsg}"
+    if d == "ok":
+        if restored == state["original"]:
+            return "identical", f"verify {'ok' if v == 'ok' else 'refused: ' + vmsg}"
+        size = "missing" if restored is None else f"{len(restored)} bytes of {len(state['original'])}"
+        return "DIFFERENT", f"decompress ok, restored file differs ({size}); verify " + \
+            ("ok" if v == "ok" else "refused: " + vmsg)
+    if left:
+        return "left-files", f"decompress refused ({dmsg}) but left {left}"
+    if v == "ok":
+        return "verify-missed", f"verify ok, decompress refused: {dmsg}"
+    return "ECF8Error", f"verify: {vmsg} | decompress: {dmsg}"
+
+
+def run_cli(state, path: Path) -> tuple[str, str]:
+    """The same through the ecf8 command (python -c ... main()), one subprocess per command."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-c", "import sys; from ecf8.cli import main; sys.exit(main(sys.argv[1:]))"]
+    out = state["workdir"] / "cli.safetensors"
+    res = []
+    for args in (["verify", "--quiet", str(path)], ["decompress", "--quiet", str(path), "-o", str(out)]):
+        try:
+            p = subprocess.run(cmd + args, capture_output=True, text=True, timeout=60, env=env)
+        except subprocess.TimeoutExpired:
+            return "hang", f"ecf8 {args[0]} ran past 60 s"
+        res.append(p)
+    (v, d) = res
+    restored = out.read_bytes() if out.exists() else None
+    left = [x for x in _clean(state["workdir"]) if not (d.returncode == 0 and x == out.name)]
+    for p, name in ((v, "verify"), (d, "decompress")):
+        lines = p.stderr.strip().splitlines()
+        if "Traceback" in p.stderr or p.returncode not in (0, 1) or (p.returncode == 1 and len(lines) != 1):
+            return "other:cli", f"ecf8 {name}: exit {p.returncode}, {len(lines)} stderr lines: " + \
+                (lines[-1] if lines else "")
+    if d.returncode == 0:
+        if restored == state["original"]:
+            return "identical", f"verify exit {v.returncode}"
+        return "DIFFERENT", f"decompress exit 0, restored differs; verify exit {v.returncode}"
+    if left:
+        return "left-files", f"ecf8 decompress exit 1 but left {left}"
+    if v.returncode == 0:
+        return "verify-missed", "ecf8 verify exit 0, decompress exit 1: " + d.stderr.strip()
+    return "ECF8Error", d.stderr.strip()
+
+
+def summary(results) -> str:
+    import collections
+
+    c = collections.Counter()
+    for outcome, message in results.values():
+        if "[cli: " in message:
+            c[message.split("[cli: ")[1].split(": ")[0]] += 1
+    if not c:
+        return ""
+    return "\nCLI sample (ecf8 verify + ecf8 decompress): " + ", ".join(f"{k}: {v}" for k, v in c.most_common())
