@@ -213,9 +213,11 @@ def _edit_field(rng, b: bytearray) -> None:
         off = 24 + 8 * int(rng.integers(ndim))
         values = U64
     v = int(pick(rng, values))
+    if off + struct.calcsize(f) > len(b):
+        return
     struct.pack_into(f, b, off, v)
-    if name == "extent" and rng.random() < 0.5:      # keep NumElements = product (mod 2**64)
-        dims = struct.unpack_from(f"<{b[7]}Q", b, 24)
+    if name == "extent" and rng.random() < 0.5 and len(b) >= 24 + 8 * b[7]:
+        dims = struct.unpack_from(f"<{b[7]}Q", b, 24)   # keep NumElements = product (mod 2**64)
         struct.pack_into("<Q", b, 16, int(np.prod([int(d) for d in dims], dtype=object)) % 2**64)
 
 
