@@ -461,7 +461,7 @@ def run_case(state, seed, case):
     outcome, message = classify(state, v, vmsg, d, dmsg, restored, left)
     if state.get("cli_every") and case % state["cli_every"] == 0:
         cli = run_cli(state, path)
-        message += f" [cli: {cli[0]}: {cli[1]}]"
+        message = f"[cli: {cli[0]}: {cli[1][:150]}] " + message
         if outcome in ("ECF8Error", "identical") and cli[0] not in ("ECF8Error", "identical"):
             outcome = "cli:" + cli[0]
     return outcome, message[:400]
