@@ -1,26 +1,31 @@
-"""safetensors files: a memory-mapped streaming reader and an atomic writer (no framework needed).
+"""safetensors files: validation, a strict header parser, a memory-mapped reader, atomic writers.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
 name to {dtype, shape, data_offsets} (plus an optional "__metadata__" of strings), then the data.
+Whether a file is valid safetensors is judged by the ``safetensors`` library itself
+(:func:`check_safetensors`); :func:`parse_header` then reads the header into a :class:`Layout`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
-from .errors import CorruptDataError, UnsupportedError
+from .errors import CorruptDataError, ECF8Error, UnsupportedError
 
-__all__ = ["DTYPE_NAMES", "Entry", "nbytes_of", "atomic_file", "read_header", "read_header_text", "iter_tensors",
-           "tensor_files",
+__all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of", "load_json",
+           "check_safetensors", "parse_header", "read_layout", "atomic_file", "atomic_dir",
+           "file_mode", "model_files", "check_names", "read_header", "read_header_text", "iter_tensors", "tensor_files",
            "write_safetensors"]
 
 DTYPE_NAMES = {
@@ -31,12 +36,176 @@ DTYPE_NAMES = {
     "U16": np.dtype(np.uint16), "I32": np.dtype(np.int32), "U32": np.dtype(np.uint32),
     "I64": np.dtype(np.int64), "U64": np.dtype(np.uint64),
 }
-MAX_HEADER = 100 << 20
+MAX_HEADER = 100_000_000       # the safetensors library refuses longer headers (bytes)
 
 
 def nbytes_of(dtype_name: str, shape) -> int:
-    """Bytes of a tensor of a safetensors dtype and shape."""
-    return int(np.prod(shape, dtype=np.int64)) * DTYPE_NAMES[dtype_name].itemsize
+    """Bytes of a tensor of a DTYPE_NAMES dtype and shape (exact, any size)."""
+    return math.prod(int(d) for d in shape) * DTYPE_NAMES[dtype_name].itemsize
+
+
+class Tensor(NamedTuple):
+    """One header entry: name, dtype string (any), shape, and its byte range in the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class Layout(NamedTuple):
+    """A safetensors header: its exact bytes, __metadata__, the tensors in data order."""
+
+    text: bytes
+    metadata: dict[str, str]
+    tensors: list[Tensor]
+    data_size: int              # bytes of the data section, all covered by the tensors
+
+    @property
+    def data_start(self) -> int:
+        return 8 + len(self.text)
+
+
+def load_json(text: bytes | str, where: str):
+    """Parse UTF-8 JSON strictly (no duplicate keys); CorruptDataError naming `where` otherwise."""
+    def unique(pairs):
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            raise CorruptDataError(f"{where}: duplicate key in JSON")
+        return obj
+    try:
+        return json.loads(text.decode() if isinstance(text, bytes) else text, object_pairs_hook=unique)
+    except ECF8Error:
+        raise
+    except (ValueError, RecursionError) as e:       # UnicodeDecodeError, JSONDecodeError, huge ints
+        raise CorruptDataError(f"{where}: invalid JSON ({str(e).splitlines()[0][:80]})") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Let the safetensors library judge a file (header length, JSON, dtypes, shapes, offsets,
+    coverage of the data section); CorruptDataError naming the file if it refuses."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="numpy"):
+            pass
+    except Exception as e:      # SafetensorError, OSError: the library's own words
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CorruptDataError(f"{path}: not a valid safetensors file (safetensors "
+                               f"{safetensors.__version__}: {why})") from None
+
+
+def _uint(x) -> bool:
+    return type(x) is int and 0 <= x < 1 << 64
+
+
+def parse_header(text: bytes, where: str) -> Layout:
+    """A header's Layout; CorruptDataError unless every entry is well formed and the tensors tile
+    the data section exactly (no gap, no overlap), as safetensors requires."""
+    header = load_json(text, f"{where}: header")
+    if not isinstance(header, dict):
+        raise CorruptDataError(f"{where}: the header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptDataError(f"{where}: __metadata__ must map strings to strings")
+    tensors = []
+    for name, e in header.items():
+        ok = isinstance(e, dict) and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list)
+        offsets = e.get("data_offsets") if ok else None
+        if not (ok and all(_uint(d) for d in e["shape"]) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(map(_uint, offsets)) and offsets[0] <= offsets[1]):
+            raise CorruptDataError(f"{where}: tensor {name!r} has a malformed header entry")
+        t = Tensor(name, e["dtype"], tuple(e["shape"]), *offsets)
+        if t.dtype in DTYPE_NAMES and nbytes_of(t.dtype, t.shape) != t.nbytes:
+            raise CorruptDataError(f"{where}: tensor {name!r}: {t.nbytes} bytes for {t.dtype} {list(t.shape)}")
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise CorruptDataError(f"{where}: tensor name {name!r} is not valid Unicode") from None
+        tensors.append(t)
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    end = 0
+    for t in tensors:
+        if t.begin != end:
+            raise CorruptDataError(f"{where}: tensor {t.name!r} starts at data byte {t.begin}, not {end} "
+                                   f"(a gap or an overlap in the data section)")
+        end = t.end
+    return Layout(bytes(text), meta, tensors, end)
+
+
+def read_layout(path: Path, check: bool = True) -> Layout:
+    """The Layout of a safetensors file, judged by the safetensors library first (check=True);
+    CorruptDataError unless the tensors cover the data section to the file's last byte."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnsupportedError(f"{path}: no such file")
+    if check:
+        check_safetensors(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        if len(head) < 8 or n > MAX_HEADER or 8 + n > size:
+            raise CorruptDataError(f"{path}: not a safetensors file (header length {n})")
+        text = f.read(n)
+    layout = parse_header(text, str(path))
+    if layout.data_start + layout.data_size != size:
+        raise CorruptDataError(f"{path}: the tensors cover {layout.data_size} data bytes, the file has "
+                               f"{size - layout.data_start}")
+    return layout
+
+
+def file_mode(like: Path | None = None) -> int:
+    """Permission bits for a new file: those of `like`, else 0o666 less the umask (as cp or zstd)."""
+    return Path(like).stat().st_mode & 0o777 if like is not None else 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int | None = None, check: Callable[[Path], None] | None = None):
+    """A binary file object that replaces `path` only if the block completes (and check(temp path)
+    passes); nothing otherwise.  mode: permission bits (default: file_mode())."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        if check is not None:
+            check(Path(tmp))
+        os.chmod(tmp, file_mode() if mode is None else mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, mode: int | None = None):
+    """A temporary sibling folder renamed to `path` only if the block completes; removed otherwise.
+    `path` must not exist or be an empty folder (UnsupportedError, before anything is written)."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise UnsupportedError(f"{path}: already exists (and is not an empty folder)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask() if mode is None else mode)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class Entry(tuple):
@@ -55,90 +224,98 @@ class Entry(tuple):
     offset = property(lambda self: self[4])
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path):
-    """A binary file object that replaces `path` only if the block completes; nothing otherwise."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def read_header(path: Path) -> tuple[dict, int]:
-    """(header dict, byte offset of the data section); CorruptDataError if it is not safetensors."""
+    """(header dict, byte offset of the data section) of a valid safetensors file."""
     header, raw = read_header_text(path)
     return header, 8 + len(raw)
 
 
 def read_header_text(path: Path) -> tuple[dict, bytes]:
-    """(header dict, the header's exact bytes, padding included)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptDataError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER or n + 8 > path.stat().st_size:
-            raise CorruptDataError(f"{path}: not a safetensors file (header length {n})")
-        raw = f.read(n)
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CorruptDataError(f"{path}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CorruptDataError(f"{path}: not a safetensors file (header is not a JSON object)")
-    return header, raw
+    """(header dict, the header's exact bytes, padding included) of a valid safetensors file."""
+    layout = read_layout(path)
+    return load_json(layout.text, str(path)), layout.text
 
 
-def iter_tensors(path: Path) -> Iterator[Entry]:
-    """Each tensor of a safetensors file in data order, as a zero-copy view of a memory map."""
+def iter_tensors(path: Path, raw: bool = False) -> Iterator[Entry]:
+    """Each tensor of a safetensors file in data order, as a zero-copy view of a memory map.
+
+    Dtypes outside DTYPE_NAMES raise UnsupportedError, or with raw=True come as uint8 byte views.
+    """
     path = Path(path)
-    header, base = read_header(path)
-    size = path.stat().st_size
-    items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                   key=lambda kv: kv[1].get("data_offsets", [0])[0])
+    layout = read_layout(path)
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    for name, meta in items:
-        try:
-            dtype_name, shape, (a, b) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptDataError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if dtype_name not in DTYPE_NAMES:
-            raise UnsupportedError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
-        dtype = DTYPE_NAMES[dtype_name]
-        count = int(np.prod(shape, dtype=np.int64))
-        if not (0 <= a <= b and base + b <= size and b - a == nbytes_of(dtype_name, shape)):
-            raise CorruptDataError(f"{path}: tensor {name!r} lies outside the file or has the wrong size")
-        array = np.frombuffer(mm, dtype, count, base + a) if count else np.empty(0, dtype)
-        yield Entry(name, dtype_name, shape, array.reshape(shape), base + a)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if layout.data_size else None
+    for t in layout.tensors:
+        if t.dtype in DTYPE_NAMES:
+            dtype, shape = DTYPE_NAMES[t.dtype], t.shape
+        elif raw:
+            dtype, shape = np.dtype(np.uint8), (t.nbytes,)
+        else:
+            raise UnsupportedError(f"{path}: tensor {t.name!r} has unsupported dtype {t.dtype}")
+        count = t.nbytes // dtype.itemsize
+        array = np.frombuffer(mm, dtype, count, layout.data_start + t.begin) if count else np.empty(0, dtype)
+        yield Entry(t.name, t.dtype, shape, array.reshape(shape), layout.data_start + t.begin)
+
+
+def model_files(folder: Path) -> tuple[list[str], list[str]]:
+    """(safetensors files, other files) of a model folder and its subfolders, as sorted relative
+    POSIX paths.  Every ``*.safetensors.index.json`` must name only existing safetensors files
+    inside the folder (UnsupportedError otherwise: a missing shard, an absolute or '..' path)."""
+    folder = Path(folder)
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [Path(root, n).relative_to(folder).as_posix() for n in names]
+    files.sort()
+    tensors = [f for f in files if f.endswith(".safetensors")]
+    for index in (f for f in files if f.endswith(".safetensors.index.json")):
+        weight_map = load_json((folder / index).read_bytes(), str(folder / index))
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UnsupportedError(f"{folder / index}: no weight_map of tensor names to files")
+        base = Path(index).parent
+        for shard in dict.fromkeys(weight_map.values()):
+            rel = Path(shard)
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                raise UnsupportedError(f"{folder / index}: shard {shard!r} is outside the model folder")
+            if (base / rel).as_posix() not in tensors:
+                raise UnsupportedError(f"{folder / index}: shard {shard!r} is missing")
+    if not tensors:
+        raise UnsupportedError(f"{folder}: no .safetensors files")
+    kept = set(tensors)
+    return tensors, [f for f in files if f not in kept]
 
 
 def tensor_files(path: Path) -> list[Path]:
-    """The safetensors files of a path: the file itself, or a directory's shards (index order)."""
+    """The safetensors files of a path: the file itself, or those of a model folder (model_files)."""
     path = Path(path)
     if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            shards = json.loads(index.read_text())["weight_map"].values()
-            return [path / s for s in dict.fromkeys(shards)]
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise UnsupportedError(f"{path}: no .safetensors files")
-        return files
+        return [path / f for f in model_files(path)[0]]
     if not path.exists():
         raise UnsupportedError(f"{path}: no such file")
     return [path]
 
 
+def check_names(tensors: dict, metadata) -> None:
+    """UnsupportedError unless names and metadata are what safetensors stores: str names other
+    than '__metadata__', and a dict of str to str."""
+    for name in tensors:
+        if not isinstance(name, str) or name == "__metadata__":
+            raise UnsupportedError(f"tensor name {name!r}: safetensors names are strings other than "
+                                   f"'__metadata__'")
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise UnsupportedError(f"tensor name {name!r} is not valid Unicode") from None
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise UnsupportedError("metadata must be a dict of str to str (as safetensors stores it)")
+
+
 def write_safetensors(tensors: dict[str, np.ndarray], path: Path,
                       metadata: dict[str, str] | None = None) -> None:
-    """Write arrays (any DTYPE_NAMES dtype) as a safetensors file, atomically (temp file + rename)."""
+    """Write arrays (any DTYPE_NAMES dtype) as a safetensors file, atomically (temp file + rename).
+    UnsupportedError for names, metadata or dtypes safetensors cannot store."""
+    check_names(tensors, metadata)
     names = {v: k for k, v in DTYPE_NAMES.items()}
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -152,7 +329,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: Path,
                         "data_offsets": [offset, offset + x.nbytes]}
         offset += x.nbytes
         arrays.append(x)
-    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     blob += b" " * (-len(blob) % 8)
     with atomic_file(path) as f:
         f.write(len(blob).to_bytes(8, "little"))

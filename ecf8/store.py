@@ -1,63 +1,128 @@
 """Compressed checkpoints: safetensors files whose float tensors are ECF8 frames.
 
-A compressed file is itself valid safetensors.  FP8/BF16/FP16 tensors are stored as ``U8`` entries
-holding one ECF8 frame; other tensors are zstandard frames (``U8``) where that saves at least 1/16
-of their bytes, else kept unchanged.  ``__metadata__["ecf8"]`` is a JSON object
-``{"format": "ecf8.safetensors", "version": 1, "tensors": {name: [codec, dtype, shape]}}`` with
-codec ``ecf8``, ``zstd`` or ``none``; the original ``__metadata__`` keys are kept beside it.
+A compressed file is itself valid safetensors (every entry ``U8``), written in the original's data
+order.  Each original tensor is one entry of the same name holding an ECF8 frame (FP8/BF16/FP16
+tensors, when that is smaller), a zstandard frame (any dtype, when that saves at least 1/16), or its
+bytes unchanged; tensors of any dtype string safetensors accepts pass through as bytes.  One more
+entry, the *record* (named ``__ecf8__`` unless taken), is a zstandard frame of the original
+header's exact bytes followed by the JSON table ``{name: [codec, crc32]}``; ``__metadata__``
+keeps the original's keys and adds ``"ecf8"``: ``{"format": "ecf8.safetensors", "version": 2,
+"record": name, "header": header bytes, "size": record bytes, "crc": crc32 of the record}``.
 
-Writing streams tensor by tensor from a memory map through a bounded pool of worker processes, into
-a temporary file renamed only on success.  The header is reserved at its largest possible size and
-filled in last, padded with spaces as the safetensors format allows.
+Integrity: crc32 of each tensor's original bytes, seeded with the crc32 of its JSON
+``[name, dtype, shape]`` (so a payload is bound to its tensor), checked whenever a tensor is
+restored on the CPU; the record's crc32 covers the original header and the table; the compressed
+header must say nothing the record does not.  The restored file is the original byte for byte.
+Version-1 files (original header as a metadata string, no crc) stay readable.
+
+Writing streams tensor by tensor from a memory map through a bounded pool of worker processes into
+a temporary file renamed only on success; the header is reserved at its largest possible size,
+filled in last and padded with spaces as the safetensors format allows.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import json
+import mmap
 import os
+import shutil
+import signal
 import sys
+import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
+import ml_dtypes
 import numpy as np
 import zstandard
 
 from . import api, encoder
-from .checkpoint import (DTYPE_NAMES, atomic_file, iter_tensors, nbytes_of, read_header,
-                         read_header_text, tensor_files)
+from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
+                         check_names, check_safetensors, file_mode, load_json, model_files,
+                         parse_header, read_layout, write_safetensors)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 
-__all__ = ["save_file", "load_file", "compress_file", "decompress_file", "inspect_file",
-           "verify_file", "compress_path", "decompress_path", "TensorInfo"]
+__all__ = ["save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
+           "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
+           "decompress_path", "iter_decoded", "TensorInfo"]
 
 CODED = {"F8_E4M3", "F8_E5M2", "BF16", "F16"}
+CODECS = ("ecf8", "zstd", "none")
 META_KEY = "ecf8"
+FORMAT = "ecf8.safetensors"
+VERSION = 2
 ZSTD_LEVEL = 19
-BIG = 10**20          # larger than any data offset: reserves the widest header
+RECORD_LEVEL = 9
+RECORD_NAME = "__ecf8__"
+# Extra NumPy types for dtypes ecf8 stores as bytes (when ml_dtypes has them).
+_MORE_DTYPES = {"C64": np.complex64, "F8_E8M0": getattr(ml_dtypes, "float8_e8m0fnu", None)}
 
 
-def _compress_one(dtype_name: str, x: np.ndarray, options: dict) -> tuple[str, bytes | None]:
-    """(codec, payload) for one tensor; payload None means 'store unchanged'."""
-    raw = x.reshape(-1).view(np.uint8)
-    if dtype_name in CODED and x.size:
-        blob = encoder.encode(x, **options)
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _checksum(t: Tensor, data) -> int:
+    """crc32 of a tensor's bytes, seeded with its name, dtype and shape."""
+    return zlib.crc32(data, zlib.crc32(json.dumps([t.name, t.dtype, list(t.shape)]).encode()))
+
+
+# ---------------------------------------------------------------------------------- compressing
+
+def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int]:
+    """(codec, payload, crc) of one tensor from its raw bytes (uint8); payload None: unchanged."""
+    crc = _checksum(t, raw)
+    if t.dtype in CODED and raw.size:
+        blob = encoder.encode(raw.view(DTYPE_NAMES[t.dtype]).reshape(t.shape), **options)
         if len(blob) < raw.size:
-            return "ecf8", blob
+            return "ecf8", blob, crc
     if raw.size >= 64:
         packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw.data)
         if len(packed) <= raw.size - raw.size // 16:
-            return "zstd", packed
-    return "none", None
+            return "zstd", packed, crc
+    return "none", None, crc
 
 
-def _worker(path: str, dtype_name: str, shape: tuple, offset: int, options: dict
-            ) -> tuple[str, bytes | None]:
-    """_compress_one in a worker process, on a memory map of just this (validated) tensor."""
-    if not nbytes_of(dtype_name, shape):
-        return _compress_one(dtype_name, np.empty(shape, DTYPE_NAMES[dtype_name]), options)
-    x = np.memmap(path, DTYPE_NAMES[dtype_name], "r", offset, shape)
-    return _compress_one(dtype_name, x, options)
+def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int]:
+    """_compress_one in a worker process, on a memory map of just this tensor."""
+    raw = np.memmap(path, np.uint8, "r", start + t.begin, (t.nbytes,)) if t.nbytes else \
+        np.empty(0, np.uint8)
+    return _compress_one(t, raw, options)
+
+
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the parent (which stops them) and die on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _in_order(jobs: int, fn: Callable, calls: list[tuple]) -> Iterator:
+    """fn(*args) for each args of calls, in order; jobs > 1: in worker processes, at most 2 * jobs
+    in flight.  If the consumer stops early (an error, Ctrl-C, SIGTERM), the workers are killed."""
+    if jobs == 1:
+        for args in calls:
+            yield fn(*args)
+        return
+    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init)
+    try:
+        window: collections.deque = collections.deque()
+        for args in calls:
+            window.append(pool.submit(fn, *args))
+            if len(window) >= 2 * jobs:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    except BaseException:
+        kill = getattr(pool, "kill_workers", None)           # Python 3.14+
+        procs = [] if kill else list(getattr(pool, "_processes", {}).values())
+        kill() if kill else [p.kill() for p in procs]
+        for p in procs:
+            p.join(5)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 class _Progress:
@@ -80,160 +145,313 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _write_checkpoint(path: Path, entries: list[tuple[str, str, tuple, int]],
-                      payloads: Iterator[tuple[str, str, tuple, Any]],
-                      metadata: Callable[[], dict[str, str]]) -> None:
-    """Write a safetensors file whose tensors arrive in order from `payloads`.
+def _is_packed(meta: dict[str, str]) -> bool:
+    try:
+        info = json.loads(meta.get(META_KEY, ""))
+        return isinstance(info, dict) and info.get("format") == FORMAT
+    except (ValueError, RecursionError):
+        return False
 
-    entries: (name, dtype, shape, upper bound on stored bytes) of every tensor, in order: the header
-    is reserved at the longest these allow and written last, with metadata() as __metadata__ (its
-    length must not depend on what the payloads turn out to be).
-    """
-    def dumps(obj) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
 
-    worst: dict[str, Any] = {"__metadata__": metadata()}
-    for name, dtype, shape, bound in entries:
-        kept = {"dtype": dtype, "shape": list(shape), "data_offsets": [BIG, BIG]}
-        packed = {"dtype": "U8", "shape": [bound], "data_offsets": [BIG, BIG]}
-        worst[name] = max(kept, packed, key=lambda v: len(dumps(v)))
-    reserved = len(dumps(worst))
-    reserved += -reserved % 8
-    with atomic_file(path) as f:
-        f.write(bytes(8 + reserved))
-        head: dict[str, Any] = {}
-        offset = 0
-        for name, dtype, shape, data in payloads:
-            view = data.reshape(-1).view(np.uint8).data if isinstance(data, np.ndarray) else memoryview(data)
-            f.write(view)
-            head[name] = {"dtype": dtype, "shape": list(shape),
-                          "data_offsets": [offset, offset + view.nbytes]}
-            offset += view.nbytes
-        meta = metadata()
-        text = dumps({"__metadata__": meta, **head} if meta else head)
-        if len(text) > reserved:
-            raise ECF8Error("internal error: safetensors header outgrew its reservation")
-        f.seek(0)
-        f.write(reserved.to_bytes(8, "little") + text + b" " * (reserved - len(text)))
+def _packed_header(layout: Layout, sizes: list[int], record: str, info: dict) -> bytes:
+    """The compressed file's header JSON for stored sizes (tensors in data order, then the record)."""
+    meta = {k: v for k, v in layout.metadata.items() if k != META_KEY}
+    meta[META_KEY] = _dumps(info).decode()
+    head: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for name, n in zip([t.name for t in layout.tensors] + [record], sizes):
+        head[name] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        offset += n
+    return _dumps(head)
 
 
 def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bool | None = None,
                   **options) -> None:
-    """Compress one safetensors file into a compressed (still safetensors) file.
+    """Compress one safetensors file into a compressed (still safetensors) file, which the safetensors
+    library is asked to open before it replaces dst (its mode is src's).
 
     options go to ``ecf8.encode`` (chunk_size, max_tables).  jobs: worker processes (default:
     the machine's cores; 1 compresses in this process).  At most 2 * jobs tensors are in flight.
+    Raises ECF8Error, before writing anything, for a file safetensors refuses, an already compressed
+    one, or one whose compressed header would exceed safetensors' 100 MB limit.
     """
     src, dst = Path(src), Path(dst)
-    header, header_text = read_header_text(src)
-    user_meta = dict(header.get("__metadata__") or {})
-    if META_KEY in user_meta:
+    layout = read_layout(src)
+    if _is_packed(layout.metadata):
         raise UnsupportedError(f"{src} is already an ecf8-compressed checkpoint")
-    entries = list(iter_tensors(src))       # validates every entry before any work
+    names = {t.name for t in layout.tensors}
+    record = next(RECORD_NAME + "." * k for k in range(len(names) + 1) if RECORD_NAME + "." * k not in names)
+    table_bound = len(_dumps({t.name: ["none", 0xFFFFFFFF] for t in layout.tensors}))
+    raw_bound = len(layout.text) + table_bound
+    record_bound = raw_bound + (raw_bound >> 7) + 1024          # > zstd's worst case
+    info = {"format": FORMAT, "version": VERSION, "record": record, "header": len(layout.text),
+            "size": raw_bound, "crc": 0xFFFFFFFF}
+    reserved = len(_packed_header(layout, [t.nbytes for t in layout.tensors] + [record_bound],
+                                  record, info))
+    reserved += -reserved % 8
+    if reserved > MAX_HEADER:
+        raise UnsupportedError(f"{src}: the compressed header would take {reserved:,} bytes, over the "
+                               f"{MAX_HEADER:,} safetensors reads")
     jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
-    # Codec names are all 4 characters, so the table's length is known before compressing.
-    table = {e.name: ["none", e.dtype, list(e.shape)] for e in entries}
-    bar = _Progress(sum(e.array.nbytes for e in entries), f"compress {src.name}", progress)
-
-    def done() -> Iterator[tuple[Any, tuple[str, bytes | None]]]:
-        if jobs == 1:
-            for e in entries:
-                yield e, _compress_one(e.dtype, e.array, options)
-            return
-        with cf.ProcessPoolExecutor(jobs) as pool:
-            window: list = []
-            for e in entries:
-                window.append((e, pool.submit(_worker, str(src), e.dtype, e.shape, e.offset, options)))
-                if len(window) >= 2 * jobs:
-                    e0, fut = window.pop(0)
-                    yield e0, fut.result()
-            for e0, fut in window:
-                yield e0, fut.result()
-
-    def payloads():
-        for e, (codec, payload) in done():
-            table[e.name][0] = codec
-            bar.advance(e.array.nbytes, e.name)
-            if payload is None:
-                yield e.name, e.dtype, e.shape, e.array
-            else:
-                yield e.name, "U8", (len(payload),), payload
-
-    def metadata() -> dict[str, str]:
-        info = {"format": "ecf8.safetensors", "version": 1, "tensors": table,
-                "header": header_text.decode()}
-        return dict(user_meta, **{META_KEY: json.dumps(info, separators=(",", ":"))})
-
+    bar = _Progress(layout.data_size, f"compress {src.name}", progress)
+    results = _in_order(jobs, _worker, [(str(src), layout.data_start, t, options) for t in layout.tensors])
     try:
-        _write_checkpoint(dst, [(e.name, e.dtype, e.shape, _bound(e)) for e in entries], payloads(),
-                          metadata)
+        with open(src, "rb") as fin, atomic_file(dst, file_mode(src), _check_packed) as f:
+            f.write(bytes(8 + reserved))
+            sizes, table = [], {}
+            for (codec, payload, crc), t in zip(results, layout.tensors):
+                if payload is None:
+                    _copy_range(fin, f, layout.data_start + t.begin, t.nbytes)
+                else:
+                    f.write(payload)
+                sizes.append(t.nbytes if payload is None else len(payload))
+                table[t.name] = [codec, crc]
+                bar.advance(t.nbytes, t.name)
+            raw = layout.text + _dumps(table)
+            blob = zstandard.ZstdCompressor(level=RECORD_LEVEL, write_checksum=True).compress(raw)
+            f.write(blob)
+            info.update(size=len(raw), crc=zlib.crc32(raw))
+            text = _packed_header(layout, sizes + [len(blob)], record, info)
+            if len(text) > reserved:
+                raise ECF8Error("internal error: safetensors header outgrew its reservation")
+            f.seek(0)
+            f.write(reserved.to_bytes(8, "little") + text + b" " * (reserved - len(text)))
     finally:
+        results.close()
         bar.close()
 
 
-def _bound(entry) -> int:
-    """Largest bytes a tensor can take once stored (an ECF8 frame is never much above raw)."""
-    return entry.array.nbytes + 4096 + 8 * len(entry.shape)
+def _copy_range(fin, fout, start: int, n: int) -> None:
+    fin.seek(start)
+    while n:
+        chunk = fin.read(min(n, 1 << 24))
+        if not chunk:
+            raise CorruptDataError(f"{fin.name}: the file shrank while being read")
+        fout.write(chunk)
+        n -= len(chunk)
 
 
-def _codec_table(path: Path, header: dict) -> dict[str, list]:
-    meta = (header.get("__metadata__") or {}).get(META_KEY)
-    if meta is None:
-        raise UnsupportedError(f"{path}: not an ecf8-compressed checkpoint (no __metadata__['{META_KEY}'])")
+def _check_packed(path: Path) -> None:
+    """A compressed file (one just written, or an input) must account for every byte."""
+    _Packed(path).close()
+
+
+def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None,
+              **options) -> None:
+    """Write NumPy arrays as a compressed checkpoint (FP8/BF16/FP16 as ECF8, others zstd or raw).
+    UnsupportedError for names or metadata safetensors cannot store ('__metadata__', non-str)."""
+    path = Path(path)
+    check_names(tensors, metadata)
+    tmp = path.with_name(f".{path.name}.plain.tmp")
     try:
-        info = json.loads(meta)
-        table = info["tensors"]
-        assert info["format"] == "ecf8.safetensors" and info["version"] == 1 and isinstance(table, dict)
-        assert isinstance(info.get("header", ""), str)
-    except Exception:
-        raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']") from None
-    return table
+        write_safetensors(tensors, tmp, metadata)
+        compress_file(tmp, path, jobs=1, progress=False, **options)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------- reading
+
+class _Packed:
+    """An open compressed file, checked to account for every byte: the safetensors library accepts
+    it, the record's crc holds, its original header parses and tiles the original data section,
+    and the compressed header names exactly the original tensors plus the record."""
+
+    def __init__(self, path: Path):
+        self.path = path = Path(path)
+        packed = read_layout(path)
+        meta = packed.metadata.get(META_KEY)
+        if meta is None:
+            raise UnsupportedError(f"{path}: not an ecf8-compressed checkpoint (no __metadata__['{META_KEY}'])")
+        info = load_json(meta, f"{path}: __metadata__['{META_KEY}']")
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
+        if info.get("version") not in (1, VERSION):
+            raise UnsupportedError(f"{path}: {FORMAT} version {info.get('version')!r} (this ecf8 reads 1 and 2)")
+        with open(path, "rb") as f:       # (closed when the last array viewing it goes)
+            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        self.stored = {t.name: view[packed.data_start + t.begin: packed.data_start + t.end]
+                       for t in packed.tensors}
+        self.version = info["version"]
+        text, table = self._v2(info) if self.version == VERSION else self._v1(info)
+        self.original = parse_header(text, f"{path}: the original header")
+        self.tensors = {t.name: t for t in self.original.tensors}
+        extra = set(self.stored) - set(self.tensors) - {info.get("record")}
+        missing = set(self.tensors) - set(self.stored)
+        if extra or missing or set(table) != set(self.tensors):
+            which = sorted(extra | missing | (set(table) ^ set(self.tensors)))[0]
+            raise CorruptDataError(f"{path}: tensor {which!r} is not both in the compressed and the "
+                                   f"original header")
+        for name, row in table.items():
+            t = self.tensors[name]
+            if not (isinstance(row, list) and len(row) == 2 and row[0] in CODECS
+                    and (row[1] is None if self.version == 1 else type(row[1]) is int)):
+                raise CorruptDataError(f"{path}: tensor {name!r} has a malformed codec entry")
+            if (row[0] == "none" and len(self.stored[name]) != t.nbytes) or (
+                    row[0] == "ecf8" and t.dtype not in CODED):
+                raise CorruptDataError(f"{path}: tensor {name!r}: {len(self.stored[name])} stored bytes "
+                                       f"do not fit codec {row[0]} for {t.dtype} {list(t.shape)}")
+        self.codecs = table
+        keep = {k: v for k, v in packed.metadata.items() if k != META_KEY}
+        if keep != {k: v for k, v in self.original.metadata.items() if k != META_KEY}:
+            raise CorruptDataError(f"{path}: __metadata__ differs from the original's")
+
+    def _v2(self, info: dict) -> tuple[bytes, dict]:
+        path, record = self.path, info.get("record")
+        n, size, crc = info.get("header"), info.get("size"), info.get("crc")
+        if not (isinstance(record, str) and record in self.stored and all(type(v) is int for v in (n, size, crc))
+                and 0 <= n <= min(size, MAX_HEADER) and size <= 4 * MAX_HEADER):
+            raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
+        raw = _unzstd(self.stored[record], size, f"{path}: record {record!r}")
+        if zlib.crc32(raw) != crc:
+            raise CorruptDataError(f"{path}: record {record!r} fails its checksum")
+        table = load_json(raw[n:], f"{path}: record {record!r}")
+        if not isinstance(table, dict):
+            raise CorruptDataError(f"{path}: record {record!r} holds no table")
+        return raw[:n], table
+
+    def _v1(self, info: dict) -> tuple[bytes, dict]:
+        rows, text = info.get("tensors"), info.get("header")
+        if not (isinstance(rows, dict) and isinstance(text, str)
+                and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
+            raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']")
+        try:
+            return text.encode(), {name: [r[0], None] for name, r in rows.items()}
+        except UnicodeEncodeError:
+            raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']") from None
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.original.tensors]
+
+    def restore(self, name: str) -> np.ndarray:
+        """The original bytes (uint8) of a tensor, checked against its crc."""
+        t, (codec, crc) = self.tensors[name], self.codecs[name]
+        where = f"{self.path}: tensor {name!r}"
+        data = self.stored[name]
+        if codec == "ecf8":
+            x = self.decode(name, "cpu")
+            data = x.reshape(-1).view(np.uint8)
+        elif codec == "zstd":
+            data = np.frombuffer(_unzstd(data, t.nbytes, where), np.uint8)
+        else:
+            data = np.frombuffer(data, np.uint8)
+        if crc is not None and _checksum(t, data) != crc:
+            raise CorruptDataError(f"{where} fails its checksum")
+        return data
+
+    def decode(self, name: str, device: str) -> Any:
+        """An ecf8-coded tensor decoded on a device, checked to have the original dtype and shape."""
+        t = self.tensors[name]
+        try:
+            x = api.decode(self.stored[name], device=device)
+        except ECF8Error as e:
+            raise type(e)(f"{self.path}: tensor {name!r}: {e}") from None
+        if x.dtype != DTYPE_NAMES[t.dtype] or tuple(x.shape) != t.shape:
+            raise CorruptDataError(f"{self.path}: tensor {name!r} decodes to {x.dtype} {tuple(x.shape)}, "
+                                   f"the header says {t.dtype} {t.shape}")
+        return x
+
+    def close(self) -> None:
+        self.stored = {}
+
+
+def _unzstd(data, size: int, where: str) -> bytes:
+    """A zstandard frame that must hold exactly `size` bytes (checked before allocating)."""
+    try:
+        if zstandard.frame_content_size(data) != size:
+            raise CorruptDataError(f"{where}: the zstandard frame does not hold {size} bytes")
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise CorruptDataError(f"{where}: {e}") from None
+    if len(out) != size:
+        raise CorruptDataError(f"{where}: the zstandard frame does not hold {size} bytes")
+    return out
+
+
+def _numpy_dtype(path: Path, t: Tensor) -> np.dtype:
+    dtype = DTYPE_NAMES.get(t.dtype) or _MORE_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise UnsupportedError(f"{path}: tensor {t.name!r} has dtype {t.dtype}, which NumPy cannot hold")
+    return np.dtype(dtype)
+
+
+class CompressedFile:
+    """An open compressed checkpoint read one tensor at a time, like ``safetensors.safe_open``:
+
+        with ecf8.safe_open("model.safetensors", device="cpu") as f:
+            f.keys(); f.metadata(); w = f.get_tensor("layers.0.weight")
+
+    Opening checks the file's structure (CorruptDataError otherwise); get_tensor decodes one tensor
+    and, on the CPU, checks its crc.  device "cpu" gives NumPy arrays of the original dtype and
+    shape, "cuda[:N]" CudaArrays; compressed=True keeps ecf8 tensors compressed on the GPU
+    (DeviceTensors for ``decode_batch``).
+    """
+
+    def __init__(self, path: Path, device: str = "cpu", *, compressed: bool = False):
+        if compressed and device == "cpu":
+            raise UnsupportedError("compressed=True keeps tensors compressed on a GPU: give device='cuda'")
+        self.device, self.compressed = device, compressed
+        self._packed = _Packed(path)
+
+    def keys(self) -> list[str]:
+        """Tensor names, in the original file's data order."""
+        return self._packed.names()
+
+    def metadata(self) -> dict[str, str] | None:
+        """The original file's __metadata__ (None when it had none), as safetensors gives it."""
+        return dict(self._packed.original.metadata) or None
+
+    def get_tensor(self, name: str) -> Any:
+        """One tensor, decoded (KeyError for an unknown name)."""
+        p = self._packed
+        if name not in p.tensors:
+            raise KeyError(name)
+        t, codec = p.tensors[name], p.codecs[name][0]
+        if codec == "ecf8" and self.device != "cpu":
+            if self.compressed:
+                from .decoder_cuda import to_device
+
+                return to_device(np.frombuffer(p.stored[name], np.uint8), self.device)
+            return p.decode(name, self.device)
+        x = p.restore(name).view(_numpy_dtype(p.path, t)).reshape(t.shape)
+        return x if self.device == "cpu" else _to_device(x, self.device)
+
+    def close(self) -> None:
+        self._packed.close()
+
+    def __enter__(self) -> CompressedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def safe_open(path: Path, framework: str = "numpy", device: str = "cpu", *,
+              compressed: bool = False) -> CompressedFile:
+    """Open a compressed checkpoint lazily (see CompressedFile); framework must be "numpy"/"np"
+    (the torch, jax and cupy adapters convert the arrays)."""
+    if framework not in ("numpy", "np"):
+        raise UnsupportedError(f"framework {framework!r}: ecf8.safe_open gives NumPy arrays (or CudaArrays)")
+    return CompressedFile(path, device, compressed=compressed)
+
+
+def load_file(path: Path, device: str = "cpu", *, compressed: bool = False) -> dict[str, Any]:
+    """All tensors of a compressed checkpoint: NumPy arrays (cpu), CudaArrays (cuda), or with
+    compressed=True device-resident compressed tensors for ecf8 entries (decode them later).
+    For the metadata or one tensor at a time, use safe_open."""
+    with CompressedFile(path, device, compressed=compressed) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def iter_decoded(path: Path, device: str = "cpu", compressed: bool = False
                  ) -> Iterator[tuple[str, str, Any]]:
-    """(name, dtype name, tensor) of a compressed file, in data order, decoded one at a time.
-
-    compressed=True yields ecf8 tensors as device-resident compressed tensors (``to_device``)
-    instead, for just-in-time decoding (device must then be CUDA).
-    """
-    if compressed and device == "cpu":
-        raise UnsupportedError("compressed=True keeps tensors compressed on a GPU: give device='cuda'")
-    path = Path(path)
-    header, _ = read_header(path)
-    table = _codec_table(path, header)
-    for entry in iter_tensors(path):
-        codec, dtype, shape = table.get(entry.name, ["none", entry.dtype, list(entry.shape)])
-        shape = tuple(shape)
-        if codec == "ecf8":
-            if compressed:
-                from .decoder_cuda import to_device
-
-                yield entry.name, dtype, to_device(entry.array, device)
-                continue
-            x = api.decode(entry.array, device=device)
-            if x.dtype != DTYPE_NAMES[dtype] or x.shape != shape:
-                raise CorruptDataError(f"{path}: tensor {entry.name!r} decodes to {x.dtype} {x.shape}, "
-                                       f"the index says {dtype} {shape}")
-        elif codec == "zstd":
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(entry.array.data)
-            except zstandard.ZstdError as e:
-                raise CorruptDataError(f"{path}: tensor {entry.name!r}: {e}") from None
-            want = nbytes_of(dtype, shape)
-            if len(raw) != want:
-                raise CorruptDataError(f"{path}: tensor {entry.name!r} has {len(raw)} bytes, needs {want}")
-            x = _to_device(np.frombuffer(raw, DTYPE_NAMES[dtype]).reshape(shape), device)
-        elif codec == "none":
-            x = _to_device(entry.array, device)
-        else:
-            raise CorruptDataError(f"{path}: tensor {entry.name!r} has unknown codec {codec!r}")
-        yield entry.name, dtype, x
+    """(name, dtype name, tensor) of a compressed file, in data order, decoded one at a time."""
+    with CompressedFile(path, device, compressed=compressed) as f:
+        for name in f.keys():
+            yield name, f._packed.tensors[name].dtype, f.get_tensor(name)
 
 
 def _to_device(x: np.ndarray, device: str):
-    if device == "cpu":
-        return x
     from .decoder_cuda import CudaArray, _cupy, _device_id
 
     cupy = _cupy()
@@ -244,46 +462,28 @@ def _to_device(x: np.ndarray, device: str):
 
 
 def decompress_file(src: Path, dst: Path, *, progress: bool | None = None) -> None:
-    """Restore the original safetensors file: same names, dtypes, shapes and bytes."""
+    """Restore the original safetensors file byte for byte (dst gets src's mode).  Every tensor is
+    checked (crc, frame checksums) before dst appears; CorruptDataError otherwise."""
     src = Path(src)
-    header, _ = read_header(src)
-    table = _codec_table(src, header)
-    user_meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != META_KEY}
-    entries = []
-    for e in iter_tensors(src):
-        _, dtype, shape = table.get(e.name, ["none", e.dtype, list(e.shape)])
-        entries.append((e.name, dtype, tuple(shape),
-                        nbytes_of(dtype, shape)))
-    bar = _Progress(sum(e[3] for e in entries), f"decompress {src.name}", progress)
-
-    def payloads():
-        for name, dtype, x in iter_decoded(src):
-            bar.advance(x.nbytes, name)
-            yield name, dtype, x.shape, x
-    original = json.loads(header["__metadata__"][META_KEY]).get("header")
+    p = _Packed(src)
+    layout = p.original
+    bar = _Progress(layout.data_size, f"decompress {src.name}", progress)
     try:
-        if original is None:
-            _write_checkpoint(Path(dst), entries, payloads(), lambda: user_meta)
-        else:
-            _write_original(Path(dst), original.encode(), entries, payloads())
+        with atomic_file(Path(dst), file_mode(src)) as f:
+            f.write(len(layout.text).to_bytes(8, "little") + layout.text)
+            written = 0
+            for t in layout.tensors:
+                data = p.restore(t.name)
+                if data.size != t.nbytes:
+                    raise CorruptDataError(f"{src}: tensor {t.name!r} restores to {data.size} bytes, not {t.nbytes}")
+                f.write(data.data)
+                written += data.size
+                bar.advance(data.size, t.name)
+            if written != layout.data_size:
+                raise CorruptDataError(f"{src}: restored {written} data bytes, the header needs {layout.data_size}")
     finally:
         bar.close()
-
-
-def _write_original(path: Path, header_text: bytes, entries, payloads) -> None:
-    """The source file byte for byte: its own header, then the tensors in data order."""
-    expected = json.loads(header_text)
-    with atomic_file(path) as f:
-        f.write(len(header_text).to_bytes(8, "little") + header_text)
-        offset = 0
-        for name, dtype, shape, x in payloads:
-            meta = expected.get(name)
-            data = x.reshape(-1).view(np.uint8)
-            if (meta is None or meta["data_offsets"] != [offset, offset + data.nbytes]
-                    or meta["dtype"] != dtype or tuple(meta["shape"]) != tuple(shape)):
-                raise CorruptDataError(f"{path}: tensor {name!r} does not match the recorded header")
-            f.write(data.data)
-            offset += data.nbytes
+        p.close()
 
 
 class TensorInfo(tuple):
@@ -299,85 +499,86 @@ class TensorInfo(tuple):
 
 
 def inspect_file(path: Path) -> list[TensorInfo]:
-    """Per-tensor sizes of a compressed file, from its header alone."""
-    path = Path(path)
-    header, _ = read_header(path)
-    table = _codec_table(path, header)
-    rows = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        codec, dtype, shape = table.get(name, ["none", meta["dtype"], meta["shape"]])
-        original = nbytes_of(dtype, shape)
-        a, b = meta["data_offsets"]
-        rows.append(TensorInfo((name, dtype, tuple(shape), codec, original, b - a)))
-    return rows
+    """Per-tensor sizes of a compressed file, in data order, after checking that its header and
+    record account for every byte (CorruptDataError otherwise; no tensor is decoded)."""
+    p = _Packed(path)
+    try:
+        return [TensorInfo((t.name, t.dtype, t.shape, p.codecs[t.name][0], t.nbytes, len(p.stored[t.name])))
+                for t in p.original.tensors]
+    finally:
+        p.close()
+
+
+def check_file(path: Path, progress: bool | None = None) -> tuple[int, list[str]]:
+    """(tensors checked, problems): every tensor decoded and checked; each problem is one line
+    naming the file and, where it applies, the tensor and what failed."""
+    try:
+        p = _Packed(path)
+    except ECF8Error as e:
+        return 0, [str(e)]
+    problems = []
+    bar = _Progress(p.original.data_size, f"verify {Path(path).name}", progress)
+    try:
+        for t in p.original.tensors:
+            try:
+                p.restore(t.name)
+            except ECF8Error as e:
+                problems.append(str(e))
+            bar.advance(t.nbytes, t.name)
+    finally:
+        bar.close()
+        p.close()
+    return len(p.original.tensors), problems
 
 
 def verify_file(path: Path, progress: bool | None = None) -> int:
-    """Check every checksum and decode every tensor; returns the number of tensors checked."""
-    count = 0
-    rows = inspect_file(path)
-    bar = _Progress(sum(r.original_bytes for r in rows), f"verify {Path(path).name}", progress)
-    try:
-        for name, _, x in iter_decoded(path):
-            count += 1
-            bar.advance(x.nbytes, name)
-    finally:
-        bar.close()
-    if count != len(rows):
-        raise CorruptDataError(f"{path}: {len(rows)} tensors in the header, {count} decoded")
+    """Check every checksum and decode every tensor; the number of tensors checked, or
+    CorruptDataError with the first problem (check_file lists them all)."""
+    count, problems = check_file(path, progress)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CorruptDataError(problems[0] + more)
     return count
 
 
-def _map_path(src: Path, dst: Path, one_file: Callable[..., None], **kwargs) -> list[Path]:
-    """Apply one_file(src_file, dst_file, **kwargs) to a file, or to each shard of a directory
-    (dst becomes a directory; the shard index is copied unchanged)."""
+# -------------------------------------------------------------------------------- model folders
+
+def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callable[[Path], Any],
+              **kwargs) -> list[Path]:
+    """one_file(src_file, dst_file, **kwargs) for a file, or for each safetensors file of a model
+    folder (subfolders kept; every other file copied; check(file) on each input first, so a bad
+    input writes nothing; the output folder appears complete or not at all)."""
     src, dst = Path(src), Path(dst)
-    files = tensor_files(src)
-    if src.is_dir():
-        dst.mkdir(parents=True, exist_ok=True)
-        pairs = [(f, dst / f.name) for f in files]
-    else:
-        pairs = [(src, dst)]
-    for a, b in pairs:
-        one_file(a, b, **kwargs)
-    _copy_index(src, dst)
-    return [b for _, b in pairs]
+    if not src.is_dir():
+        if not src.is_file():
+            raise UnsupportedError(f"{src}: no such file")
+        one_file(src, dst, **kwargs)
+        return [dst]
+    tensors, others = model_files(src)
+    for rel in tensors:
+        check(src / rel)
+    with atomic_dir(dst, file_mode(src)) as tmp:
+        for rel in tensors + others:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if rel in tensors:
+                one_file(src / rel, tmp / rel, **kwargs)
+            else:
+                shutil.copyfile(src / rel, tmp / rel)
+                os.chmod(tmp / rel, file_mode(src / rel))
+    return [dst / rel for rel in tensors]
+
+
+def _check_plain(path: Path) -> None:
+    if _is_packed(read_layout(path).metadata):
+        raise UnsupportedError(f"{path} is already an ecf8-compressed checkpoint")
 
 
 def compress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
-    """A safetensors file, or a directory of shards, compressed to dst (see compress_file)."""
-    return _map_path(src, dst, compress_file, **kwargs)
+    """A safetensors file, or a model folder, compressed to dst (see compress_file); returns the
+    compressed files."""
+    return _map_path(src, dst, compress_file, _check_plain, **kwargs)
 
 
 def decompress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
-    """The original file or shard directory restored from a compressed one."""
-    return _map_path(src, dst, decompress_file, **kwargs)
-
-
-def _copy_index(src: Path, dst: Path) -> None:
-    index = src / "model.safetensors.index.json"
-    if src.is_dir() and index.exists():
-        with atomic_file(dst / index.name) as f:
-            f.write(index.read_bytes())
-
-
-def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None,
-              **options) -> None:
-    """Write NumPy arrays as a compressed checkpoint (FP8/BF16/FP16 as ECF8, others zstd or raw)."""
-    from .checkpoint import write_safetensors
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.plain.tmp")
-    try:
-        write_safetensors(tensors, tmp, metadata)
-        compress_file(tmp, path, jobs=1, progress=False, **options)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_file(path: Path, device: str = "cpu", *, compressed: bool = False) -> dict[str, Any]:
-    """All tensors of a compressed checkpoint: NumPy arrays (cpu), CudaArrays (cuda), or with
-    compressed=True device-resident compressed tensors for ecf8 entries (decode them later)."""
-    return {name: x for name, _, x in iter_decoded(path, device, compressed)}
+    """The original file or model folder restored from a compressed one; returns the restored files."""
+    return _map_path(src, dst, decompress_file, _check_packed, **kwargs)
