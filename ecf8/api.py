@@ -11,20 +11,7 @@ from . import format as fmt
 from .decoder_cpu import decode_frame
 from .errors import UnsupportedError
 
-__all__ = ["decode", "info", "Info", "as_buffer"]
-
-
-def as_buffer(blob: Any) -> memoryview:
-    """A flat byte memoryview of bytes, bytearray, memoryview or a uint8 NumPy array."""
-    if isinstance(blob, np.ndarray):
-        if blob.dtype != np.uint8:
-            raise UnsupportedError(f"a blob array must have dtype uint8, not {blob.dtype}")
-        blob = np.ascontiguousarray(blob).reshape(-1)
-    try:
-        view = memoryview(blob)
-    except TypeError:
-        raise UnsupportedError(f"a blob must be bytes-like or a uint8 array, not {type(blob).__name__}") from None
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+__all__ = ["decode", "info", "Info"]
 
 
 def decode(blob: Any, device: str = "cpu", *, out: Any = None, stream: Any = None,
@@ -39,7 +26,7 @@ def decode(blob: Any, device: str = "cpu", *, out: Any = None, stream: Any = Non
     if device == "cpu":
         if out is not None or stream is not None:
             raise UnsupportedError("out= and stream= apply to CUDA decoding only")
-        view = as_buffer(blob)
+        view = fmt.as_buffer(blob)
         return decode_frame(view, fmt.parse(view, verify=verify))
     if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
         from . import decoder_cuda
@@ -67,7 +54,7 @@ class Info:
 
 def info(blob: Any) -> Info:
     """The header of a frame (validated, payload checksum not checked)."""
-    view = as_buffer(blob)
+    view = fmt.as_buffer(blob)
     f = fmt.parse(view, verify=False)
     return Info(f.spec.name, f.shape, f.n, f.mode == fmt.MODE_STORED, f.n * f.spec.dtype.itemsize,
                 f.size, f.size * 8 / f.n if f.n else float("nan"),

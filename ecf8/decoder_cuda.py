@@ -21,7 +21,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import format as fmt
-from .api import as_buffer
 from .errors import UnsupportedError
 from .tables import decode_lut
 
@@ -303,7 +302,7 @@ def _aux_offsets(frame: fmt.Frame) -> tuple[int, int]:
 def to_device(blob: Any, device: str = "cuda", *, verify: bool = True) -> DeviceTensor:
     """Validate a frame on the host, upload it and its decode tables to a GPU once."""
     cupy = _cupy()
-    view = as_buffer(blob)
+    view = fmt.as_buffer(blob)
     frame = fmt.parse(view, verify=verify)
     dev = _device_id(device)
     with cupy.cuda.Device(dev):

@@ -33,8 +33,11 @@ def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
         raise UnsupportedError(f"chunk_size must be a power of two from 512 to 2**20, not {chunk_size}")
     if not 1 <= max_tables <= fmt.MAX_TABLES:
         raise UnsupportedError(f"max_tables must be 1..{fmt.MAX_TABLES}, not {max_tables}")
-    if x.size > fmt.MAX_ELEMENTS:
-        raise UnsupportedError("ecf8 codes at most 2**40 elements per frame")
+    if np.prod([max(d, 1) for d in x.shape], dtype=object) > fmt.MAX_ELEMENTS:
+        raise UnsupportedError("ecf8 codes at most 2**40 elements per frame (and shapes whose "
+                               "non-zero extents multiply to at most 2**40)")
+    if x.ndim > fmt.MAX_NDIM:
+        raise UnsupportedError(f"ecf8 codes at most {fmt.MAX_NDIM} dimensions, not {x.ndim}")
     u = np.ascontiguousarray(x).reshape(-1).view(spec.uint)
     if u.size:
         frame = _encode_coded(u, spec, tuple(x.shape), chunk_size.bit_length() - 1, max_tables)
@@ -46,7 +49,7 @@ def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
 def _encode_stored(u: np.ndarray, spec: fmt.DtypeSpec, shape: tuple[int, ...]) -> bytes:
     head = fmt.build_header(spec, fmt.MODE_STORED, shape, 0, None, None, None, 0)
     body = bytes(fmt.align16(len(head)) - len(head)) + u.astype(u.dtype.newbyteorder("<")).tobytes()
-    return head + body + struct.pack("<I", zlib.crc32(body))
+    return head + body + struct.pack("<I", zlib.crc32(body, fmt.header_crc(head)))
 
 
 def split_fields(u: np.ndarray, spec: fmt.DtypeSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +136,7 @@ def _encode_coded(u, spec, shape, chunk_log2, max_tables):
     # One join writes the frame: each section is copied once, straight into the result.
     payload = [bytes(fmt.align16(len(head)) - len(head)), *words,
                bytes(fmt.align16(4 * base) - 4 * base), *raw_parts]
-    crc = 0
+    crc = fmt.header_crc(head)
     for part in payload:
         crc = zlib.crc32(part, crc)
     return b"".join([head, *payload, struct.pack("<I", crc)])

@@ -12,18 +12,21 @@ elements' bytes unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 import zlib
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
 
-__all__ = ["DtypeSpec", "Frame", "DTYPES", "spec_for_dtype", "parse", "MAX_CODE_LEN"]
+__all__ = ["DtypeSpec", "Frame", "DTYPES", "spec_for_dtype", "parse", "header_crc", "as_buffer", "MAX_CODE_LEN"]
 
 MAGIC = b"ECF8"
-VERSION = 1
+VERSION = 2                # written by the encoder; version 1 frames are still read
+VERSIONS = (1, 2)          # v2: the payload CRC is seeded with the header CRC (binds the two)
 MAX_CODE_LEN = 12          # every code is at most 12 bits: decoders use one 4096-entry table
 REFILL_THRESHOLD = 24      # a lane loads a word when it holds fewer bits than this ...
 SYMBOLS_PER_CHECK = 2      # ... checked before every 2 symbols (2 * 12 <= 24)
@@ -33,7 +36,7 @@ LANE_RUN = 16
 MIN_CHUNK_LOG2, MAX_CHUNK_LOG2 = 9, 20
 MAX_TABLES = 8
 MAX_NDIM = 8
-MAX_ELEMENTS = 1 << 40
+MAX_ELEMENTS = 1 << 40     # per frame; also bounds the product of the non-zero shape extents
 HEADER = struct.Struct("<4sBBBBBBHIQ")  # magic ver dtype mode ndim chunk_log2 ntables rsv words n
 MODE_CODED, MODE_STORED = 0, 1
 
@@ -97,6 +100,19 @@ def spec_for_dtype(dtype) -> DtypeSpec:
     raise UnsupportedError(f"ecf8 cannot code dtype {dtype}; supported: {names}")
 
 
+def as_buffer(blob: Any) -> memoryview:
+    """A flat byte memoryview of bytes, bytearray, memoryview or a uint8 NumPy array."""
+    if isinstance(blob, np.ndarray):
+        if blob.dtype != np.uint8:
+            raise UnsupportedError(f"a blob array must have dtype uint8, not {blob.dtype}")
+        blob = np.ascontiguousarray(blob).reshape(-1)
+    try:
+        view = memoryview(blob)
+    except TypeError:
+        raise UnsupportedError(f"a blob must be bytes-like or a uint8 array, not {type(blob).__name__}") from None
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
 def align16(n: int) -> int:
     return (n + 15) & ~15
 
@@ -134,6 +150,7 @@ class Frame:
     raw_bytes: int
     payload_offset: int        # first byte covered by the payload CRC
     size: int                  # total frame bytes
+    payload_seed: int          # initial CRC value of the payload CRC: the header CRC (v2) or 0 (v1)
 
     @property
     def nchunks(self) -> int:
@@ -148,7 +165,7 @@ def build_header(spec: DtypeSpec, mode: int, shape: tuple[int, ...], chunk_log2:
                  lengths: np.ndarray, chunk_tables: np.ndarray, chunk_starts: np.ndarray,
                  exp_words: int) -> bytes:
     """Header through HeaderCRC (the caller adds the zero padding to a 16-byte boundary)."""
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)
     ntables = lengths.shape[0] if mode == MODE_CODED else 0
     parts = [HEADER.pack(MAGIC, VERSION, spec.code, mode, len(shape), chunk_log2, ntables, 0,
                          exp_words, n),
@@ -160,6 +177,11 @@ def build_header(spec: DtypeSpec, mode: int, shape: tuple[int, ...], chunk_log2:
                   chunk_starts.astype("<u4").tobytes()]
     head = b"".join(parts)
     return head + struct.pack("<I", zlib.crc32(head))
+
+
+def header_crc(head: bytes) -> int:
+    """The HeaderChecksum at the end of a build_header result: the seed of the v2 payload CRC."""
+    return struct.unpack_from("<I", head, len(head) - 4)[0]
 
 
 def parse(blob: memoryview, verify: bool = True) -> Frame:
@@ -174,8 +196,9 @@ def parse(blob: memoryview, verify: bool = True) -> Frame:
     magic, version, dcode, mode, ndim, chunk_log2, ntables, rsv, exp_words, n = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise CorruptDataError("not an ECF8 frame (bad magic)")
-    if version != VERSION:
-        raise UnsupportedError(f"ECF8 format version {version} is not supported (this is {VERSION})")
+    if version not in VERSIONS:
+        raise UnsupportedError(f"ECF8 format version {version} is not supported (this reads "
+                               f"{', '.join(map(str, VERSIONS))})")
     if dcode not in DTYPES:
         raise CorruptDataError(f"unknown dtype code {dcode}")
     spec = DTYPES[dcode]
@@ -186,11 +209,13 @@ def parse(blob: memoryview, verify: bool = True) -> Frame:
         raise CorruptDataError("blob truncated inside the header")
     shape = tuple(int(d) for d in np.frombuffer(blob, "<u8", ndim, pos))
     pos += 8 * ndim
-    prod = 1
+    prod, nonzero = 1, 1
     for d in shape:
         prod *= d
-    if prod != n or n > MAX_ELEMENTS:
-        raise CorruptDataError(f"element count {n} does not match shape {shape} or exceeds 2**40")
+        nonzero *= max(d, 1)
+    if prod != n or nonzero > MAX_ELEMENTS:
+        raise CorruptDataError(f"element count {n} does not match shape {shape}, or the product of "
+                               "its non-zero extents exceeds 2**40")
     alphabet = spec.alphabet
     if mode == MODE_CODED:
         if not (MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2) or not (1 <= ntables <= MAX_TABLES) or n == 0:
@@ -230,7 +255,8 @@ def parse(blob: memoryview, verify: bool = True) -> Frame:
     if size != expected:
         raise CorruptDataError(f"blob is {size} bytes; its header describes {expected}")
     frame = Frame(spec, mode, shape, n, chunk_log2, lengths, chunk_tables, chunk_words,
-                  exp_offset, exp_words, raw_offset, raw_bytes, crc_at + 4, size)
+                  exp_offset, exp_words, raw_offset, raw_bytes, crc_at + 4, size,
+                  head_crc if version >= 2 else 0)
     if verify:
         verify_payload(blob, frame)
     return frame
@@ -249,8 +275,9 @@ def _check_tables(lengths: np.ndarray, chunk_tables: np.ndarray, chunk_words: np
 
 
 def verify_payload(blob: memoryview, frame: Frame) -> None:
-    """Check the payload CRC (it covers the alignment padding too)."""
+    """Check the payload CRC (it covers the alignment padding too, and in v2 is seeded with the
+    header CRC, so a payload only checks out under the header it was written with)."""
     end = frame.size - 4
     (crc,) = struct.unpack_from("<I", blob, end)
-    if zlib.crc32(blob[frame.payload_offset : end]) != crc:
+    if zlib.crc32(blob[frame.payload_offset : end], frame.payload_seed) != crc:
         raise CorruptDataError("payload checksum mismatch")

@@ -69,7 +69,7 @@ def test_absurd_sizes_rejected_before_allocation():
             ecf8.info(bad)
 
 
-@pytest.mark.parametrize("field,value", [("version", 2), ("dtype", 9), ("mode", 2), ("ndim", 9),
+@pytest.mark.parametrize("field,value", [("version", 0), ("version", 3), ("dtype", 9), ("mode", 2), ("ndim", 9),
                                          ("chunk_log2", 8), ("chunk_log2", 21), ("ntables", 0),
                                          ("ntables", 9), ("rsv", 1)])
 def test_invalid_header_fields(field, value):
@@ -77,6 +77,62 @@ def test_invalid_header_fields(field, value):
                        allow_stored=False)
     with pytest.raises(ecf8.ECF8Error):
         ecf8.decode(_reheader(blob, **{field: value}))
+
+
+def _splice(head_of: bytes, payload_of: bytes) -> bytes:
+    """The header of one frame with the payload (and payload checksum) of another."""
+    cut = fmt.parse(memoryview(head_of)).payload_offset
+    assert cut == fmt.parse(memoryview(payload_of)).payload_offset
+    return head_of[:cut] + payload_of[cut:]
+
+
+def test_header_of_one_frame_with_payload_of_another():
+    """Both checksums authentic on their own: v2 binds the payload checksum to the header."""
+    bits = np.random.default_rng(1).integers(0, 65536, 100).astype(np.uint16)
+    a = ecf8.encode(bits.view(DTYPES[2]))           # BF16, stored
+    b = ecf8.encode(bits[::-1].copy().view(DTYPES[3]))   # FP16, stored, same layout
+    c = ecf8.encode(weights_like(2048, DTYPES[0]), chunk_size=512, allow_stored=False)
+    d = ecf8.encode(weights_like(2048, DTYPES[0], seed=5), chunk_size=512, allow_stored=False)
+    for head_of, payload_of in ((a, b), (b, a), (c, d)):
+        if len(head_of) != len(payload_of):
+            continue
+        with pytest.raises(ecf8.CorruptDataError, match="payload checksum"):
+            ecf8.decode(_splice(head_of, payload_of))
+
+
+def test_version_1_payload_checksum_is_unseeded():
+    """A v1 frame (payload CRC not seeded) decodes; the same bytes labelled v2 do not."""
+    x = weights_like(3000, DTYPES[0])
+    v2 = ecf8.encode(x, chunk_size=512, allow_stored=False)
+    frame = fmt.parse(memoryview(v2))
+    v1 = bytearray(_reheader(v2, version=1))
+    struct.pack_into("<I", v1, len(v1) - 4, zlib.crc32(bytes(v1[frame.payload_offset : -4])))
+    np.testing.assert_array_equal(ecf8.decode(bytes(v1)).view(np.uint8), x.view(np.uint8))
+    relabelled = _reheader(bytes(v1), version=2)
+    with pytest.raises(ecf8.CorruptDataError, match="payload checksum"):
+        ecf8.decode(relabelled)
+
+
+@pytest.mark.parametrize("shape", [[0, 1 << 63], [1 << 41, 0], [1 << 21, 1 << 20, 0], [0, (1 << 64) - 1]])
+def test_empty_frame_with_absurd_extents(shape):
+    """0 elements, but extents no array library can hold: CorruptDataError, not ValueError."""
+    head = fmt.build_header(fmt.DTYPES[3], fmt.MODE_STORED, tuple(shape), 0, None, None, None, 0)
+    pad = bytes(fmt.align16(len(head)) - len(head))
+    bad = head + pad + struct.pack("<I", zlib.crc32(pad, fmt.header_crc(head)))
+    ok = fmt.build_header(fmt.DTYPES[3], fmt.MODE_STORED, (0, 1 << 40), 0, None, None, None, 0)
+    pad = bytes(fmt.align16(len(ok)) - len(ok))
+    assert ecf8.decode(ok + pad + struct.pack("<I", zlib.crc32(pad, fmt.header_crc(ok)))).shape == (0, 1 << 40)
+    with pytest.raises(ecf8.CorruptDataError):
+        ecf8.decode(bad)
+    with pytest.raises(ecf8.CorruptDataError):
+        ecf8.info(bad)
+
+
+def test_encoder_refuses_shapes_the_format_cannot_hold():
+    with pytest.raises(ecf8.UnsupportedError):
+        ecf8.encode(np.zeros((1,) * 9, DTYPES[0]))
+    with pytest.raises(ecf8.UnsupportedError):
+        ecf8.encode(np.zeros((1 << 41, 0), DTYPES[0]))
 
 
 def test_invalid_code_table_and_chunk_index():

@@ -1,4 +1,5 @@
-"""Regenerate the frozen golden frames.  Run only together with a format version bump:
+"""Write the frozen golden frames of the current format version.  Run only together with a format
+version bump (frames of earlier versions stay, as NAME.vN.ecf8):
 
     python tests/golden/make_golden.py ../shared/data
 
@@ -13,6 +14,7 @@ import ml_dtypes
 import numpy as np
 
 import ecf8
+from ecf8.format import VERSION
 
 HERE = Path(__file__).parent
 NAME = "encoder.layer.0.attention.self.query.weight"
@@ -33,5 +35,6 @@ def sources(data: Path) -> dict[str, np.ndarray]:
 if __name__ == "__main__":
     for name, x in sources(Path(sys.argv[1])).items():
         np.save(HERE / f"{name}.npy", x.view(np.uint8 if x.itemsize == 1 else np.uint16))
-        (HERE / f"{name}.ecf8").write_bytes(ecf8.encode(x, chunk_size=4096, max_tables=4))
-        print(name, x.shape, ecf8.info((HERE / f"{name}.ecf8").read_bytes()).bits_per_weight)
+        blob = ecf8.encode(x, chunk_size=4096, max_tables=4)
+        (HERE / f"{name}.v{VERSION}.ecf8").write_bytes(blob)
+        print(name, x.shape, ecf8.info(blob).bits_per_weight)
