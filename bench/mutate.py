@@ -13,8 +13,9 @@ run in worker processes with an address-space limit (RLIMIT_AS), a per-case soft
     identical   the input still decodes / restores to exactly the original
     DIFFERENT   silently different output (frames: decode returned other data; checkpoints:
                 decompress exited normally with other bytes, or verify passed them)
-    accepted    (forged-checksum frame kinds only) a frame whose checksums were recomputed decodes
-                to what its header says: undetectable by design, listed for completeness
+    accepted    (forged-checksum kinds only) a frame whose checksums were recomputed decodes to
+                what its header says, or a checkpoint whose record crc was recomputed restores to
+                what its forged record says: undetectable by design, listed for completeness
     verify-missed  (checkpoints) verify passed but decompress refused
     left-files  (checkpoints) a refusal left an output or temp file behind
     other:T     an exception that is not an ECF8Error (T = its type)
