@@ -1,6 +1,6 @@
 """Mutation campaign against ECF8 frames and compressed checkpoints (issue #9; not run in CI).
 
-    python bench/mutate.py --frames 100000 --checkpoints 5000 --seed 0 --jobs 2 \\
+    python bench/mutate.py --frames 100000 --checkpoints 5000 --inputs 2000 --seed 0 --jobs 2 \\
         --out bench/mutate_reproducers.json
     python bench/mutate.py --replay frames:1234 --seed 0 --dump /tmp/case.bin   # one case again
 
@@ -23,7 +23,9 @@ run in worker processes with an address-space limit (RLIMIT_AS), a per-case soft
 
 The table prints counts per kind x outcome.  Every case that is not ECF8Error / identical /
 accepted is saved (seed, campaign, case, kind, outcome, message) to --out for turning into tests.
-Modules: bench/mutate_frames.py and bench/mutate_checkpoints.py define the mutations.
+Modules: bench/mutate_frames.py (single frames), bench/mutate_checkpoints.py (compressed
+checkpoints: verify + decompress) and bench/mutate_inputs.py (plain safetensors files, edited,
+given to compress: refusal with nothing left behind, or an exact round trip) define the mutations.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-CAMPAIGNS = {"frames": "mutate_frames", "checkpoints": "mutate_checkpoints"}
+CAMPAIGNS = {"frames": "mutate_frames", "checkpoints": "mutate_checkpoints", "inputs": "mutate_inputs"}
 FINE = {"ECF8Error", "identical", "accepted"}
 
 
@@ -241,6 +243,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=100_000, help="frame mutations (0: skip)")
     p.add_argument("--checkpoints", type=int, default=5_000, help="checkpoint mutations (0: skip)")
+    p.add_argument("--inputs", type=int, default=2_000,
+                   help="mutations of plain safetensors files given to compress (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--timeout", type=float, default=20.0, help="soft per-case deadline, seconds")
@@ -270,7 +274,8 @@ def main(argv=None) -> int:
     bad_total = 0
     with tempfile.TemporaryDirectory(prefix="ecf8-mutate-") as tmp:
         tempfile.tempdir = tmp               # the workers' scratch folders go in here too
-        for campaign, n in (("frames", args.frames), ("checkpoints", args.checkpoints)):
+        for campaign, n in (("frames", args.frames), ("checkpoints", args.checkpoints),
+                            ("inputs", args.inputs)):
             if n <= 0:
                 continue
             module = importlib.import_module(CAMPAIGNS[campaign])
