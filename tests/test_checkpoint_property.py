@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
-from hypothesis import given, note
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 from safetensors import safe_open
 
@@ -267,6 +267,7 @@ def check_round_trip(blob: bytes, must_succeed: bool) -> None:
             store.compress_file(f, g, jobs=1, progress=False)
         except ECF8Error as e:
             note(f"refused: {e}")
+            event("refused")
             assert not must_succeed, f"refused a file safetensors accepts: {e}"
             assert sorted(os.listdir(tmp)) == ["in.safetensors"], "refusal left files behind"
             return
@@ -278,6 +279,7 @@ def check_round_trip(blob: bytes, must_succeed: bool) -> None:
         restored = h.read_bytes()
         assert len(restored) == len(blob), f"restored {len(restored)} bytes of {len(blob)}"
         assert restored == blob, "restored file differs"
+        event("round trip")
 
 
 @given(safetensors_files())
@@ -372,3 +374,97 @@ def test_save_file_load_file(tensors, metadata):
             y = loaded[name]
             assert y.dtype == x.dtype and y.shape == x.shape, name
             assert np.ascontiguousarray(y).tobytes() == np.ascontiguousarray(x).tobytes(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folders: compress_path / decompress_path
+
+
+FOLDERS = ["", "text/", "vision/", "sub dir/ü/"]
+OTHER_FILES = ["config.json", "tokenizer.json", "generation_config.json", ".gitattributes",
+               "README.md", "vision/preprocessor_config.json", "extra/blob.bin", "empty"]
+MODES = [0o644, 0o600, 0o640, 0o444]
+
+
+@st.composite
+def model_folders(draw):
+    """{relative path: (bytes, mode)} of a model folder, and whether safetensors accepts all of it."""
+    files: dict[str, tuple[bytes, int]] = {}
+    valid = True
+    shards: dict[str, list[str]] = {}
+    for i in range(draw(st.integers(1, 3))):
+        folder = draw(st.sampled_from(FOLDERS))
+        stem = draw(st.sampled_from(["model", f"model-0000{i + 1}-of-00003", "diffusion_pytorch_model", "ä"]))
+        rel = folder + stem + ".safetensors"
+        if rel in files:
+            continue
+        specs = [Spec(f"{stem}.{j}.{name}", dt, shape, -(-math.prod(shape) * KNOWN_BITS[dt] // 8),
+                      draw(st.integers(0, 2**32 - 1)), "weights")
+                 for j, (name, dt, shape) in enumerate(draw(st.lists(st.tuples(
+                     st.sampled_from(["weight", "bias", "scale"]),
+                     st.sampled_from(CODED + ["F32", "I64", "BOOL"]),
+                     st.sampled_from([(600,), (4, 4), (), (0,)])), min_size=1, max_size=3)))]
+        n = len(specs)
+        broken = draw(st.integers(0, 9)) == 0              # trailing bytes: safetensors refuses
+        layout = Layout(list(range(n)), [0] * n, [-1] * n, [0] * n, 3 if broken else 0, False)
+        style = HeaderStyle(True, True, [("dtype", "shape", "data_offsets")], None, False, 0, 0)
+        files[rel] = (build_file(specs, layout, style), draw(st.sampled_from(MODES)))
+        valid &= not broken
+        shards.setdefault(folder, []).extend((s.name, rel[len(folder):]) for s in specs)
+    for rel in draw(st.lists(st.sampled_from(OTHER_FILES), unique=True, max_size=4)):
+        files.setdefault(rel, (draw(st.binary(max_size=40)), draw(st.sampled_from(MODES))))
+    for folder, entries in shards.items():
+        kind = draw(st.sampled_from(["none", "none", "ok", "ok", "missing", "escape"]))
+        if kind == "none":
+            continue
+        weight_map = dict(entries)
+        if kind == "missing":
+            weight_map["ghost"] = "model-00009-of-00009.safetensors"
+        elif kind == "escape":
+            weight_map["ghost"] = "../" * (folder.count("/") + 1) + "elsewhere.safetensors"
+        valid &= kind == "ok"
+        index = json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2)
+        files[folder + "model.safetensors.index.json"] = (index.encode(), 0o644)
+    return files, valid
+
+
+def tree(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mode & 0o777)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@given(model_folders())
+def test_model_folder_round_trip(case):
+    files, valid = case
+    note(f"files: {sorted(files)}, safetensors accepts all: {valid}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src, dst, back = tmp / "model", tmp / "packed", tmp / "restored"
+        if files.get("elsewhere.safetensors") is None:
+            (tmp / "elsewhere.safetensors").write_bytes(b"")      # what an escaping index names
+        for rel, (data, mode) in files.items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes(data)
+            os.chmod(src / rel, mode)
+        before = sorted(os.listdir(tmp))
+        try:
+            store.compress_path(src, dst, jobs=1, progress=False)
+        except ECF8Error as e:
+            note(f"refused: {e}")
+            event("refused")
+            assert not valid, f"refused a model folder safetensors accepts: {e}"
+            assert sorted(os.listdir(tmp)) == before, "refusal left files behind"
+            return
+        assert valid, "compressed a folder with a file safetensors refuses or a bad index"
+        packed = tree(dst)
+        assert set(packed) == set(files), "the compressed folder lacks or adds files"
+        for rel in packed:
+            if rel.endswith(".safetensors"):
+                check_opens(dst / rel)
+        store.decompress_path(dst, back, progress=False)
+        restored = tree(back)
+        assert set(restored) == set(files)
+        for rel, (data, mode) in files.items():
+            assert restored[rel][0] == data, f"{rel} differs"
+            assert restored[rel][1] == mode, f"{rel}: mode {restored[rel][1]:o}, was {mode:o}"
+        event("round trip")
