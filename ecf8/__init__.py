@@ -8,9 +8,9 @@ from .api import Info, decode, info
 from .decoder_cuda import BatchDecoder, CudaArray, DeviceTensor, decode_batch, to_device
 from .encoder import encode
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
-from .store import load_file, save_file
+from .store import load_file, safe_open, save_file
 
 __all__ = ["encode", "decode", "info", "Info", "to_device", "decode_batch", "BatchDecoder",
-           "DeviceTensor", "CudaArray", "save_file", "load_file", "ECF8Error", "CorruptDataError",
+           "DeviceTensor", "CudaArray", "save_file", "load_file", "safe_open", "ECF8Error", "CorruptDataError",
            "UnsupportedError"]
 __version__ = "0.1.0"

@@ -72,16 +72,10 @@ class Layout(NamedTuple):
 
 
 def load_json(text: bytes | str, where: str):
-    """Parse UTF-8 JSON strictly (no duplicate keys); CorruptDataError naming `where` otherwise."""
-    def unique(pairs):
-        obj = dict(pairs)
-        if len(obj) != len(pairs):
-            raise CorruptDataError(f"{where}: duplicate key in JSON")
-        return obj
+    """Parse UTF-8 JSON (a repeated key keeps its last value, as in safetensors' parser);
+    CorruptDataError naming `where` otherwise."""
     try:
-        return json.loads(text.decode() if isinstance(text, bytes) else text, object_pairs_hook=unique)
-    except ECF8Error:
-        raise
+        return json.loads(text.decode() if isinstance(text, bytes) else text)
     except (ValueError, RecursionError) as e:       # UnicodeDecodeError, JSONDecodeError, huge ints
         raise CorruptDataError(f"{where}: invalid JSON ({str(e).splitlines()[0][:80]})") from None
 
@@ -115,18 +109,17 @@ def parse_header(text: bytes, where: str) -> Layout:
         raise CorruptDataError(f"{where}: __metadata__ must map strings to strings")
     tensors = []
     for name, e in header.items():
-        ok = isinstance(e, dict) and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list)
-        offsets = e.get("data_offsets") if ok else None
-        if not (ok and all(_uint(d) for d in e["shape"]) and isinstance(offsets, list)
-                and len(offsets) == 2 and all(map(_uint, offsets)) and offsets[0] <= offsets[1]):
-            raise CorruptDataError(f"{where}: tensor {name!r} has a malformed header entry")
-        t = Tensor(name, e["dtype"], tuple(e["shape"]), *offsets)
-        if t.dtype in DTYPE_NAMES and nbytes_of(t.dtype, t.shape) != t.nbytes:
-            raise CorruptDataError(f"{where}: tensor {name!r}: {t.nbytes} bytes for {t.dtype} {list(t.shape)}")
         try:
-            name.encode()
-        except UnicodeEncodeError:
-            raise CorruptDataError(f"{where}: tensor name {name!r} is not valid Unicode") from None
+            dtype, shape, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
+            ok = (type(dtype) is str and type(shape) is list and _uint(a) and _uint(b) and a <= b
+                  and all(_uint(d) for d in shape))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CorruptDataError(f"{where}: tensor {name!r} has a malformed header entry")
+        t = Tensor(name, dtype, tuple(shape), a, b)
+        if dtype in DTYPE_NAMES and math.prod(shape) * DTYPE_NAMES[dtype].itemsize != b - a:
+            raise CorruptDataError(f"{where}: tensor {name!r}: {b - a} bytes for {dtype} {shape}")
         tensors.append(t)
     tensors.sort(key=lambda t: (t.begin, t.end))
     end = 0

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
+import signal
 import sys
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from . import api, encoder, store
 from . import format as fmt
-from .checkpoint import atomic_file
+from .checkpoint import atomic_file, model_files
 from .errors import ECF8Error
 
 
@@ -65,7 +67,7 @@ def _checkpoint_table(path: Path) -> str:
     lines = [f"{path}", f"{'tensor':{width}} {'dtype':7} {'shape':>18} {'codec':5} {'original':>12} "
              f"{'stored':>12} {'bits/w':>7} {'saving':>7}"]
     for r in rows:
-        n = int(np.prod(r.shape, dtype=np.int64))
+        n = math.prod(r.shape)
         bpw = f"{r.stored_bytes * 8 / n:7.3f}" if n else f"{'-':>7}"
         saving = f"{1 - r.stored_bytes / r.original_bytes:7.1%}" if r.original_bytes else f"{'-':>7}"
         lines.append(f"{r.name:{width}} {r.dtype:7} {str(list(r.shape)):>18} {r.codec:5} "
@@ -120,13 +122,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _error(e: BaseException) -> str:
+    return f"ecf8: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:        # SIGTERM and Ctrl-C: no partial output, workers stopped, one line, 143 / 130
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:                        # not the main thread: leave signals alone
+        previous = None
     try:
         return _run(args)
+    except KeyboardInterrupt as e:
+        print("ecf8: interrupted", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     except (ECF8Error, OSError, ValueError, KeyError) as e:
-        print(f"ecf8: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(_error(e), file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _inputs(paths: list[Path]):
+    """(file, None) for each path and each safetensors file of a folder; (path, error) for a
+    folder that cannot be listed."""
+    for path in paths:
+        try:
+            files = [path / rel for rel in model_files(path)[0]] if path.is_dir() else [path]
+        except ECF8Error as e:
+            yield path, e
+            continue
+        yield from ((f, None) for f in files)
 
 
 def _run(args) -> int:
@@ -140,17 +176,37 @@ def _run(args) -> int:
             outs = store.decompress_path(args.input, args.output, progress=progress)
         for out in outs:
             print(f"{out}: {out.stat().st_size:,} bytes")
-    elif cmd == "info":
-        for path in args.inputs:
-            print(_frame_line(path) if _is_frame(path) else _checkpoint_table(path))
-    elif cmd == "verify":
-        for path in args.inputs:
-            if _is_frame(path):
-                api.decode(path.read_bytes())
-                print(f"{path}: ok (1 frame)")
+    elif cmd == "info":         # every input, each fully accounted for; 1 if any is not
+        failed = False
+        for path, error in _inputs(args.inputs):
+            try:
+                if error:
+                    raise error
+                print(_frame_line(path) if _is_frame(path) else _checkpoint_table(path))
+            except (ECF8Error, OSError) as e:
+                print(_error(e), file=sys.stderr)
+                failed = True
+        return int(failed)
+    elif cmd == "verify":       # every input checked; every problem on its own line
+        failed = False
+        for path, error in _inputs(args.inputs):
+            try:
+                if error:
+                    raise error
+                if _is_frame(path):
+                    api.decode(path.read_bytes())
+                    n, problems = 1, []
+                else:
+                    n, problems = store.check_file(path, progress=False if args.quiet else None)
+            except (ECF8Error, OSError) as e:
+                n, problems = 0, [f"{path}: {e}" if str(path) not in str(e) else str(e)]
+            for problem in problems:
+                print(_error(problem), file=sys.stderr)
+            if problems:
+                failed = True
             else:
-                n = store.verify_file(path, progress=False if args.quiet else None)
-                print(f"{path}: ok ({n} tensors)")
+                print(f"{path}: ok ({n} {'frame' if _is_frame(path) else 'tensors'})")
+        return int(failed)
     elif cmd == "analyze":
         from .analyze_cli import run_analyze
 

@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import zlib
+from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -56,6 +57,7 @@ VERSION = 2
 ZSTD_LEVEL = 19
 RECORD_LEVEL = 9
 RECORD_NAME = "__ecf8__"
+INLINE = 1 << 16             # smaller tensors are compressed in the calling process (bytes)
 # Extra NumPy types for dtypes ecf8 stores as bytes (when ml_dtypes has them).
 _MORE_DTYPES = {"C64": np.complex64, "F8_E8M0": getattr(ml_dtypes, "float8_e8m0fnu", None)}
 
@@ -65,8 +67,9 @@ def _dumps(obj) -> bytes:
 
 
 def _checksum(t: Tensor, data) -> int:
-    """crc32 of a tensor's bytes, seeded with its name, dtype and shape."""
-    return zlib.crc32(data, zlib.crc32(json.dumps([t.name, t.dtype, list(t.shape)]).encode()))
+    """crc32 of a tensor's bytes, seeded with the crc32 of "name NUL dtype NUL d0,d1,..." (UTF-8)."""
+    seed = f"{t.name}\0{t.dtype}\0{','.join(map(str, t.shape))}".encode("utf-8", "surrogatepass")
+    return zlib.crc32(data, zlib.crc32(seed))
 
 
 # ---------------------------------------------------------------------------------- compressing
@@ -98,31 +101,37 @@ def _worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _in_order(jobs: int, fn: Callable, calls: list[tuple]) -> Iterator:
-    """fn(*args) for each args of calls, in order; jobs > 1: in worker processes, at most 2 * jobs
-    in flight.  If the consumer stops early (an error, Ctrl-C, SIGTERM), the workers are killed."""
-    if jobs == 1:
-        for args in calls:
-            yield fn(*args)
-        return
-    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init)
+def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple[str, bytes | None, int]]:
+    """_compress_one of each tensor, in data order.  With jobs > 1, tensors of INLINE bytes or more
+    go to worker processes, at most 2 * jobs in flight; if the consumer stops early (an error,
+    Ctrl-C, SIGTERM), the workers are killed at once."""
+    data = np.memmap(src, np.uint8, "r", layout.data_start, (layout.data_size,)) if layout.data_size \
+        else np.empty(0, np.uint8)
+    big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors)
+    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init) if big else None
+    window: collections.deque = collections.deque()
     try:
-        window: collections.deque = collections.deque()
-        for args in calls:
-            window.append(pool.submit(fn, *args))
+        for t in layout.tensors:
+            if pool is not None and t.nbytes >= INLINE:
+                window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
+            else:
+                window.append(cf.Future())
+                window[-1].set_result(_compress_one(t, data[t.begin:t.end], options))
             if len(window) >= 2 * jobs:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
     except BaseException:
-        kill = getattr(pool, "kill_workers", None)           # Python 3.14+
-        procs = [] if kill else list(getattr(pool, "_processes", {}).values())
-        kill() if kill else [p.kill() for p in procs]
-        for p in procs:
-            p.join(5)
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            kill = getattr(pool, "kill_workers", None)           # Python 3.14+
+            procs = [] if kill else list(getattr(pool, "_processes", {}).values())
+            kill() if kill else [p.kill() for p in procs]
+            for p in procs:
+                p.join(5)
+            pool.shutdown(wait=False, cancel_futures=True)
         raise
-    pool.shutdown()
+    if pool is not None:
+        pool.shutdown()
 
 
 class _Progress:
@@ -157,12 +166,13 @@ def _packed_header(layout: Layout, sizes: list[int], record: str, info: dict) ->
     """The compressed file's header JSON for stored sizes (tensors in data order, then the record)."""
     meta = {k: v for k, v in layout.metadata.items() if k != META_KEY}
     meta[META_KEY] = _dumps(info).decode()
-    head: dict[str, Any] = {"__metadata__": meta}
+    parts = ['{"__metadata__":', _dumps(meta).decode()]
     offset = 0
     for name, n in zip([t.name for t in layout.tensors] + [record], sizes):
-        head[name] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        parts.append(f',{encode_basestring(name)}:{{"dtype":"U8","shape":[{n}],"data_offsets":[{offset},{offset + n}]}}')
         offset += n
-    return _dumps(head)
+    parts.append("}")
+    return "".join(parts).encode()
 
 
 def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bool | None = None,
@@ -194,7 +204,7 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
                                f"{MAX_HEADER:,} safetensors reads")
     jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
     bar = _Progress(layout.data_size, f"compress {src.name}", progress)
-    results = _in_order(jobs, _worker, [(str(src), layout.data_start, t, options) for t in layout.tensors])
+    results = _results(src, layout, jobs, options)
     try:
         with open(src, "rb") as fin, atomic_file(dst, file_mode(src), _check_packed) as f:
             f.write(bytes(8 + reserved))

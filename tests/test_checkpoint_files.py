@@ -1,0 +1,95 @@
+"""Files on disk: modes as cp/zstd give them; SIGINT/SIGTERM leave no output, no temp file and no
+worker process, print one line and exit 130/143 (issue 9, class 6)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ecf8
+from ecf8 import store
+from ecf8.checkpoint import write_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_output_modes_follow_the_input_or_the_umask(tmp_path, umask_022):
+    ecf8.save_file({"w": np.zeros(100, np.float32)}, tmp_path / "saved.safetensors")
+    assert (tmp_path / "saved.safetensors").stat().st_mode & 0o777 == 0o644
+    src = tmp_path / "in.safetensors"
+    write_safetensors({"w": np.zeros(100, ml_dtypes.bfloat16)}, src)
+    os.chmod(src, 0o640)
+    store.compress_file(src, tmp_path / "c.safetensors", jobs=1)
+    store.decompress_file(tmp_path / "c.safetensors", tmp_path / "r.safetensors")
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "r.safetensors").stat().st_mode & 0o777 == 0o640
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.replace(src, folder / "model.safetensors")
+    (folder / "config.json").write_text("{}")
+    store.compress_path(folder, tmp_path / "cdir", jobs=1)
+    assert (tmp_path / "cdir").stat().st_mode & 0o777 == folder.stat().st_mode & 0o777
+    assert (tmp_path / "cdir" / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_compress_leaves_nothing(tmp_path, sig, code):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "big.safetensors"
+    write_safetensors({f"w{k}": (rng.standard_normal(1 << 21) * 0.02).astype(ml_dtypes.bfloat16)
+                       for k in range(16)}, src)                          # 64 MB of BF16
+    out = tmp_path / "out.safetensors"
+    cmd = [sys.executable, "-c", "import sys; from ecf8.cli import main; sys.exit(main())",
+           "compress", str(src), "-o", str(out), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "compress finished before it could be interrupted"
+    time.sleep(0.3)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)         # Ctrl-C reaches the whole process group
+    else:
+        os.kill(proc.pid, sig)           # kill(1) reaches only the parent
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert err.decode().splitlines() == ["ecf8: interrupted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors"]
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, workers))
