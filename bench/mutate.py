@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoints", type=int, default=5_000, help="checkpoint mutations (0: skip)")
     p.add_argument("--inputs", type=int, default=2_000,
                    help="mutations of plain safetensors files given to compress (0: skip)")
+    p.add_argument("--signals", type=int, default=0,
+                   help="ecf8 compress/decompress runs interrupted by SIGINT/SIGTERM (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--timeout", type=float, default=20.0, help="soft per-case deadline, seconds")
@@ -297,6 +299,18 @@ def main(argv=None) -> int:
             extra = getattr(module, "summary", None)
             if extra:
                 print(extra(results))
+        if args.signals > 0:
+            import mutate_signals
+
+            t = time.time()
+            counts, examples = mutate_signals.run(args.signals, args.seed, Path(tmp))
+            print(f"\n## interrupted runs: {args.signals} trials, seed {args.seed}, {time.time() - t:.0f} s\n")
+            print(mutate_signals.report(counts, examples))
+            for (kind, outcome), detail in sorted(examples.items()):
+                if outcome not in ("completed", "clean", "late"):
+                    bad_total += sum(c[outcome] for k, c in counts.items() if k == kind)
+                    report["cases"].append({"campaign": "signals", "seed": args.seed, "kind": kind,
+                                            "outcome": outcome, "message": detail})
     args.out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     print(f"\n{bad_total} reproducers written to {args.out}")
     return 1 if bad_total else 0

@@ -12,6 +12,7 @@ payload checksum does not cover the header.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -222,13 +223,13 @@ def _edit_field(rng, b: bytearray) -> None:
             return _edit_field(rng, b)
         off = 24 + 8 * int(rng.integers(ndim))
         values = U64
-    v = int(pick(rng, values))
+    v = int(pick(rng, values)) % (1 << (8 * struct.calcsize(f)))
     if off + struct.calcsize(f) > len(b):
         return
     struct.pack_into(f, b, off, v)
     if name == "extent" and rng.random() < 0.5 and len(b) >= 24 + 8 * b[7]:
         dims = struct.unpack_from(f"<{b[7]}Q", b, 24)   # keep NumElements = product (mod 2**64)
-        struct.pack_into("<Q", b, 16, int(np.prod([int(d) for d in dims], dtype=object)) % 2**64)
+        struct.pack_into("<Q", b, 16, math.prod(dims) % 2**64)
 
 
 def m_field(rng, state, fix_payload):
@@ -344,6 +345,9 @@ def mutated_input(state, seed, case) -> bytes:
 
 def run_case(state, seed, case):
     kind, blob, base = _mutate(state, seed, case)
+    for i, (other, _) in enumerate(state["frames"]):    # (a splice can rebuild another base frame)
+        if blob == other:
+            base = i
     original = state["frames"][base][1]
     try:
         meta = ecf8.info(blob)
