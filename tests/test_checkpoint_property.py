@@ -258,13 +258,33 @@ def check_opens(path: Path) -> None:
                 f.get_tensor(k)
 
 
-def check_round_trip(blob: bytes, must_succeed: bool) -> None:
+def check_tensors(packed: Path, blob: bytes) -> None:
+    """Every tensor read from the compressed file (ecf8.store.safe_open) has the original's bytes,
+    dtype and shape; metadata as the original's.  Dtypes NumPy cannot hold may be refused."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    data = blob[8 + n:]
+    with store.safe_open(packed) as f:
+        assert set(f.keys()) == set(header) - {"__metadata__"}
+        assert (f.metadata() or {}) == (header.get("__metadata__") or {})
+        for name in f.keys():
+            a, b = header[name]["data_offsets"]
+            try:
+                x = f.get_tensor(name)
+            except ECF8Error:
+                assert header[name]["dtype"] not in NUMPY_OK | set(CODED), name
+                continue
+            assert tuple(x.shape) == tuple(header[name]["shape"]), name
+            assert np.ascontiguousarray(x).tobytes() == data[a:b], f"tensor {name!r} differs"
+
+
+def check_round_trip(blob: bytes, must_succeed: bool, **options) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         f, g, h = tmp / "in.safetensors", tmp / "out.safetensors", tmp / "back.safetensors"
         f.write_bytes(blob)
         try:
-            store.compress_file(f, g, jobs=1, progress=False)
+            store.compress_file(f, g, jobs=1, progress=False, **options)
         except ECF8Error as e:
             note(f"refused: {e}")
             event("refused")
@@ -279,11 +299,16 @@ def check_round_trip(blob: bytes, must_succeed: bool) -> None:
         restored = h.read_bytes()
         assert len(restored) == len(blob), f"restored {len(restored)} bytes of {len(blob)}"
         assert restored == blob, "restored file differs"
+        check_tensors(g, blob)
         event("round trip")
 
 
-@given(safetensors_files())
-def test_compress_decompress_is_byte_identical(case):
+coding_options = st.fixed_dictionaries({"chunk_size": st.sampled_from([512, 4096, 32768]),
+                                        "max_tables": st.integers(1, 8)})
+
+
+@given(safetensors_files(), coding_options)
+def test_compress_decompress_is_byte_identical(case, options):
     specs, layout, style = case
     blob = build_file(specs, layout, style)
     unknown = {i: "U8" for i, s in enumerate(specs) if s.dtype not in KNOWN_BITS}
@@ -292,7 +317,7 @@ def test_compress_decompress_is_byte_identical(case):
         valid = safetensors_accepts(twin, Path(tmp) / "twin.safetensors")
     note(f"{len(blob)} bytes, layout judged valid by safetensors: {valid}; header "
          f"{blob[8:8 + min(400, len(blob) - 8)]!r}")
-    check_round_trip(blob, must_succeed=valid)
+    check_round_trip(blob, must_succeed=valid, **options)
 
 
 @given(st.lists(st.tuples(st.sampled_from(CODED), st.integers(0, 2**32 - 1)), min_size=1, max_size=3),
