@@ -16,6 +16,8 @@ run in worker processes with an address-space limit (RLIMIT_AS), a per-case soft
     accepted    (forged-checksum kinds only) a frame whose checksums were recomputed decodes to
                 what its header says, or a checkpoint whose record crc was recomputed restores to
                 what its forged record says: undetectable by design, listed for completeness
+    v1-unchecked  (checkpoints-v1) a version-1 file, which has no checksums for this, restores to
+                other bytes: by design of version 1, listed for completeness
     verify-missed  (checkpoints) verify passed but decompress refused
     left-files  (checkpoints) a refusal left an output or temp file behind
     other:T     an exception that is not an ECF8Error (T = its type)
@@ -48,8 +50,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-CAMPAIGNS = {"frames": "mutate_frames", "checkpoints": "mutate_checkpoints", "inputs": "mutate_inputs"}
-FINE = {"ECF8Error", "identical", "accepted"}
+CAMPAIGNS = {"frames": "mutate_frames", "checkpoints": "mutate_checkpoints", "inputs": "mutate_inputs",
+             "checkpoints-v1": "mutate_checkpoints_v1"}
+FINE = {"ECF8Error", "identical", "accepted", "v1-unchecked"}
 
 
 class Deadline(BaseException):
@@ -201,7 +204,7 @@ def table(campaign: str, kinds: list[str], results: dict[int, tuple[str, str]]) 
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for case, (outcome, _) in results.items():
         counts[kinds[case % len(kinds)]][outcome] += 1
-    order = ["ECF8Error", "identical", "accepted", "DIFFERENT", "verify-missed", "left-files",
+    order = ["ECF8Error", "identical", "accepted", "v1-unchecked", "DIFFERENT", "verify-missed", "left-files",
              "hang", "crash", "memory"]
     seen = {o for c in counts.values() for o in c}
     cols = [o for o in order if o in seen or o in ("ECF8Error", "DIFFERENT", "hang", "crash", "memory")]
@@ -245,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoints", type=int, default=5_000, help="checkpoint mutations (0: skip)")
     p.add_argument("--inputs", type=int, default=2_000,
                    help="mutations of plain safetensors files given to compress (0: skip)")
+    p.add_argument("--checkpoints-v1", type=int, default=0,
+                   help="mutations of the version-1 golden compressed checkpoint (0: skip)")
     p.add_argument("--signals", type=int, default=0,
                    help="ecf8 compress/decompress runs interrupted by SIGINT/SIGTERM (0: skip)")
     p.add_argument("--seed", type=int, default=0)
@@ -277,7 +282,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ecf8-mutate-") as tmp:
         tempfile.tempdir = tmp               # the workers' scratch folders go in here too
         for campaign, n in (("frames", args.frames), ("checkpoints", args.checkpoints),
-                            ("inputs", args.inputs)):
+                            ("inputs", args.inputs), ("checkpoints-v1", args.checkpoints_v1)):
             if n <= 0:
                 continue
             module = importlib.import_module(CAMPAIGNS[campaign])
