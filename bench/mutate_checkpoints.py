@@ -252,6 +252,8 @@ def m_swap_same_size(rng, state):
         if b > a:
             sizes.setdefault(b - a, []).append(k)
     groups = [g for g in sizes.values() if len(g) > 1]
+    if not groups:                               # (no two of one size: swap any two, relaid out)
+        return _swap_any(rng, state, [k for g in sizes.values() for k in g])
     g = pick(rng, groups)
     x, y = rng.choice(len(g), 2, replace=False)
     (a0, b0), (a1, b1) = _range(state, g[x]), _range(state, g[y])
@@ -265,7 +267,16 @@ def m_swap_frames(rng, state):
     n, text, header, data = parse(state["blob"])
     names = _by_codec(state, "ecf8")
     pairs = [(x, y) for x in names for y in names if x < y and state["dtypes"][x] == state["dtypes"][y]]
+    if not pairs:
+        return _swap_any(rng, state, names if len(names) > 1 else tensors_of(header))
     x, y = pick(rng, pairs)
+    (ax, bx), (ay, by) = header[x]["data_offsets"], header[y]["data_offsets"]
+    return relayout(header, data, {x: data[ay:by], y: data[ax:bx]})
+
+
+def _swap_any(rng, state, names):
+    n, text, header, data = parse(state["blob"])
+    x, y = (names[i] for i in rng.choice(len(names), 2, replace=False))
     (ax, bx), (ay, by) = header[x]["data_offsets"], header[y]["data_offsets"]
     return relayout(header, data, {x: data[ay:by], y: data[ax:bx]})
 
