@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from . import format as fmt
-from .encoder import encode, split_fields
+from .encoder import split_fields
 
 __all__ = ["TensorReport", "analyze_tensor", "entropy_bits", "fit_alpha", "model_probabilities"]
 
@@ -20,24 +20,36 @@ BATCH = 1 << 22
 
 @dataclasses.dataclass
 class TensorReport:
-    """One tensor's statistics; entropies in bits per element."""
+    """One tensor's statistics; entropies and bit rates in bits per element.
+
+    codec is what ``ecf8 compress`` stores the tensor as (the same decision function):
+    ``ecf8`` (exponents entropy-coded), ``zstd``, or ``none`` (kept unchanged).
+    """
 
     name: str
     dtype: str
     numel: int
+    shape: list[int] = dataclasses.field(default_factory=list)
+    codec: str = "none"
+    original_bytes: int = 0
+    stored_bytes: int = 0                            # bytes compress stores for this tensor
     exponent_entropy_bits: float | None = None
     raw_entropy_bits: float | None = None           # sign + mantissa bits, order 0
     order0_bound_bits_per_weight: float | None = None   # entropy of whole bit patterns
     ecf8_bound_bits_per_weight: float | None = None     # exponent entropy + raw bits kept verbatim
-    achieved_bits_per_weight: float | None = None
+    achieved_bits_per_weight: float | None = None    # stored_bytes * 8 / numel
     alpha: float | None = None                       # tail index of the exponent histogram
     model_exponent_entropy_bits: float | None = None    # entropy the fitted geometric model predicts
-    verdict: str = ""
     exponent_counts: list[int] | None = None
+
+    @property
+    def saving(self) -> float:
+        return 1 - self.stored_bytes / self.original_bytes if self.original_bytes else 0.0
 
     def as_json(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("exponent_counts")
+        d["saving"] = self.saving
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
@@ -97,14 +109,24 @@ def model_probabilities(alpha: float, mode: int, spec: fmt.DtypeSpec) -> np.ndar
     return p / p.sum()
 
 
-def analyze_tensor(name: str, x: np.ndarray, dtype_name: str, threshold: float = 0.05,
-                   encode_options: dict | None = None) -> TensorReport:
-    """Statistics of one tensor; `threshold` is the least saving (fraction) worth compressing."""
-    report = TensorReport(name, dtype_name, int(x.size))
+def analyze_tensor(name: str, x: np.ndarray, dtype_name: str, options: dict | None = None
+                   ) -> TensorReport:
+    """Statistics of one tensor, and what ``ecf8 compress`` would store it as.
+
+    options: as for ``ecf8 compress`` (chunk_size, max_tables, zstd_level).
+    """
+    from .store import choose_codec
+
+    report = TensorReport(name, dtype_name, int(x.size), list(x.shape), original_bytes=int(x.nbytes))
+    raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    codec, payload = choose_codec(dtype_name, x.shape, raw, options or {})
+    report.codec = codec
+    report.stored_bytes = report.original_bytes if payload is None else len(payload)
+    if x.size:
+        report.achieved_bits_per_weight = report.stored_bytes * 8 / x.size
     try:
         spec = fmt.spec_for_dtype(x.dtype)
     except Exception:
-        report.verdict = f"keep ({dtype_name} is not entropy coded)"
         return report
     flat = x.reshape(-1)
     u = flat.view(spec.uint)
@@ -119,7 +141,6 @@ def analyze_tensor(name: str, x: np.ndarray, dtype_name: str, threshold: float =
         bit_counts += np.bincount(part, minlength=bit_counts.size)
     report.exponent_counts = exp_counts.tolist()
     if not u.size:
-        report.verdict = "keep (empty)"
         return report
     report.exponent_entropy_bits = entropy_bits(exp_counts)
     report.raw_entropy_bits = entropy_bits(raw_counts)
@@ -129,8 +150,4 @@ def analyze_tensor(name: str, x: np.ndarray, dtype_name: str, threshold: float =
     report.alpha = alpha
     if not math.isnan(alpha):
         report.model_exponent_entropy_bits = entropy_bits(model_probabilities(alpha, mode, spec))
-    blob = encode(x, **(encode_options or {}))
-    report.achieved_bits_per_weight = len(blob) * 8 / x.size
-    saving = 1 - report.achieved_bits_per_weight / spec.bits
-    report.verdict = "compress" if saving >= threshold else "store raw"
     return report

@@ -10,29 +10,38 @@ import numpy as np
 from . import format as fmt
 from .decoder_cpu import decode_frame
 from .errors import UnsupportedError
+from .names import device_name
 
 __all__ = ["decode", "info", "Info"]
 
 
-def decode(blob: Any, device: str = "cpu", *, out: Any = None, stream: Any = None,
+def decode(blob: Any, device: Any = "cpu", *, out: Any = None, stream: Any = None,
            verify: bool = True) -> Any:
     """Decode one ECF8 frame bit-exactly.
 
     blob: bytes, bytearray, memoryview or uint8 NumPy array (or, for CUDA, a DeviceTensor from
     ``to_device``).  device: "cpu" returns a NumPy array of the original dtype and shape;
-    "cuda" / "cuda:N" decodes on that GPU (see ``ecf8.decoder_cuda``).  verify: check the payload
-    checksum (the header's is always checked).
+    "cuda" / "cuda:N" decodes on that GPU (see ``ecf8.decoder_cuda``); a torch, CuPy or JAX device
+    object names the same (``ecf8.names.device_name``).  out: an array on that device holding the
+    frame's number of bytes (any dtype, C-contiguous, writeable); the result is a view of it with
+    the frame's dtype and shape, as in every adapter.  stream: CUDA only.  verify: check the
+    payload checksum (the header's is always checked).  Raises CorruptDataError for a damaged
+    frame, UnsupportedError for a bad argument.
     """
+    device = device_name(device)
     if device == "cpu":
-        if out is not None or stream is not None:
-            raise UnsupportedError("out= and stream= apply to CUDA decoding only")
+        if stream is not None:
+            raise UnsupportedError("stream= applies to CUDA decoding only")
         view = fmt.as_buffer(blob)
-        return decode_frame(view, fmt.parse(view, verify=verify))
-    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
-        from . import decoder_cuda
+        y = decode_frame(view, fmt.parse(view, verify=verify))
+        if out is None:
+            return y
+        from .numpy import copy_into
 
-        return decoder_cuda.decode(blob, device, out=out, stream=stream, verify=verify)
-    raise UnsupportedError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+        return copy_into(y, out)
+    from . import decoder_cuda
+
+    return decoder_cuda.decode(blob, device, out=out, stream=stream, verify=verify)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +58,12 @@ class Info:
     chunk_size: int
     chunks: int
     tables: int
-    code_lengths: np.ndarray   # (tables, alphabet) uint8
+    code_lengths: np.ndarray = dataclasses.field(repr=False)   # (tables, alphabet) uint8
+
+    def __repr__(self) -> str:
+        how = "stored" if self.stored else f"{self.chunks} chunks of {self.chunk_size}, {self.tables} tables"
+        return (f"Info({self.dtype} {self.shape}, {self.original_bytes:,} -> {self.compressed_bytes:,} "
+                f"bytes, {self.bits_per_weight:.3f} bits/weight, {how})")
 
 
 def info(blob: Any) -> Info:

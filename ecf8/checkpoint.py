@@ -21,12 +21,12 @@ from typing import Callable, Iterator, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .errors import CorruptDataError, ECF8Error, UnsupportedError
+from .errors import CorruptDataError, UnsupportedError
 
 __all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of", "load_json",
            "check_safetensors", "parse_header", "read_layout", "atomic_file", "atomic_dir",
-           "file_mode", "model_files", "check_names", "read_header", "read_header_text", "iter_tensors", "tensor_files",
-           "write_safetensors"]
+           "file_mode", "model_files", "check_names", "read_header", "read_header_text",
+           "iter_tensors", "tensor_files", "write_safetensors"]
 
 DTYPE_NAMES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
@@ -80,9 +80,9 @@ def load_json(text: bytes | str, where: str):
         raise CorruptDataError(f"{where}: invalid JSON ({str(e).splitlines()[0][:80]})") from None
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path, name: Path | None = None) -> None:
     """Let the safetensors library judge a file (header length, JSON, dtypes, shapes, offsets,
-    coverage of the data section); CorruptDataError naming the file if it refuses."""
+    coverage of the data section); CorruptDataError naming the file (or `name`) if it refuses."""
     import safetensors
 
     try:
@@ -90,8 +90,24 @@ def check_safetensors(path: Path) -> None:
             pass
     except Exception as e:      # SafetensorError, OSError: the library's own words
         why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise CorruptDataError(f"{path}: not a valid safetensors file (safetensors "
+        raise CorruptDataError(f"{name or path}: not a valid safetensors file (safetensors "
                                f"{safetensors.__version__}: {why})") from None
+
+
+def _check_twin(path: Path, layout: Layout) -> None:
+    """check_safetensors on a sparse twin of the file whose dtypes outside DTYPE_NAMES (which this
+    safetensors may not know: any string passes through ecf8 as bytes) are U8 of the same bytes."""
+    head: dict = {"__metadata__": layout.metadata} if layout.metadata else {}
+    for t in layout.tensors:
+        known = t.dtype in DTYPE_NAMES
+        head[t.name] = {"dtype": t.dtype if known else "U8", "shape": list(t.shape) if known else [t.nbytes],
+                        "data_offsets": [t.begin, t.end]}
+    text = json.dumps(head).encode()
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + layout.data_size)          # sparse: no data is written
+        f.flush()
+        check_safetensors(Path(f.name), path)
 
 
 def _uint(x) -> bool:
@@ -104,7 +120,8 @@ def parse_header(text: bytes, where: str) -> Layout:
     header = load_json(text, f"{where}: header")
     if not isinstance(header, dict):
         raise CorruptDataError(f"{where}: the header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptDataError(f"{where}: __metadata__ must map strings to strings")
     tensors = []
@@ -137,8 +154,19 @@ def read_layout(path: Path, check: bool = True) -> Layout:
     path = Path(path)
     if not path.is_file():
         raise UnsupportedError(f"{path}: no such file")
-    if check:
-        check_safetensors(path)
+    try:
+        if check:
+            check_safetensors(path)
+        layout = _read(path)
+    except CorruptDataError:   # refused for a dtype string this safetensors does not know?
+        layout = _read(path)    # (its message is the more precise when it refuses too)
+        if all(t.dtype in DTYPE_NAMES for t in layout.tensors):
+            raise
+        _check_twin(path, layout)
+    return layout
+
+
+def _read(path: Path) -> Layout:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -159,9 +187,13 @@ def file_mode(like: Path | None = None) -> int:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    try:                    # Linux: read it without changing it (os.umask is process-wide)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 @contextlib.contextmanager
@@ -256,7 +288,10 @@ def model_files(folder: Path) -> tuple[list[str], list[str]]:
     inside the folder (UnsupportedError otherwise: a missing shard, an absolute or '..' path)."""
     folder = Path(folder)
     files = []
-    for root, _, names in os.walk(folder):
+    for root, dirs, names in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        if links:       # os.walk would skip it: the output would silently lack its files
+            raise UnsupportedError(f"{Path(root, links[0])}: a link to a folder (give the folder itself)")
         files += [Path(root, n).relative_to(folder).as_posix() for n in names]
     files.sort()
     tensors = [f for f in files if f.endswith(".safetensors")]

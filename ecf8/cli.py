@@ -1,16 +1,19 @@
-"""The ``ecf8`` command.
+"""The ``ecf8`` command (also ``python -m ecf8``).
 
-    ecf8 compress model.safetensors|shard-dir -o OUT [--jobs N]   # a compressed safetensors file
+    ecf8 bench [PATH]        # bits/weight and CPU/GPU speed next to zstd; no PATH: a bundled real sample
+    ecf8 compress model.safetensors|shard-dir -o OUT [-j N] [--zstd-level L]   # compressed safetensors
     ecf8 decompress OUT -o restored.safetensors                   # the original, byte for byte
     ecf8 info FILE...        # per-tensor table of a compressed checkpoint, or an ECF8 frame header
     ecf8 verify FILE...      # every checksum, every tensor decoded; exit status 1 on any problem
-    ecf8 analyze PATH [--json] [--threshold PCT] [--plot FILE.png]   # see docs/analyze.md
+    ecf8 analyze PATH [--json] [--tensor NAME] [--plot FILE.png]   # should I compress? docs/analyze.md
     ecf8 encode weights.npy -o weights.ecf8 [--dtype bf16]       # one array, one frame
     ecf8 decode weights.ecf8 -o weights.npy
 
-.npy files cannot name ml_dtypes types (NumPy saves them as raw 'V1'/'V2'): ``encode`` takes
-``--dtype`` for such files or for uint8/uint16 bit views, and ``decode`` writes the bit view.
-Errors print one line and exit with status 1; output files appear only when complete.
+Every command takes -q (no progress bar or messages besides results); every command that writes
+refuses an existing output unless given -f/--force.  .npy files cannot name ml_dtypes types (NumPy
+saves them as raw 'V1'/'V2'): ``encode`` takes ``--dtype`` (any spelling of ``ecf8.names``) for such
+files or for uint8/uint16 bit views, and ``decode`` writes the bit view.  Errors print one line
+naming the file (and tensor) and exit with status 1; output files appear only when complete.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -26,8 +31,11 @@ import numpy as np
 
 from . import api, encoder, store
 from . import format as fmt
-from .checkpoint import atomic_file, model_files
+from .checkpoint import atomic_file, iter_tensors, model_files, read_layout  # noqa: F401
 from .errors import ECF8Error
+from .names import dtype_spec, short_name
+from .progress import job as progress_job
+from .store import ZSTD_LEVEL
 
 
 
@@ -40,7 +48,7 @@ def load_npy(path: Path, dtype: str | None) -> np.ndarray:
     """An array from a .npy file, viewed as `dtype` (e4m3, e5m2, bf16, fp16) when given."""
     x = np.load(path, allow_pickle=False)
     if dtype:
-        spec = fmt.SHORT_NAMES[dtype]
+        spec = dtype_spec(dtype)
         if x.dtype.itemsize != spec.dtype.itemsize or x.dtype.kind not in "uiVf":
             raise ECF8Error(f"{path}: elements of {x.dtype} cannot be viewed as {dtype}")
         return x.view(spec.dtype)
@@ -79,47 +87,192 @@ def _checkpoint_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _jobs(text: str) -> int:
+    """--jobs: worker processes; 0 means all cores."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all cores) or more, not {n}")
+    return n or (os.cpu_count() or 1)
+
+
+def _chunk_size(text: str) -> int:
+    n = _positive(text)
+    if n & (n - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= n <= (1 << fmt.MAX_CHUNK_LOG2):
+        raise argparse.ArgumentTypeError(f"must be a power of 2 from {1 << fmt.MIN_CHUNK_LOG2} to "
+                                         f"2^{fmt.MAX_CHUNK_LOG2}, not {n}")
+    return n
+
+
+def _max_tables(text: str) -> int:
+    n = _positive(text)
+    if n > fmt.MAX_TABLES:
+        raise argparse.ArgumentTypeError(f"must be 1 to {fmt.MAX_TABLES}, not {n}")
+    return n
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
+
+
+def _dtype_arg(text: str) -> str:
+    """--dtype: any spelling of ecf8.names (e4m3, F8_E4M3, float8_e4m3fn, ...), as its short name."""
+    try:
+        return short_name(text)
+    except ECF8Error as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+DTYPE_HELP = "element type of a bit-view .npy: e4m3, e5m2, bf16 or fp16 (F8_E4M3, bfloat16, ... also work)"
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="ecf8", description="Lossless compression of FP8/BF16/FP16 "
-                                     "weights by entropy-coding their exponents.")
-    sub = parser.add_subparsers(dest="command", required=True)
+                                     "weights by entropy-coding their exponents.",
+                                     epilog="Try it: `ecf8 bench` measures a bundled sample of real weights.")
+    parser.add_argument("-V", "--version", action="version", version=f"ecf8 {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bar, no messages besides results (info, verify, analyze, bench) and errors")
+    force = argparse.ArgumentParser(add_help=False)
+    force.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
 
-    def coding(p):
-        p.add_argument("--chunk-size", type=int, default=32768, help="elements per chunk (power of 2)")
-        p.add_argument("--max-tables", type=int, default=4, help="code tables per tensor (1-8)")
+    def chunking(p):
+        p.add_argument("--chunk-size", type=_chunk_size, default=32768, metavar="N",
+                       help="elements per chunk, a power of 2 from 512 to 2^20 (default 32768)")
+        p.add_argument("--max-tables", type=_max_tables, default=4, metavar="N",
+                       help="code tables per tensor, 1-8 (default 4)")
 
-    p = sub.add_parser("compress", help="compress a safetensors file or a directory of shards")
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    def coding(p, zstd_default=ZSTD_LEVEL, zstd_help="zstandard level for tensors ecf8 does not code"):
+        chunking(p)
+        p.add_argument("--zstd-level", type=int, default=zstd_default, choices=range(1, 23), metavar="1-22",
+                       help=f"{zstd_help} (default {zstd_default})")
+
+    def output(p, what):
+        p.add_argument("-o", "--output", type=Path, required=True, help=what)
+
+    def cmd(name, help, *parents):
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              parents=[quiet, *parents])
+
+    p = cmd("compress", "compress a safetensors file or a directory of shards", force)
+    p.add_argument("input", type=Path, help="a .safetensors file or a directory of shards")
+    output(p, "the compressed file (a directory for a directory input)")
+    p.add_argument("-j", "--jobs", type=_jobs, default=0, metavar="N",
+                   help="worker processes; 0 (default) = all cores")
     coding(p)
-    p = sub.add_parser("decompress", help="restore the original safetensors file(s)")
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--quiet", action="store_true")
-    p = sub.add_parser("info", help="per-tensor sizes of compressed checkpoints or frames")
-    p.add_argument("inputs", type=Path, nargs="+")
-    p = sub.add_parser("verify", help="check every checksum and decode every tensor")
-    p.add_argument("inputs", type=Path, nargs="+")
-    p.add_argument("--quiet", action="store_true")
-    p = sub.add_parser("analyze", help="exponent entropy, tail index and achievable savings per tensor")
-    p.add_argument("path", type=Path, help="a .safetensors file, a directory of shards, or a .npy")
-    p.add_argument("--dtype", choices=sorted(fmt.SHORT_NAMES), help="element type of a bit-view .npy")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    p.add_argument("--threshold", type=float, default=5.0,
-                   help="least saving, in percent, worth compressing (default 5)")
-    p.add_argument("--plot", type=Path, help="draw entropy per tensor and one histogram (PNG)")
-    p.add_argument("--tensor", help="the tensor whose histogram --plot draws (default: largest FP8)")
-    p = sub.add_parser("encode", help="compress one .npy array into an ECF8 frame")
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--dtype", choices=sorted(fmt.SHORT_NAMES))
+    p = cmd("decompress", "restore the original safetensors file(s), byte for byte", force)
+    p.add_argument("input", type=Path, help="a compressed file or directory")
+    output(p, "the restored file (a directory for a directory input)")
+    p = cmd("info", "per-tensor sizes of compressed checkpoints or frames")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="FILE",
+                   help="compressed .safetensors files or .ecf8 frames")
+    p = cmd("verify", "check every checksum and decode every tensor (exit status 1 on any problem)")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="FILE",
+                   help="compressed .safetensors files or .ecf8 frames")
+    p = cmd("analyze", "should I compress this? per-tensor entropy, tail index and what compress does", force)
+    p.add_argument("path", type=Path,
+                   help="a .safetensors file (plain or compressed), a directory of shards, a .npy or a frame")
+    p.add_argument("--dtype", type=_dtype_arg, metavar="TYPE", help=DTYPE_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON (tensors, total, answer) instead of a table")
+    p.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
+                   help="least total saving, in percent, worth compressing for (default 5)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="draw exponent entropy per tensor and one tensor's histogram (needs matplotlib)")
+    p.add_argument("--tensor", metavar="NAME",
+                   help="print this tensor's detail; with --plot, the tensor whose histogram is drawn "
+                   "(default: the largest FP8)")
     coding(p)
-    p = sub.add_parser("decode", help="decompress an ECF8 frame to a .npy file (bit view)")
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p = cmd("bench", "size and CPU/GPU speed of ecf8 next to zstd on a bundled real sample or your file")
+    p.add_argument("path", type=Path, nargs="?",
+                   help="a .safetensors file or directory, a .npy or a frame (default: the bundled "
+                   "all-MiniLM-L6-v2 sample)")
+    p.add_argument("--tensor", metavar="NAME", help="measure only this tensor")
+    p.add_argument("--dtype", type=_dtype_arg, metavar="TYPE", help=DTYPE_HELP)
+    p.add_argument("--runs", type=_positive, default=5, metavar="N",
+                   help="timed runs per measurement after the warm-up; the median is shown (default 5)")
+    p.add_argument("--cpu-only", action="store_true", help="skip the GPU measurement")
+    coding(p, zstd_default=3, zstd_help="zstandard level measured next to ecf8")
+    p = cmd("encode", "compress one .npy array into an ECF8 frame", force)
+    p.add_argument("input", type=Path, help="a .npy file (FP8/BF16 ones need --dtype: NumPy saves them as bits)")
+    output(p, "the frame to write (.ecf8)")
+    p.add_argument("--dtype", type=_dtype_arg, metavar="TYPE", help=DTYPE_HELP)
+    chunking(p)
+    p = cmd("decode", "decompress an ECF8 frame to a .npy file (a uint8/uint16 bit view)", force)
+    p.add_argument("input", type=Path, help="an ECF8 frame")
+    output(p, "the .npy file to write")
     return parser
+
+
+def _check_output(args) -> None:
+    """Refuse, before any work, an output that exists (without --force) or cannot be created."""
+    out = getattr(args, "output", None) or getattr(args, "plot", None)
+    if out is None:
+        return
+    if out.exists() and not args.force:
+        raise ECF8Error(f"{out} exists; use -f/--force to overwrite it")
+    makes_dir = args.command in ("compress", "decompress") and args.input.is_dir()
+    if out.is_dir() and not makes_dir:
+        raise ECF8Error(f"{out} is a directory")
+    if not makes_dir and not out.parent.is_dir():
+        raise ECF8Error(f"{out}: directory {out.parent} does not exist")
+
+
+def _message(e: BaseException) -> str:
+    """The first line of an error, with the real file named where a temporary one would leak."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    name = getattr(e, "filename", None)
+    if isinstance(e, OSError) and isinstance(name, str) and _TEMP.search(name):
+        text = f"{e.strerror}: {_TEMP.sub(lambda m: m.group(1), name)}"
+    return _TEMP.sub(lambda m: m.group(1), text)
+
+
+_TEMP = re.compile(r"(?<![^/\\\s'\"])\.([^/\\\s'\"]+?)(?:\.plain)?\.(?:[A-Za-z0-9_]+\.)?tmp\b")
+
+
+def _job(args):
+    """One progress bar over all the files of compress/decompress/verify (ETA for the whole job)."""
+    from .checkpoint import tensor_files
+
+    enabled = False if args.quiet else None
+    total = 0
+    try:
+        if args.command == "compress":
+            total = sum(read_layout(f, check=False).data_size for f in tensor_files(args.input))
+        else:
+            paths = [p for p, e in _inputs(args.inputs) if not e] if args.command == "verify" \
+                else tensor_files(args.input)
+            total = sum(r.original_bytes for p in paths if not _is_frame(p) for r in store.inspect_file(p))
+    except (ECF8Error, OSError, ValueError, KeyError):
+        pass            # the command itself reports the problem
+    return progress_job(total, args.command, enabled)
+
+
+def _compress_summary(src: Path, outs: list[Path], zstd_level: int) -> str:
+    """'src: original -> compressed bytes (saving)', and a note when nothing was entropy-coded."""
+    from .checkpoint import tensor_files
+
+    before = sum(f.stat().st_size for f in tensor_files(src))
+    after = sum(f.stat().st_size for f in outs)
+    line = f"{src}: {before:,} -> {after:,} bytes ({1 - after / max(before, 1):.1%} saved) in {len(outs)} file" \
+        + "s" * (len(outs) != 1)
+    codecs = {r.codec for f in outs for r in store.inspect_file(f)}
+    if "ecf8" not in codecs:
+        line += (f"\nnothing was entropy-coded (no FP8/BF16/FP16 tensor gained): only zstandard "
+                 f"(level {zstd_level}) acted{'' if 'zstd' in codecs else ', and it saved nothing'}")
+    return line
 
 
 class _Terminated(KeyboardInterrupt):
@@ -130,10 +283,6 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
-def _error(e: BaseException) -> str:
-    return f"ecf8: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:        # SIGTERM and Ctrl-C: no partial output, workers stopped, one line, 143 / 130
@@ -141,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:                        # not the main thread: leave signals alone
         previous = None
     try:
+        _check_output(args)
         return _run(args)
     except KeyboardInterrupt as e:
         print("ecf8: interrupted", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     except (ECF8Error, OSError, ValueError, KeyError) as e:
-        print(_error(e), file=sys.stderr)
+        print(f"ecf8: error: {_message(e)}", file=sys.stderr)
         return 1
     finally:
         if previous is not None:
@@ -169,13 +319,20 @@ def _run(args) -> int:
     cmd = args.command
     if cmd in ("compress", "decompress"):
         progress = False if args.quiet else None
-        if cmd == "compress":
-            outs = store.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
-                                       chunk_size=args.chunk_size, max_tables=args.max_tables)
+        with _job(args):
+            if cmd == "compress":
+                outs = store.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
+                                           chunk_size=args.chunk_size, max_tables=args.max_tables,
+                                           zstd_level=args.zstd_level)
+            else:
+                outs = store.decompress_path(args.input, args.output, progress=progress)
+        if args.quiet:
+            pass
+        elif cmd == "compress":
+            print(_compress_summary(args.input, outs, args.zstd_level))
         else:
-            outs = store.decompress_path(args.input, args.output, progress=progress)
-        for out in outs:
-            print(f"{out}: {out.stat().st_size:,} bytes")
+            for out in outs:
+                print(f"{out}: {out.stat().st_size:,} bytes")
     elif cmd == "info":         # every input, each fully accounted for; 1 if any is not
         failed = False
         for path, error in _inputs(args.inputs):
@@ -184,44 +341,60 @@ def _run(args) -> int:
                     raise error
                 print(_frame_line(path) if _is_frame(path) else _checkpoint_table(path))
             except (ECF8Error, OSError) as e:
-                print(_error(e), file=sys.stderr)
+                print(f"ecf8: error: {_message(e)}", file=sys.stderr)
                 failed = True
         return int(failed)
     elif cmd == "verify":       # every input checked; every problem on its own line
         failed = False
-        for path, error in _inputs(args.inputs):
-            try:
-                if error:
-                    raise error
-                if _is_frame(path):
-                    api.decode(path.read_bytes())
-                    n, problems = 1, []
-                else:
-                    n, problems = store.check_file(path, progress=False if args.quiet else None)
-            except (ECF8Error, OSError) as e:
-                n, problems = 0, [f"{path}: {e}" if str(path) not in str(e) else str(e)]
-            for problem in problems:
-                print(_error(problem), file=sys.stderr)
-            if problems:
-                failed = True
-            else:
-                print(f"{path}: ok ({n} {'frame' if _is_frame(path) else 'tensors'})")
+        with _job(args):
+            for path, error in _inputs(args.inputs):
+                try:
+                    if error:
+                        raise error
+                    if _is_frame(path):
+                        api.decode(path.read_bytes())
+                        n, problems, what = 1, [], "frame"
+                    else:
+                        n, problems = store.check_file(path, progress=False if args.quiet else None)
+                        what = "tensors"
+                except (ECF8Error, OSError) as e:
+                    n, problems = 0, [str(e) if str(path) in str(e) else f"{path}: {e}"]
+                for problem in problems:
+                    print(f"ecf8: error: {_message(problem)}", file=sys.stderr)
+                failed |= bool(problems)
+                if not problems:
+                    print(f"{path}: ok ({n} {what})")
         return int(failed)
     elif cmd == "analyze":
         from .analyze_cli import run_analyze
 
         run_analyze(args)
+    elif cmd == "bench":
+        from .bench_cli import run_bench
+
+        for line in run_bench(args.path, dtype=args.dtype, tensor=args.tensor, runs=args.runs,
+                              zstd_level=args.zstd_level, gpu=not args.cpu_only,
+                              options={"chunk_size": args.chunk_size, "max_tables": args.max_tables}):
+            print(line, flush=True)
     elif cmd == "encode":
         x = load_npy(args.input, args.dtype)
-        write_atomic(args.output, encoder.encode(x, chunk_size=args.chunk_size,
-                                                 max_tables=args.max_tables))
-        print(_frame_line(args.output))
+        try:
+            blob = encoder.encode(x, chunk_size=args.chunk_size, max_tables=args.max_tables)
+        except ECF8Error as e:
+            raise type(e)(f"{args.input}: {e}") from None
+        write_atomic(args.output, blob)
+        if not args.quiet:
+            print(_frame_line(args.output))
     else:
-        y = api.decode(args.input.read_bytes())
+        try:
+            y = api.decode(args.input.read_bytes())
+        except ECF8Error as e:
+            raise type(e)(e if str(args.input) in str(e) else f"{args.input}: {e}") from None
         buf = io.BytesIO()
         np.save(buf, y.view(np.uint8 if y.itemsize == 1 else np.uint16))
         write_atomic(args.output, buf.getvalue())
-        print(f"{args.output}: {y.shape} bits of {y.dtype.name} (uint{8 * y.itemsize} view)")
+        if not args.quiet:
+            print(f"{args.output}: {y.shape} bits of {y.dtype.name} (uint{8 * y.itemsize} view)")
     return 0
 
 

@@ -8,27 +8,38 @@ from typing import Any
 import numpy as np
 
 from . import decoder_cuda
-from . import format as fmt
 from .encoder import encode as _encode
 from .errors import UnsupportedError
+from .names import device_name, dtype_spec
 
 __all__ = ["encode", "decode"]
 
-def encode(x: Any, *, dtype: str | None = None, **options) -> bytes:
+def encode(x: Any, *, dtype: Any = None, **options) -> bytes:
     """Compress a CuPy array (copied to the host by this call).
 
-    dtype: 'e4m3', 'e5m2', 'bf16' or 'fp16' for uint8/uint16 bit arrays; float16 arrays need none.
+    dtype: the type uint8/uint16 bits hold, any spelling of ``ecf8.names`` ('e4m3', 'F8_E4M3',
+    'bfloat16', ...); float16 arrays need none.
     """
     host = x.get()
     if dtype is not None:
-        host = host.view(fmt.SHORT_NAMES[dtype].dtype)
+        spec = dtype_spec(dtype)
+        if host.dtype.itemsize != spec.dtype.itemsize:
+            raise UnsupportedError(f"{host.dtype} elements cannot hold {spec.name} bits")
+        host = host.view(spec.dtype)
     elif host.dtype != np.float16:
         raise UnsupportedError("say which type the CuPy bits hold: dtype='e4m3', 'e5m2' or 'bf16'")
     return _encode(host, **options)
 
 
-def decode(blob: Any, device: str = "cuda", out: Any = None, stream: Any = None):
-    """Decode on a GPU to a CuPy array: float16 for FP16, the element bits for the other types."""
+def decode(blob: Any, device: Any = "cuda", out: Any = None, stream: Any = None):
+    """Decode on a GPU to a CuPy array: float16 for FP16, the element bits for the other types.
+
+    device: 'cuda', 'cuda:N', or a cupy.cuda.Device / torch.device.  out: a C-contiguous CUDA array
+    of the same number of bytes (any dtype); the result is a view of it.
+    """
+    device = device_name(device)
+    if device == "cpu":
+        raise UnsupportedError("ecf8.cupy decodes on a GPU; use ecf8.decode or ecf8.numpy for the CPU")
     y = decoder_cuda.decode(blob, device, out=out, stream=stream)
     bits = y.bits.reshape(y.shape)
     return bits.view(np.float16) if y.dtype == np.float16 else bits

@@ -9,6 +9,7 @@ import numpy as np
 from .api import decode as _decode
 from .encoder import encode as _encode
 from .errors import UnsupportedError
+from .names import device_name
 
 __all__ = ["encode", "decode"]
 
@@ -18,8 +19,8 @@ def encode(x: Any, **options) -> bytes:
     return _encode(np.asarray(x), **options)
 
 
-def decode(blob: Any, device: str = "cpu", out: Any = None, stream: Any = None):
-    """Decode to a JAX array on the CPU or a GPU ('cuda', 'cuda:N').
+def decode(blob: Any, device: Any = "cpu", out: Any = None, stream: Any = None):
+    """Decode to a JAX array on the CPU or a GPU ('cuda', 'cuda:N', or a JAX/torch device).
 
     JAX arrays are immutable, so ``out`` is not supported; on a GPU the result is handed over
     through DLPack (JAX's stream waits for the decode) and reinterpreted with bitcast_convert_type.
@@ -27,6 +28,7 @@ def decode(blob: Any, device: str = "cpu", out: Any = None, stream: Any = None):
     import jax
     import jax.numpy as jnp
 
+    device = device_name(device)
     if out is not None:
         raise UnsupportedError("JAX arrays are immutable: ecf8.jax.decode takes no out=")
     if device == "cpu":

@@ -1,23 +1,27 @@
 """Compressed checkpoints: safetensors files whose float tensors are ECF8 frames.
 
-A compressed file is itself valid safetensors (every entry ``U8``), written in the original's data
-order.  Each original tensor is one entry of the same name holding an ECF8 frame (FP8/BF16/FP16
-tensors, when that is smaller), a zstandard frame (any dtype, when that saves at least 1/16), or its
-bytes unchanged; tensors of any dtype string safetensors accepts pass through as bytes.  One more
-entry, the *record* (named ``__ecf8__`` unless taken), is a zstandard frame of the original
-header's exact bytes followed by the JSON table ``{name: [codec, crc32]}``; ``__metadata__``
-keeps the original's keys and adds ``"ecf8"``: ``{"format": "ecf8.safetensors", "version": 2,
-"record": name, "header": header bytes, "size": record bytes, "crc": crc32 of the record}``.
+Format ``ecf8.safetensors`` version 2.  A compressed file is itself valid safetensors, every entry
+``U8``, written in the original's data order.  Each original tensor is one entry of the same name
+holding an ECF8 frame (FP8/BF16/FP16 tensors of at most 8 dimensions, when that is smaller), a
+zstandard frame (any dtype, when that saves at least 1/16), or its bytes unchanged; any dtype
+string passes through as bytes.  One more entry, the *record* (``__ecf8__``, or with dots appended
+if a tensor has that name), is one zstandard frame of the original header's exact bytes followed by
+the JSON table ``{name: [codec, crc]}``.  ``__metadata__`` keeps the original's keys and adds
+``"ecf8"``: ``{"format": "ecf8.safetensors", "version": 2, "record": name, "header": bytes of the
+original header, "size": bytes of the record, "crc": crc32 of the record, seeded with the crc32 of
+"header" as 8 bytes little-endian}``.
 
-Integrity: crc32 of each tensor's original bytes, seeded with the crc32 of its JSON
-``[name, dtype, shape]`` (so a payload is bound to its tensor), checked whenever a tensor is
-restored on the CPU; the record's crc32 covers the original header and the table; the compressed
-header must say nothing the record does not.  The restored file is the original byte for byte.
-Version-1 files (original header as a metadata string, no crc) stay readable.
+Integrity: a tensor's crc is the crc32 of its original bytes seeded with the crc32 of
+``name NUL dtype NUL d0,d1,...`` (UTF-8), so a payload is bound to its tensor; it is checked
+whenever a tensor is restored on the CPU (decompress, verify, load on the CPU; a GPU load relies
+on the frame's own checksums).  The compressed header must say nothing the record does not: the
+same names (plus the record), U8 entries, the same metadata.  The restored file is the original
+byte for byte.  Version-1 files (original header as a metadata string, no crc) stay readable.
 
 Writing streams tensor by tensor from a memory map through a bounded pool of worker processes into
-a temporary file renamed only on success; the header is reserved at its largest possible size,
-filled in last and padded with spaces as the safetensors format allows.
+a temporary file renamed only on success; the header is reserved at its largest possible size
+(refused beforehand if that exceeds the 100 MB safetensors reads), filled in last and padded with
+spaces as the safetensors format allows.
 """
 
 from __future__ import annotations
@@ -25,27 +29,30 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import json
+import math
 import mmap
 import os
 import shutil
 import signal
-import sys
 import zlib
 from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 import ml_dtypes
 import numpy as np
 import zstandard
 
 from . import api, encoder
+from . import format as fmt
 from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
-                         check_names, check_safetensors, file_mode, load_json, model_files,
+                         check_names, file_mode, load_json, model_files,
                          parse_header, read_layout, write_safetensors)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
+from .names import device_name
+from .progress import _Progress
 
-__all__ = ["save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
+__all__ = ["choose_codec", "save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
            "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
            "decompress_path", "iter_decoded", "TensorInfo"]
 
@@ -74,18 +81,29 @@ def _checksum(t: Tensor, data) -> int:
 
 # ---------------------------------------------------------------------------------- compressing
 
+def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
+                 ) -> tuple[str, bytes | None]:
+    """(codec, payload) that compress stores a tensor as, from its dtype name, shape and bytes
+    (uint8, C order); payload None means 'store unchanged'.  options: ``ecf8.encode``'s, plus
+    ``zstd_level`` (default ZSTD_LEVEL).  ``ecf8 analyze`` calls this too, so its verdicts are
+    what compress does."""
+    options = dict(options)
+    level = options.pop("zstd_level", ZSTD_LEVEL)
+    raw = raw.reshape(-1)
+    if dtype_name in CODED and raw.size and len(shape) <= fmt.MAX_NDIM:     # (more dims: zstd/raw)
+        blob = encoder.encode(raw.view(DTYPE_NAMES[dtype_name]).reshape(shape), **options)
+        if len(blob) < raw.size:
+            return "ecf8", blob
+    if raw.size >= 64:
+        packed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw.data)
+        if len(packed) <= raw.size - raw.size // 16:
+            return "zstd", packed
+    return "none", None
+
+
 def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int]:
     """(codec, payload, crc) of one tensor from its raw bytes (uint8); payload None: unchanged."""
-    crc = _checksum(t, raw)
-    if t.dtype in CODED and raw.size:
-        blob = encoder.encode(raw.view(DTYPE_NAMES[t.dtype]).reshape(t.shape), **options)
-        if len(blob) < raw.size:
-            return "ecf8", blob, crc
-    if raw.size >= 64:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw.data)
-        if len(packed) <= raw.size - raw.size // 16:
-            return "zstd", packed, crc
-    return "none", None, crc
+    return (*choose_codec(t.dtype, t.shape, raw, options), _checksum(t, raw))
 
 
 def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int]:
@@ -121,6 +139,8 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+    except cf.process.BrokenProcessPool:
+        raise ECF8Error(f"{src}: a worker process died (out of memory? try fewer jobs)") from None
     except BaseException:
         if pool is not None:
             kill = getattr(pool, "kill_workers", None)           # Python 3.14+
@@ -132,26 +152,6 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
         raise
     if pool is not None:
         pool.shutdown()
-
-
-class _Progress:
-    """A one-line progress bar on stderr, shown only when stderr is a terminal."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None = None):
-        self.total, self.done, self.label = max(total, 1), 0, label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def advance(self, amount: int, what: str = "") -> None:
-        self.done += amount
-        if self.enabled:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(30 * frac)
-            print(f"\r{self.label} [{bar:30}] {frac:6.1%} {what[:40]:40}", end="", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
 
 
 def _is_packed(meta: dict[str, str]) -> bool:
@@ -220,7 +220,7 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
             raw = layout.text + _dumps(table)
             blob = zstandard.ZstdCompressor(level=RECORD_LEVEL, write_checksum=True).compress(raw)
             f.write(blob)
-            info.update(size=len(raw), crc=zlib.crc32(raw))
+            info.update(size=len(raw), crc=_record_crc(raw, len(layout.text)))
             text = _packed_header(layout, sizes + [len(blob)], record, info)
             if len(text) > reserved:
                 raise ECF8Error("internal error: safetensors header outgrew its reservation")
@@ -256,6 +256,8 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
     try:
         write_safetensors(tensors, tmp, metadata)
         compress_file(tmp, path, jobs=1, progress=False, **options)
+    except ECF8Error as e:          # name the user's file, not the temporary one
+        raise type(e)(str(e).replace(str(tmp), str(path))) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -282,10 +284,13 @@ class _Packed:
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         self.stored = {t.name: view[packed.data_start + t.begin: packed.data_start + t.end]
                        for t in packed.tensors}
+        self.stored_as = {t.name: (t.dtype, t.shape) for t in packed.tensors}
         self.version = info["version"]
         text, table = self._v2(info) if self.version == VERSION else self._v1(info)
         self.original = parse_header(text, f"{path}: the original header")
         self.tensors = {t.name: t for t in self.original.tensors}
+        if self.version == VERSION and info["record"] in self.tensors:
+            raise CorruptDataError(f"{path}: the record {info['record']!r} is also an original tensor")
         extra = set(self.stored) - set(self.tensors) - {info.get("record")}
         missing = set(self.tensors) - set(self.stored)
         if extra or missing or set(table) != set(self.tensors):
@@ -301,6 +306,11 @@ class _Packed:
                     row[0] == "ecf8" and t.dtype not in CODED):
                 raise CorruptDataError(f"{path}: tensor {name!r}: {len(self.stored[name])} stored bytes "
                                        f"do not fit codec {row[0]} for {t.dtype} {list(t.shape)}")
+        if self.version == VERSION:
+            odd = [name for name, (dtype, shape) in self.stored_as.items()
+                   if dtype != "U8" or shape != (len(self.stored[name]),)]
+            if odd:
+                raise CorruptDataError(f"{path}: tensor {odd[0]!r} is not stored as U8 bytes")
         self.codecs = table
         keep = {k: v for k, v in packed.metadata.items() if k != META_KEY}
         if keep != {k: v for k, v in self.original.metadata.items() if k != META_KEY}:
@@ -309,11 +319,13 @@ class _Packed:
     def _v2(self, info: dict) -> tuple[bytes, dict]:
         path, record = self.path, info.get("record")
         n, size, crc = info.get("header"), info.get("size"), info.get("crc")
-        if not (isinstance(record, str) and record in self.stored and all(type(v) is int for v in (n, size, crc))
+        if not (set(info) == {"format", "version", "record", "header", "size", "crc"}
+                and isinstance(record, str) and record in self.stored
+                and all(type(v) is int for v in (n, size, crc))
                 and 0 <= n <= min(size, MAX_HEADER) and size <= 4 * MAX_HEADER):
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
         raw = _unzstd(self.stored[record], size, f"{path}: record {record!r}")
-        if zlib.crc32(raw) != crc:
+        if _record_crc(raw, n) != crc or raw[n:n + 1] != b"{":
             raise CorruptDataError(f"{path}: record {record!r} fails its checksum")
         table = load_json(raw[n:], f"{path}: record {record!r}")
         if not isinstance(table, dict):
@@ -322,7 +334,7 @@ class _Packed:
 
     def _v1(self, info: dict) -> tuple[bytes, dict]:
         rows, text = info.get("tensors"), info.get("header")
-        if not (isinstance(rows, dict) and isinstance(text, str)
+        if not (set(info) == {"format", "version", "tensors", "header"} and isinstance(rows, dict) and isinstance(text, str)
                 and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
             raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']")
         try:
@@ -353,7 +365,7 @@ class _Packed:
         """An ecf8-coded tensor decoded on a device, checked to have the original dtype and shape."""
         t = self.tensors[name]
         try:
-            x = api.decode(self.stored[name], device=device)
+            x = api.decode(np.frombuffer(self.stored[name], np.uint8), device=device)
         except ECF8Error as e:
             raise type(e)(f"{self.path}: tensor {name!r}: {e}") from None
         if x.dtype != DTYPE_NAMES[t.dtype] or tuple(x.shape) != t.shape:
@@ -363,6 +375,11 @@ class _Packed:
 
     def close(self) -> None:
         self.stored = {}
+
+
+def _record_crc(raw: bytes, n: int) -> int:
+    """crc32 of the record, seeded with its split point (the original header's length, 8 bytes LE)."""
+    return zlib.crc32(raw, zlib.crc32(n.to_bytes(8, "little")))
 
 
 def _unzstd(data, size: int, where: str) -> bytes:
@@ -380,8 +397,9 @@ def _unzstd(data, size: int, where: str) -> bytes:
 
 def _numpy_dtype(path: Path, t: Tensor) -> np.dtype:
     dtype = DTYPE_NAMES.get(t.dtype) or _MORE_DTYPES.get(t.dtype)
-    if dtype is None:
-        raise UnsupportedError(f"{path}: tensor {t.name!r} has dtype {t.dtype}, which NumPy cannot hold")
+    if dtype is None or math.prod(t.shape) * np.dtype(dtype).itemsize != t.nbytes:
+        raise UnsupportedError(f"{path}: tensor {t.name!r} has dtype {t.dtype} {list(t.shape)}, "
+                               f"which NumPy cannot hold as {t.nbytes} bytes")
     return np.dtype(dtype)
 
 
@@ -398,6 +416,7 @@ class CompressedFile:
     """
 
     def __init__(self, path: Path, device: str = "cpu", *, compressed: bool = False):
+        device = device_name(device)
         if compressed and device == "cpu":
             raise UnsupportedError("compressed=True keeps tensors compressed on a GPU: give device='cuda'")
         self.device, self.compressed = device, compressed

@@ -1,31 +1,46 @@
-"""PyTorch adapter: tensors in and out, and just-in-time decoding of a module's weights.
+"""PyTorch adapter: tensors in and out, checkpoints, and just-in-time decoding of a module's weights.
 
     blob = ecf8.torch.encode(w)                       # w: float8_e4m3fn / float8_e5m2 / bfloat16 / float16
     w2 = ecf8.torch.decode(blob, device="cuda")       # on torch's current stream
+    ecf8.torch.save_file({"w": w}, "x.safetensors")   # like safetensors.torch, compressed
     stats = ecf8.torch.compress_module(model)          # weights stay compressed, decoded per forward
     ecf8.torch.decompress_module(model)
+    ecf8.torch.load_model(meta_model, "ckpt/", device="cuda")   # file -> compressed GPU storage
 
 GPU decoding writes into memory from torch's caching allocator on torch's current stream (or the
 ``stream`` given: a ``torch.cuda.Stream``, an int handle or an object with ``__cuda_stream__``).
+
+A compressed module (after ``compress_module`` or ``load_model``) behaves like the original module
+for inference: ``module.weight`` decodes on demand (inside ``forward``: the just-in-time copy),
+``state_dict()`` holds the decoded weights under their usual keys and ``load_state_dict`` re-encodes
+what it is given; ``torch.save``/``pickle``/``copy.deepcopy`` give a compressed module again.  ``.to(device)``
+moves the compressed frames; a dtype conversion makes the weight an ordinary Parameter again.  Its
+compressed weights are not ``parameters()`` (they have no gradient); tied weights stay tied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from . import api, encoder
 from . import format as fmt
-from .errors import UnsupportedError
+from .errors import ECF8Error, UnsupportedError
 
-__all__ = ["encode", "decode", "compress_module", "decompress_module", "CompressionStats"]
+__all__ = ["encode", "decode", "save_file", "load_file", "compress_module", "decompress_module",
+           "load_model", "from_pretrained", "CompressionStats", "is_compressed"]
 
 TORCH_DTYPES = {1: torch.float8_e4m3fn, 2: torch.float8_e5m2, 3: torch.bfloat16, 4: torch.float16}
 _FROM_TORCH = {v: fmt.DTYPES[k] for k, v in TORCH_DTYPES.items()}
 _BITS = {1: torch.uint8, 2: torch.int16}       # torch views used to move element bits
+_UINTS = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
 
 
 def _spec(t: torch.Tensor) -> fmt.DtypeSpec:
@@ -41,6 +56,16 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     spec = _spec(t)
     bits = t.detach().contiguous().view(_BITS[spec.dtype.itemsize]).cpu().numpy()
     return bits.view(spec.dtype)
+
+
+def from_numpy(x: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing x's memory, of the matching torch dtype (ml_dtypes FP8/BF16 too)."""
+    try:
+        spec = fmt.spec_for_dtype(x.dtype)
+    except ECF8Error:
+        return torch.from_numpy(np.ascontiguousarray(x)) if x.ndim else torch.from_numpy(np.array(x))
+    bits = np.ascontiguousarray(x).view(np.uint8 if x.itemsize == 1 else np.int16)
+    return torch.from_numpy(bits).view(TORCH_DTYPES[spec.code])
 
 
 def encode(t: torch.Tensor, **options) -> bytes:
@@ -67,9 +92,7 @@ def decode(blob: Any, device: str | torch.device = "cpu", out: torch.Tensor | No
     if device.type == "cpu":
         if stream is not None:
             raise UnsupportedError("stream= applies to GPU decoding only")
-        y = api.decode(blob)
-        code = fmt.spec_for_dtype(y.dtype).code
-        t = torch.from_numpy(y.view(np.uint8 if y.itemsize == 1 else np.int16)).view(TORCH_DTYPES[code])
+        t = from_numpy(api.decode(blob))
         if out is None:
             return t
         _check_out(out, t.numel(), t.element_size(), device)
@@ -79,8 +102,8 @@ def decode(blob: Any, device: str | torch.device = "cpu", out: torch.Tensor | No
         raise UnsupportedError(f"device must be cpu or cuda, not {device}")
     from . import decoder_cuda
 
-    dt = blob if isinstance(blob, decoder_cuda.DeviceTensor) else decoder_cuda.to_device(
-        blob, f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}")
+    dt = blob if isinstance(blob, decoder_cuda.DeviceTensor) else _upload(
+        blob, device.index if device.index is not None else torch.cuda.current_device())
     dev = torch.device("cuda", dt.device_id)
     code, n = dt.frame.spec.code, dt.frame.n
     width = dt.frame.spec.dtype.itemsize
@@ -98,57 +121,412 @@ def _check_out(out: torch.Tensor, n: int, width: int, device: torch.device) -> N
         raise UnsupportedError(f"out must be a contiguous {device} tensor of {n * width} bytes")
 
 
+# --- GPU memory through torch's allocator --------------------------------------------------------
+
+def _torch_allocator(size: int):
+    """A CuPy allocation served by torch's caching allocator (counted by torch.cuda memory stats,
+    bounded by set_per_process_memory_fraction, reusable by the model)."""
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    t = torch.empty(max(size, 1), dtype=torch.uint8, device=f"cuda:{dev}")
+    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(t.data_ptr(), size, t, dev), 0)
+
+
+@contextlib.contextmanager
+def torch_memory():
+    """Within this block (this thread), CuPy allocations made by ecf8 come from torch's allocator."""
+    from .decoder_cuda import _cupy
+
+    with _cupy().cuda.using_allocator(_torch_allocator):
+        yield
+
+
+def _upload(blob: Any, index: int):
+    """A frame uploaded to cuda:index as a DeviceTensor, in torch-allocated memory."""
+    from . import decoder_cuda
+
+    with torch_memory():
+        return decoder_cuda.to_device(blob, f"cuda:{index}")
+
+
+def _to_torch(x: Any) -> torch.Tensor:
+    """A torch tensor from a NumPy array (CPU) or a decoded CudaArray (zero-copy on the GPU)."""
+    if isinstance(x, np.ndarray):
+        return from_numpy(x if x.flags.writeable else np.array(x))     # not a view of a file map
+    dtype = TORCH_DTYPES[fmt.spec_for_dtype(x.dtype).code] if x.dtype in _NP_CODED else \
+        torch.from_numpy(np.empty(0, x.dtype)).dtype
+    if not x.size:
+        return torch.empty(x.shape, dtype=dtype, device=f"cuda:{x.bits.device.id}")
+    bits = torch.from_dlpack(x.bits)
+    return bits.view(_UINTS[x.dtype.itemsize]).view(dtype).view(x.shape)
+
+
+_NP_CODED = {s.dtype for s in fmt.DTYPES.values()}
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
+              **options) -> None:
+    """Write torch tensors (CPU or CUDA, any dtype safetensors has) as an ecf8 checkpoint.
+
+    Like ``safetensors.torch.save_file``; FP8/BF16/FP16 tensors are stored as ECF8 frames, others
+    zstd-packed or raw (see ``ecf8.save_file``).  options go to ``ecf8.encode``.
+    Raises UnsupportedError for a non-tensor value or a dtype safetensors has no name for.
+    """
+    from . import store
+
+    arrays = {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise UnsupportedError(f"tensor {name!r}: expected a torch.Tensor, not {type(t).__name__}")
+        if t.device.type == "meta":
+            raise UnsupportedError(f"tensor {name!r} is on the meta device: it has no data to save")
+        t = t.detach()
+        try:
+            arrays[name] = to_numpy(t) if t.dtype in _FROM_TORCH else t.cpu().contiguous().numpy()
+        except TypeError:
+            raise UnsupportedError(f"tensor {name!r}: {t.dtype} has no safetensors name") from None
+    store.save_file(arrays, Path(path), metadata, **options)
+
+
+def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of an ecf8 checkpoint file as a torch tensor of its own dtype on `device`.
+
+    Like ``safetensors.torch.load_file``; on a GPU the frames are decoded there.  Raises
+    CorruptDataError / UnsupportedError for a damaged or non-ecf8 file.
+    """
+    from . import store
+
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
+    target = "cpu" if dev.type == "cpu" else f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
+    with torch_memory() if dev.type == "cuda" else contextlib.nullcontext():
+        return {name: _to_torch(x) for name, _, x in store.iter_decoded(Path(path), target)}
+
+
 # --- just-in-time decoding of a module's weights ------------------------------------------------
 
 @dataclasses.dataclass
 class CompressionStats:
     """Bytes of the weights that compress_module replaced, and what holds them now."""
 
-    modules: int
-    original_bytes: int
+    modules: int                # modules whose weight is held compressed
+    original_bytes: int         # the weights freed (a tied matrix counted once)
     compressed_bytes: int       # frames (host bytes on CPU; on a GPU with decode tables and index)
-    buffer_bytes: int           # the shared decode buffer(s)
+    buffer_bytes: int           # one decode buffer per device (per thread and stream in use)
+    weights: int = 0            # distinct compressed weights (< modules when weights are tied)
 
     @property
     def resident_bytes(self) -> int:
         return self.compressed_bytes + self.buffer_bytes
 
 
-class _Compressed:
-    """A module's weight held compressed, decoded into a shared buffer before each forward."""
+class _Pool:
+    """Decode buffers shared by the weights of one compress_module / load_model call.
 
-    def __init__(self, module: torch.nn.Module, weight: torch.nn.Parameter, blob: Any,
-                 buffers: dict):
-        self.dtype, self.shape, self.requires_grad = weight.dtype, tuple(weight.shape), weight.requires_grad
-        self.device = weight.device
-        self.nbytes = weight.numel() * weight.element_size()
-        self.blob = blob
-        self.buffers = buffers
-        self.view: torch.Tensor | None = None      # the buffer seen as this weight, made once
-        self.hooks = [module.register_forward_pre_hook(self.before),
-                      module.register_forward_hook(self.after)]
+    One buffer per device, thread, CUDA stream and nesting depth, sized for the largest weight on
+    that device: threads and streams never share one, so concurrent forwards stay exact.
+    """
 
-    def materialize(self) -> torch.Tensor:
-        if self.view is None:
-            buf = self.buffers[self.device][: self.nbytes]
-            self.view = buf.view(self.dtype).view(self.shape)
-        if self.device.type == "cuda":                 # launch only, on torch's current stream
-            self.blob.launch(self.view.data_ptr(), torch.cuda.current_stream(self.device).cuda_stream)
-            return self.view
-        return decode(self.blob, self.device, out=self.view)
+    def __init__(self) -> None:
+        self.sizes: dict[torch.device, int] = {}
+        self.weights: weakref.WeakSet = weakref.WeakSet()
+        self._local = threading.local()
 
-    def before(self, module, args):
-        module.__dict__["weight"] = self.materialize()
+    def __getstate__(self) -> dict:
+        return {"sizes": dict(self.sizes)}
 
-    def after(self, module, args, output):
-        module.__dict__.pop("weight", None)
+    def __setstate__(self, state: dict) -> None:
+        self.sizes = state["sizes"]
+        self.weights = weakref.WeakSet()         # the weights add themselves back
+        self._local = threading.local()
+
+    def add(self, w: "_Weight") -> None:
+        self.weights.add(w)
+        self.sizes[w.device] = max(self.sizes.get(w.device, 0), w.nbytes)
+
+    def release(self, device: torch.device) -> None:
+        """Forget a device no weight is on any more (this thread's buffers there are freed)."""
+        if not any(w.device == device for w in self.weights):
+            self.sizes.pop(device, None)
+            local = self.state()
+            for key in [k for k in local.buffers if k[0] == device]:
+                del local.buffers[key]
+            local.views.clear()
+
+    def state(self) -> Any:
+        local = self._local
+        if not hasattr(local, "buffers"):
+            local.buffers, local.views, local.depth, local.active = {}, {}, {}, {}
+        return local
+
+    def view(self, w: "_Weight") -> Any:
+        """This thread's buffer for w's device, current stream and nesting depth, viewed as w."""
+        local = self.state()
+        stream = torch.cuda.current_stream(w.device).cuda_stream if w.device.type == "cuda" else 0
+        key = (w.device, stream, local.depth.get(w.device, 0))
+        buf = local.buffers.get(key)
+        if buf is None:
+            buf = local.buffers[key] = torch.empty(self.sizes[w.device], dtype=torch.uint8, device=w.device)
+            local.views.clear()
+        view = local.views.get((key, w))
+        if view is None:
+            view = local.views[(key, w)] = buf[: w.nbytes].view(w.dtype).view(w.shape)
+        return view
+
+    def warm(self, weights: list) -> None:
+        """Allocate this thread's buffers now (e.g. before a CUDA graph capture)."""
+        largest = {}
+        for w in weights:
+            if w.nbytes >= getattr(largest.get(w.device), "nbytes", -1):
+                largest[w.device] = w
+        for w in largest.values():
+            self.view(w)
+
+    def buffer_bytes(self) -> int:
+        return sum(self.sizes.values())
 
 
-def _eligible(module: torch.nn.Module, min_numel: int, embeddings: bool) -> bool:
-    w = module._parameters.get("weight")
-    return (w is not None and w.dtype in _FROM_TORCH and w.dim() == 2 and w.numel() >= min_numel
-            and not hasattr(module, "_ecf8")
-            and (embeddings or not isinstance(module, torch.nn.Embedding)))
+class _Weight:
+    """One weight held compressed: a host frame (CPU) or a DeviceTensor (GPU), shared by every
+    module that holds it (tied weights)."""
+
+    def __init__(self, blob: Any, dtype: torch.dtype, shape: tuple, device: torch.device,
+                 requires_grad: bool, pool: _Pool, options: dict):
+        self.blob, self.dtype, self.shape, self.device = blob, dtype, tuple(shape), device
+        self.requires_grad, self.pool, self.options = requires_grad, pool, options
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        pool.add(self)
+
+    @property
+    def stored_bytes(self) -> int:
+        return len(self.blob) if self.device.type == "cpu" else self.blob.nbytes
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("plain", None)
+        if self.device.type == "cuda":                  # device pointers do not survive a pickle
+            state["blob"] = self.blob.payload.get().tobytes()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.device.type == "cuda":
+            self.blob = _upload(self.blob, self.device.index)
+        self.pool.add(self)
+
+    def _launch(self, out: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":                   # launch only, on torch's current stream
+            self.blob.launch(out.data_ptr(), torch.cuda.current_stream(self.device).cuda_stream)
+            return out
+        return decode(self.blob, self.device, out=out)
+
+    def fresh(self) -> torch.Tensor:
+        """The weight decoded into new memory on its device."""
+        if self.device.type == "cuda":
+            return self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device))
+        return decode(self.blob, self.device)
+
+    def current(self) -> torch.Tensor:
+        """The weight seen by this thread: its decode buffer inside forward, else a fresh copy."""
+        active = self.pool.state().active.get(id(self))
+        return active if active is not None else self.fresh()
+
+    @contextlib.contextmanager
+    def decoded(self) -> Iterator[torch.Tensor]:
+        """Decode into this thread's (and stream's) buffer for the span of a forward."""
+        local = self.pool.state()
+        view = self._launch(self.pool.view(self))
+        depth = local.depth.get(self.device, 0)
+        previous = local.active.get(id(self))
+        local.depth[self.device], local.active[id(self)] = depth + 1, view
+        try:
+            yield view
+        finally:
+            local.depth[self.device] = depth
+            if previous is None:
+                local.active.pop(id(self), None)
+            else:
+                local.active[id(self)] = previous
+
+    def host_frame(self) -> bytes:
+        return self.blob if self.device.type == "cpu" else self.blob.payload.get().tobytes()
+
+    def move(self, device: torch.device) -> None:
+        """Hold the frame on another device (re-uploaded as it is: nothing is decoded)."""
+        _check_device(device, "the target device")
+        frame = self.host_frame()
+        self.blob = _upload(frame, device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else frame
+        old, self.device = self.device, torch.device("cuda", self.blob.device_id) if device.type == "cuda" else device
+        self.pool.add(self)
+        self.pool.release(old)
+
+    def assign(self, value: torch.Tensor) -> None:
+        """Replace the held weight by value (cast to this weight's dtype), re-encoded."""
+        blob = encode(value.detach().to(self.dtype), **self.options)
+        self.blob = _upload(blob, self.device.index) if self.device.type == "cuda" else blob
+
+
+class _CompressedModule:
+    """Mixed into a compressed module's class: ``weight`` is decoded, not a Parameter."""
+
+    _ecf8_base: type
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.__dict__["_ecf8"].current()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise UnsupportedError(f"{type(self).__name__}.weight is held compressed by ecf8: call "
+                                   "ecf8.torch.decompress_module first, or load_state_dict to replace it")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "weight":
+            raise UnsupportedError(f"{type(self).__name__}.weight is held compressed by ecf8: call "
+                                   "ecf8.torch.decompress_module first")
+        super().__delattr__(name)
+
+    def forward(self, *args, **kwargs):
+        with self.__dict__["_ecf8"].decoded():
+            return self._ecf8_base.forward(self, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.__dict__["_ecf8"].fresh()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        value = state_dict.pop(key, None)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            if value is not None:
+                state_dict[key] = value
+        w = self.__dict__["_ecf8"]
+        if value is None:
+            if strict:
+                missing_keys.append(key)
+        elif not isinstance(value, torch.Tensor) or tuple(value.shape) != w.shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                              f"{tuple(getattr(value, 'shape', ()))} from checkpoint, the shape in "
+                              f"current model is {torch.Size(w.shape)}.")
+        else:
+            w.assign(value)
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .cpu() move the frames (nothing decoded); a dtype conversion
+        (.float(), .half(), ...) turns the weight back into a Parameter, then converts it."""
+        w = self.__dict__["_ecf8"]
+        probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
+        if probe.dtype != w.dtype:
+            plain = w.__dict__.get("plain")             # one Parameter for all holders of a tie
+            if plain is None:
+                plain = w.plain = torch.nn.Parameter(w.fresh(), requires_grad=w.requires_grad)
+            _detach(self, plain)
+            return self._apply(fn, recurse)
+        if probe.device != w.device:
+            w.move(probe.device)
+        return super()._apply(fn, recurse)
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild, (self._ecf8_base,), self.__dict__
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _compressed_class(base: type) -> type:
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = _CLASSES[base] = type(base.__name__, (_CompressedModule, base),
+                                    {"_ecf8_base": base, "__module__": __name__,
+                                     "__qualname__": f"_CLASSES[{base.__qualname__}]"})
+    return cls
+
+
+def _rebuild(base: type) -> torch.nn.Module:
+    """Unpickling: an empty instance of the compressed class of `base` (its state follows)."""
+    cls = _compressed_class(base)
+    return cls.__new__(cls)
+
+
+def is_compressed(module: torch.nn.Module) -> bool:
+    """True when `module` itself holds its weight compressed."""
+    return isinstance(module, _CompressedModule)
+
+
+def _attach(module: torch.nn.Module, w: _Weight) -> None:
+    """Make `module` hold `w` in place of its ``weight`` parameter."""
+    params = module._parameters
+    order = list(params)
+    params.pop("weight", None)
+    module.__dict__["_ecf8_order"] = order
+    object.__setattr__(module, "__class__", _compressed_class(type(module)))
+    module.__dict__["_ecf8"] = w
+
+
+def _detach(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
+    """Undo _attach: `param` becomes the module's weight again, in its original place."""
+    order = module.__dict__.pop("_ecf8_order", ["weight"])
+    module.__dict__.pop("_ecf8", None)
+    object.__setattr__(module, "__class__", module._ecf8_base)
+    params = dict(module._parameters, weight=param)
+    module._parameters.clear()
+    for name in [n for n in order if n in params] + [n for n in params if n not in order]:
+        module._parameters[name] = params[name]
+
+
+def _owners(root: torch.nn.Module) -> tuple[dict, dict]:
+    """({id(param): [(module, attribute name, qualified name)]}, {id: param}) over every module,
+    tied parameters listed once with all their holders."""
+    holders: dict[int, list] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for prefix, m in root.named_modules(remove_duplicate=False):
+        for name, p in m._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((m, name, f"{prefix}.{name}" if prefix else name))
+                params[id(p)] = p
+    for key, hs in holders.items():           # a module reached by two paths is one holder
+        seen, unique = set(), []
+        for h in hs:
+            if (id(h[0]), h[1]) not in seen:
+                seen.add((id(h[0]), h[1]))
+                unique.append(h)
+        holders[key] = unique
+    return holders, params
+
+
+def _eligible(holders: list, p: torch.Tensor, min_numel: int, embeddings: bool) -> bool:
+    """A parameter is compressed only where that frees it: every holder is a module's `weight`,
+    and no holder is an Embedding unless embeddings=True (else the raw matrix stays anyway)."""
+    return (p.dtype in _FROM_TORCH and p.dim() == 2 and p.numel() >= min_numel
+            and all(name == "weight" and not is_compressed(m)
+                    and (embeddings or not isinstance(m, torch.nn.Embedding)) for m, name, _ in holders))
+
+
+def _check_device(device: torch.device, what: str) -> None:
+    if device.type == "meta":
+        raise UnsupportedError(f"{what} is on the meta device (no data): load the weights first, "
+                               "e.g. with ecf8.torch.load_model")
+    if device.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"{what} is on {device}: ecf8 holds weights on cpu or cuda only")
+    if device.type == "cuda":
+        from .decoder_cuda import _cupy
+
+        _cupy()
+
+
+def _tables(numel: int, options: dict) -> dict:
+    # A GPU holds an 8 KB decode table per code table: one table per 512 K weights at most.
+    return dict(options, max_tables=options.get("max_tables", max(1, min(4, numel >> 19))))
 
 
 def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embeddings: bool = False,
@@ -157,53 +535,78 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
 
     Linear-like modules qualify, Transformers' fine-grained FP8 linears included (their
     ``weight_scale_inv`` stays as it is); Embedding tables only with embeddings=True, since the
-    whole table is decoded at every forward and it is usually the largest weight, which sets the
-    size of the shared buffer.  Each weight is decoded just before its module's forward into one
-    buffer per device, shared by all compressed modules and sized for the largest weight, and
-    dropped after it.  chunk_size defaults to 4096 (decode latency over +0.1 bits/weight) and
-    max_tables to one per 512 K weights (each costs an 8 KB decode table on the GPU); options go to
-    ``ecf8.encode``.  Inference only: compressed weights have no gradient.
+    whole table is decoded at every forward.  A weight tied between modules is compressed once,
+    and only when every module holding it qualifies.  Each weight is decoded just before its
+    module's forward into a buffer sized for the largest weight (one per device, thread and CUDA
+    stream) and dropped after it.  chunk_size defaults to 4096 (decode latency over +0.1
+    bits/weight) and max_tables to one per 512 K weights; options go to ``ecf8.encode``.
+    Inference only: compressed weights have no gradient.
+
+    Every target is checked before anything changes: a weight on the meta device or on a device
+    other than cpu/cuda raises UnsupportedError and leaves the model as it was.
     """
     options = dict(options, chunk_size=chunk_size)
-    targets = [m for m in module.modules() if _eligible(m, min_numel, embeddings)]
-    buffers: dict = {}
-    sizes: dict = {}
+    holders, params = _owners(module)
+    targets = [(params[k], hs) for k, hs in holders.items()
+               if _eligible(hs, params[k], min_numel, embeddings)]
+    for p, hs in targets:
+        _check_device(p.device, f"weight {hs[0][2]!r}")
+    pool = _Pool()
+    done: list[tuple[torch.nn.Parameter, list]] = []
     original = compressed = 0
-    for m in targets:
-        w = m._parameters["weight"]
-        nbytes = w.numel() * w.element_size()
-        sizes[w.device] = max(sizes.get(w.device, 0), nbytes)
-        # A GPU holds an 8 KB decode table per code table: one table per 512 K weights at most.
-        tables = options.get("max_tables", max(1, min(4, w.numel() >> 19)))
-        blob = encode(w, **dict(options, max_tables=tables))
-        original += nbytes
-        if w.device.type == "cuda":
-            from . import decoder_cuda
-
-            blob = decoder_cuda.to_device(blob, f"cuda:{w.device.index}")
-            compressed += blob.nbytes          # frame + decode tables + index on the device
-        else:
-            compressed += len(blob)
-        del m._parameters["weight"]
-        m._ecf8 = _Compressed(m, w, blob, buffers)
-        del w
-    for device, nbytes in sizes.items():
-        buffers[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return CompressionStats(len(targets), original, compressed, sum(sizes.values()))
+    try:
+        for p, hs in targets:
+            blob = encode(p, **_tables(p.numel(), options))
+            if p.device.type == "cuda":
+                blob = _upload(blob, p.device.index)
+            w = _Weight(blob, p.dtype, tuple(p.shape), p.device, p.requires_grad, pool,
+                        _tables(p.numel(), options))
+            for m, _, _ in hs:
+                _attach(m, w)
+            done.append((p, hs))
+            original += p.numel() * p.element_size()
+            compressed += w.stored_bytes
+    except BaseException:
+        for p, hs in done:                      # the originals are still referenced: put them back
+            for m, _, _ in hs:
+                _detach(m, p)
+        raise
+    pool.warm([hs[0][0].__dict__["_ecf8"] for _, hs in done])
+    return CompressionStats(sum(len(hs) for _, hs in done), original, compressed, pool.buffer_bytes(),
+                            len(done))
 
 
 def decompress_module(module: torch.nn.Module) -> int:
-    """Undo compress_module: every compressed weight becomes a Parameter again; returns how many."""
+    """Undo compress_module / load_model: each compressed weight becomes a Parameter again (tied
+    modules share one Parameter again); returns how many modules changed."""
+    params: dict[int, torch.nn.Parameter] = {}
     count = 0
     for m in module.modules():
-        state = m.__dict__.pop("_ecf8", None)
-        if state is None:
+        if not is_compressed(m):
             continue
-        for hook in state.hooks:
-            hook.remove()
-        m.__dict__.pop("weight", None)
-        weight = state.materialize().clone()
-        state.view = None
-        m._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=state.requires_grad)
+        w = m.__dict__["_ecf8"]
+        p = params.get(id(w))
+        if p is None:
+            p = params[id(w)] = torch.nn.Parameter(w.fresh(), requires_grad=w.requires_grad)
+        _detach(m, p)
         count += 1
     return count
+
+
+def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cuda", **kwargs
+               ) -> CompressionStats:
+    """Load an ecf8 checkpoint into `model`, keeping eligible weights compressed on the GPU.
+
+    See ``ecf8.loading.load_model``.
+    """
+    from .loading import load_model as load
+
+    return load(model, path, device, **kwargs)
+
+
+def from_pretrained(folder: str | Path, device: str | torch.device = "cuda", **kwargs) -> torch.nn.Module:
+    """A Transformers model from an ecf8 checkpoint folder holding config.json; see
+    ``ecf8.loading.from_pretrained``."""
+    from .loading import from_pretrained as load
+
+    return load(folder, device, **kwargs)

@@ -53,3 +53,6 @@ def test_safe_open_reads_one_tensor_without_the_others(tmp_path):
             f.get_tensor("c")
     with pytest.raises(ecf8.UnsupportedError, match="framework"):
         ecf8.safe_open(path, "pt")
+    torch = pytest.importorskip("torch")
+    with ecf8.safe_open(path, device=torch.device("cpu")) as f:         # device objects, as decode
+        assert f.get_tensor("b").dtype == ml_dtypes.float8_e4m3fn

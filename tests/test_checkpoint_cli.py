@@ -3,7 +3,6 @@ on any; compressed folders accepted (issue 9, class 7)."""
 
 import ml_dtypes
 import numpy as np
-import pytest
 
 from ecf8 import store
 from ecf8.checkpoint import write_safetensors

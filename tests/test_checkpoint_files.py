@@ -45,6 +45,19 @@ def test_output_modes_follow_the_input_or_the_umask(tmp_path, umask_022):
     assert (tmp_path / "cdir" / "config.json").stat().st_mode & 0o777 == 0o644
 
 
+def _die(*args):
+    os._exit(3)          # a worker killed (say, by the kernel's OOM killer)
+
+
+def test_a_dead_worker_is_an_ecf8_error(tmp_path, monkeypatch):
+    src = tmp_path / "in.safetensors"
+    write_safetensors({f"w{k}": np.zeros(1 << 17, ml_dtypes.bfloat16) for k in range(4)}, src)
+    monkeypatch.setattr(store, "_worker", _die)
+    with pytest.raises(ecf8.ECF8Error, match="worker process died"):
+        store.compress_file(src, tmp_path / "out.safetensors", jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -76,11 +89,11 @@ def test_an_interrupted_compress_leaves_nothing(tmp_path, sig, code):
            "compress", str(src), "-o", str(out), "--jobs", "2"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
-    deadline = time.monotonic() + 60
-    while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "compress finished before it could be interrupted"
-    time.sleep(0.3)
+    start = time.monotonic()
+    while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < start + 60:
+        time.sleep(0.02)
+    assert proc.poll() is None, (f"compress ended ({proc.returncode}) after {time.monotonic() - start:.1f} s, "
+                                 f"before it could be interrupted: {proc.communicate()}")
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)         # Ctrl-C reaches the whole process group
     else:

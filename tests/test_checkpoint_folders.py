@@ -92,3 +92,13 @@ def test_an_existing_output_folder_is_not_overwritten(tmp_path):
     with pytest.raises(ecf8.UnsupportedError, match="already exists"):
         store.compress_path(src, tmp_path / "c")
     assert _tree(tmp_path / "c") == {"keep.txt": b"mine"}
+
+
+def test_a_linked_subfolder_is_refused_not_skipped(tmp_path):
+    src = _model(tmp_path / "model")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "vocab.txt").write_text("a b c")
+    (src / "extra").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ecf8.UnsupportedError, match="link to a folder"):
+        store.compress_path(src, tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -107,7 +107,7 @@ def test_deleting_the_last_tensor_is_caught(packed, tmp_path):
     _all_refuse(out, tmp_path, "'w'")
 
 
-@pytest.mark.parametrize("where", ["record", "crc", "original header"])
+@pytest.mark.parametrize("where", ["record", "crc", "original header", "split"])
 def test_the_record_is_checked(packed, tmp_path, where):
     src, out = packed
     if where == "record":                                  # a flipped bit inside the record
@@ -118,6 +118,8 @@ def test_the_record_is_checked(packed, tmp_path, where):
             info = json.loads(header["__metadata__"]["ecf8"])
             if where == "crc":
                 info["crc"] ^= 1
+            elif where == "split":      # the original header ends in padding: one space less
+                info["header"] -= 1
             else:               # a re-made record that holds another header, with a matching crc
                 raw = src.read_bytes()[8:8 + info["header"]].replace(b'"pt"', b'"px"')
                 raw += json.dumps({k: v for k, v in _table(out).items()}).encode()
@@ -125,7 +127,7 @@ def test_the_record_is_checked(packed, tmp_path, where):
                 a, b = header["__ecf8__"]["data_offsets"]
                 data = data[:a] + blob
                 header["__ecf8__"] = {"dtype": "U8", "shape": [len(blob)], "data_offsets": [a, a + len(blob)]}
-                info.update(size=len(raw), crc=zlib.crc32(raw))
+                info.update(size=len(raw), crc=zlib.crc32(raw, zlib.crc32(info["header"].to_bytes(8, "little"))))
             header["__metadata__"]["ecf8"] = json.dumps(info)
             return header, data
         _rewrite(out, edit)
@@ -163,6 +165,10 @@ def _deep(n):
     lambda h: h["__metadata__"].__setitem__("format", "np"),                     # metadata differs
     lambda h: h.__setitem__("__metadata__", {}),
     lambda h: h.__setitem__("x" * 3, h.pop("s1")),                                # renamed tensor
+    lambda h: h["__metadata__"].__setitem__("ecf8", json.dumps(
+        dict(json.loads(h["__metadata__"]["ecf8"]), extra=None))),                 # an unknown key
+    lambda h: h["s1"].update(dtype="I8"),                                          # not U8 bytes
+    lambda h: h["s1"].update(dtype="U16", shape=[64]),
 ])
 def test_malformed_header_values_are_ecf8_errors(packed, tmp_path, edit):
     _, out = packed

@@ -1,0 +1,299 @@
+"""Checkpoints loaded straight into compressed storage: no uncompressed copy of the model exists.
+
+    with accelerate.init_empty_weights():            # or torch.device("meta"): no weights made
+        model = MyModel(config)
+    ecf8.torch.load_model(model, "ckpt/", device="cuda")   # ecf8 file or shard folder
+    model = ecf8.torch.from_pretrained("ckpt/", device="cuda")   # Transformers, config.json
+
+On a GPU every eligible weight (a 2-D FP8/BF16/FP16 ``weight`` of a Linear-like module) is
+uploaded as its ECF8 frame and stays compressed (a DeviceTensor), decoded just in time before its
+module's forward, as ``compress_module`` does; every other tensor is decoded once on the GPU.  The
+checkpoint is read one tensor at a time, so neither GPU nor host ever holds the uncompressed model.
+On the CPU (device="cpu") tensors are decoded at load into ordinary parameters: host memory is
+what CPU inference runs from, and ``compress_module`` keeps them compressed afterwards if wanted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import torch as et
+from .checkpoint import tensor_files
+from .errors import CorruptDataError, UnsupportedError
+
+__all__ = ["load_model", "from_pretrained"]
+
+CODED = {"F8_E4M3", "F8_E5M2", "BF16", "F16"}
+
+
+# --- reading: the only two functions that know how a checkpoint is read -------------------------
+
+def _index(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype name, shape)} of one ecf8 checkpoint file, from its header alone."""
+    from .store import inspect_file
+
+    return {r.name: (r.dtype, tuple(r.shape)) for r in inspect_file(path)}
+
+
+def _read(path: Path, device: str) -> Iterator[tuple[str, Any]]:
+    """(name, value) of each tensor of one ecf8 checkpoint file, one at a time: on a GPU, ECF8
+    frames stay compressed (a DeviceTensor) and other tensors are torch tensors there; on the
+    CPU every value is a decoded torch tensor."""
+    from .store import iter_decoded
+
+    if device == "cpu":
+        for name, _, x in iter_decoded(path, "cpu"):
+            yield name, et._to_torch(x)
+        return
+    from .decoder_cuda import DeviceTensor
+
+    items = iter_decoded(path, device, compressed=True)
+    while True:
+        with et.torch_memory():                 # uploads come from torch's allocator
+            item = next(items, None)
+        if item is None:
+            return
+        name, _, x = item
+        yield name, x if isinstance(x, DeviceTensor) else et._to_torch(x)
+
+
+def _read_files(files: list[Path], device: str, threads: int) -> Iterator[tuple[str, Any]]:
+    """_read over several files, up to `threads` files at once (each in its own thread: checksums
+    and host-to-device copies overlap), at most 2 * threads tensors waiting; in any order."""
+    threads = max(1, min(threads, len(files)))
+    if threads == 1:
+        for f in files:
+            yield from _read(f, device)
+        return
+    ready: queue.Queue = queue.Queue(2 * threads)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work(f: Path) -> None:
+        try:
+            for item in _read(f, device):
+                if not put(item):
+                    return
+        except BaseException as e:              # handed to the consumer, raised there
+            put(e)
+        put(done)
+
+    with cf.ThreadPoolExecutor(threads) as pool:
+        for f in files:
+            pool.submit(work, f)
+        try:
+            remaining = len(files)
+            while remaining:
+                item = ready.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def _device(device: str | torch.device) -> tuple[torch.device, str]:
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return dev, "cpu"
+    if dev.type != "cuda":
+        raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
+    if not torch.cuda.is_available():
+        raise UnsupportedError("device='cuda' needs a CUDA build of PyTorch and a GPU")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    et._check_device(torch.device("cuda", index), "the target device")
+    return torch.device("cuda", index), f"cuda:{index}"
+
+
+def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cuda", *,
+               embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int = 4096,
+               threads: int = 4) -> et.CompressionStats:
+    """Fill `model` (built on the meta device, or anywhere) from an ecf8 checkpoint file or folder.
+
+    Eligible weights (as for ``compress_module``: 2-D FP8/BF16/FP16 ``weight`` of every module
+    holding it, at least min_numel elements, Embedding tables only with embeddings=True) stay
+    compressed on a GPU; everything else is decoded onto `device`.  Tensors keep the checkpoint's
+    dtype (like ``load_state_dict(assign=True)``); tied parameters stay tied (one checkpoint entry
+    fills all of a parameter's names).  Parameters and non-persistent buffers missing from the
+    checkpoint are moved to `device` when they hold data (strict=False, or buffers), else refused.
+
+    Every name, shape and device is checked from the file headers before the model changes; a
+    failure while reading puts the model back as it was.  Raises UnsupportedError (mismatched or
+    missing tensors, bad device) or CorruptDataError (a damaged file).  chunk_size is used only
+    when load_state_dict re-encodes a weight later; threads: shards read at once.  Returns what
+    is held compressed.
+    """
+    dev, target = _device(device)
+    files = tensor_files(Path(path))
+    index: dict[str, tuple[str, tuple, Path]] = {}
+    for f in files:
+        for name, (dtype, shape) in _index(f).items():
+            if name in index:
+                raise CorruptDataError(f"{path}: tensor {name!r} appears in two files")
+            index[name] = (dtype, shape, f)
+    plan, moves = _plan(model, index, dev, embeddings, min_numel, strict, str(path))
+    pool = et._Pool()
+    options = {"chunk_size": chunk_size}
+    undo: list[Callable[[], None]] = []
+    weights: list[et._Weight] = []
+    try:
+        seen = set()
+        for name, value in _read_files(files, target, threads):
+            if name not in plan:                # a second name of a tied parameter
+                continue
+            seen.add(name)
+            weights += _place(plan[name], value, dev, pool, options, undo)
+        if len(seen) != len(plan):
+            raise CorruptDataError(f"{path}: {sorted(set(plan) - seen)[:3]} listed but not read")
+        for module, kind, name, tensor in moves:
+            _set(module, kind, name, tensor.to(dev), undo)
+    except BaseException:
+        for action in reversed(undo):
+            action()
+        raise
+    pool.warm(weights)
+    modules = sum(1 for m in model.modules() if et.is_compressed(m) and m.__dict__["_ecf8"] in weights)
+    return et.CompressionStats(modules, sum(w.nbytes for w in weights),
+                               sum(w.stored_bytes for w in weights), pool.buffer_bytes(), len(weights))
+
+
+def _plan(model, index, dev, embeddings, min_numel, strict, where):
+    """({checkpoint name: target}, [tensors to move]) after checking every name and shape."""
+    holders, params = et._owners(model)
+    plan: dict[str, tuple] = {}
+    moves: list[tuple] = []
+    used: set[str] = set()
+    for key, hs in holders.items():
+        p = params[key]
+        present = [q for _, _, q in hs if q in index]
+        if not present:
+            if p.device.type == "meta" or strict:
+                raise UnsupportedError(f"{where}: parameter {hs[0][2]!r} is not in the checkpoint")
+            moves += [(m, "param", n, p) for m, n, _ in hs]
+            continue
+        dtype, shape, _ = index[present[0]]
+        for q in present:
+            if index[q][1] != tuple(p.shape):
+                raise UnsupportedError(f"{where}: {q!r} has shape {index[q][1]} in the checkpoint, "
+                                       f"{tuple(p.shape)} in the model")
+        used.update(present)
+        ok = (dtype in CODED and len(shape) == 2 and int(np.prod(shape)) >= min_numel
+              and all(n == "weight" and (embeddings or not isinstance(m, torch.nn.Embedding))
+                      and not et.is_compressed(m) for m, n, _ in hs))
+        plan[present[0]] = ("param", hs, p, ok)
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for n, b in m._buffers.items():
+            if b is None:
+                continue
+            q = f"{prefix}.{n}" if prefix else n
+            if q in index:
+                if index[q][1] != tuple(b.shape):
+                    raise UnsupportedError(f"{where}: {q!r} has shape {index[q][1]} in the checkpoint, "
+                                           f"{tuple(b.shape)} in the model")
+                plan.setdefault(q, ("buffer", [], None, False))[1].append((m, n))
+                used.add(q)
+            elif b.device.type == "meta":
+                raise UnsupportedError(f"{where}: buffer {q!r} is on the meta device and not in the "
+                                       "checkpoint (build the model with accelerate.init_empty_weights)")
+            elif strict and n not in m._non_persistent_buffers_set:
+                raise UnsupportedError(f"{where}: buffer {q!r} is not in the checkpoint")
+            else:
+                moves.append((m, "buffer", n, b))
+    unexpected = sorted(set(index) - used)
+    if unexpected and strict:
+        raise UnsupportedError(f"{where}: {len(unexpected)} checkpoint tensors the model lacks, "
+                               f"e.g. {unexpected[:3]}")
+    return plan, moves
+
+
+def _set(module: torch.nn.Module, kind: str, name: str, value: torch.Tensor, undo: list) -> None:
+    table = module._parameters if kind == "param" else module._buffers
+    old = table[name]
+    table[name] = value
+
+    def back():
+        table[name] = old
+    undo.append(back)
+
+
+def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options: dict, undo: list
+           ) -> list:
+    """Put one checkpoint tensor in the model; returns the compressed weight made, if any."""
+    kind, hs, p, eligible = target
+    if not isinstance(value, torch.Tensor):           # an ECF8 frame resident on the GPU
+        frame = value.frame
+        if eligible:
+            w = et._Weight(value, et.TORCH_DTYPES[frame.spec.code], frame.shape, dev, False, pool,
+                           et._tables(frame.n, options))
+            for m, n, _ in hs:
+                et._attach(m, w)
+                undo.append(lambda m=m, p=p: et._detach(m, p))
+            return [w]
+        value = et.decode(value, dev)
+    if kind == "buffer":
+        for m, n in hs:
+            _set(m, "buffer", n, value, undo)
+        return []
+    new = torch.nn.Parameter(value, requires_grad=p.requires_grad and value.is_floating_point())
+    for m, n, _ in hs:
+        _set(m, "param", n, new, undo)
+    return []
+
+
+def from_pretrained(folder: str | Path, device: str | torch.device = "cuda", *, model_class: Any = None,
+                    dtype: torch.dtype | None = None, **kwargs) -> torch.nn.Module:
+    """A Transformers model from an ecf8 checkpoint folder (config.json beside the compressed
+    safetensors file(s), e.g. ``ecf8 compress`` of a ``save_pretrained`` folder).
+
+    The model (model_class, default AutoModelForCausalLM) is built without weights
+    (accelerate.init_empty_weights), its weights tied as the config says, then filled by
+    ``load_model(model, folder, device, **kwargs)``; it is returned in eval mode, with the
+    folder's generation_config.json when there is one.  dtype: for tensors the checkpoint does not
+    hold (default: the config's).  Raises UnsupportedError without transformers/accelerate.
+    """
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise UnsupportedError("from_pretrained needs transformers and accelerate: "
+                               "pip install transformers accelerate") from None
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UnsupportedError(f"{folder}: no config.json (give a folder written by save_pretrained)")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    cls = model_class or transformers.AutoModelForCausalLM
+    with init_empty_weights():
+        try:
+            model = cls.from_config(config, dtype=dtype)
+        except TypeError:                               # transformers < 4.56
+            model = cls.from_config(config, torch_dtype=dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    load_model(model, folder, device, **kwargs)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    return model.eval()
