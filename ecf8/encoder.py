@@ -12,9 +12,22 @@ from . import format as fmt
 from .errors import UnsupportedError
 from .tables import canonical_codes, code_lengths
 
-__all__ = ["encode"]
+__all__ = ["encode", "reject_framework_tensor"]
 
 BATCH_ELEMENTS = 1 << 19   # elements coded per pass; bounds the encoder's working memory
+
+
+_ADAPTERS = {"torch": ("torch tensor", "ecf8.torch.encode / ecf8.torch.save_file"),
+             "jax": ("JAX array", "ecf8.jax.encode"), "jaxlib": ("JAX array", "ecf8.jax.encode"),
+             "cupy": ("CuPy array", "ecf8.cupy.encode")}
+
+
+def reject_framework_tensor(x: object, name: str | None = None) -> None:
+    """UnsupportedError naming the adapter to use when x is a torch/JAX/CuPy array, not NumPy."""
+    known = _ADAPTERS.get(type(x).__module__.partition(".")[0])
+    if known is not None:
+        where = f"tensor {name!r}: " if name else ""
+        raise UnsupportedError(f"{where}ecf8 takes NumPy arrays here, not a {known[0]}: use {known[1]}")
 
 
 def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
@@ -27,6 +40,7 @@ def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
     allow_stored: store the elements raw (mode 1) when coding would not make them smaller; with
     False every non-empty tensor is entropy coded.
     """
+    reject_framework_tensor(x)
     x = np.asarray(x)
     spec = fmt.spec_for_dtype(x.dtype)
     if chunk_size & (chunk_size - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= chunk_size <= (1 << fmt.MAX_CHUNK_LOG2):

@@ -196,3 +196,9 @@ def test_cuda_load_model_shards_in_threads(tmp_path):
     empty = meta_tied()
     stats = ecf8.torch.load_model(empty, folder, device="cuda", threads=2)
     assert stats.weights == 3 and same(empty(ids), expected)
+
+
+def test_numpy_entry_points_point_torch_users_to_ecf8_torch():
+    t = torch.zeros(8, dtype=torch.bfloat16)
+    with pytest.raises(ecf8.UnsupportedError, match="ecf8.torch"):
+        ecf8.encode(t)
