@@ -4,8 +4,9 @@ The base is a small DeepSeek-style FP8 layer: E4M3 weights (MiniLM layer-0 sampl
 /work/shared/data, else synthetic) with F32 ``weight_scale_inv`` block scales, BF16 weights and
 norms, an I64 buffer, compressed with ``ecf8.store.compress_file``.  Each case edits the compressed
 file, then runs ``store.verify_file`` and ``store.decompress_file`` in-process (every
-``--cli-every``-th case also through the ``ecf8`` command) and compares the restored bytes with
-the original file.
+``--cli-every``-th case also ``ecf8 info``, ``verify`` and ``decompress`` as commands) and compares
+the restored bytes with the original file; where those refuse cleanly or restore exactly,
+``store.load_file`` must too (ECF8Error, or exactly the original tensors).
 """
 
 from __future__ import annotations
@@ -554,12 +555,45 @@ def run_case(state, seed, case):
     outcome, message = classify(state, v, vmsg, d, dmsg, restored, left)
     if outcome == "DIFFERENT" and KINDS[case % len(KINDS)] in FORGED and v == "ok":
         outcome = "accepted"
+    if outcome in ("ECF8Error", "identical"):
+        loaded = check_load(state, path, v)
+        if loaded:
+            outcome, message = loaded
     if state.get("cli_every") and case % state["cli_every"] == 0:
         cli = run_cli(state, path)
         message = f"[cli: {cli[0]}: {cli[1][:150]}] " + message
         if outcome in ("ECF8Error", "identical") and cli[0] not in ("ECF8Error", "identical"):
             outcome = "cli:" + cli[0]
     return outcome, message[:400]
+
+
+def _original_tensors(state) -> dict[str, bytes]:
+    if "tensors" not in state:
+        n, text, header, data = parse(state["original"])
+        state["tensors"] = {k: (tuple(m["shape"]), data[slice(*m["data_offsets"])])
+                            for k, m in header.items() if k != "__metadata__"}
+    return state["tensors"]
+
+
+def check_load(state, path: Path, verified: str) -> tuple[str, str] | None:
+    """``ecf8.load_file`` on the same input: ECF8Error, or exactly the original tensors (None when
+    that holds)."""
+    if not hasattr(store, "load_file"):
+        return None
+    r, loaded = _call(lambda p: store.load_file(p), path)
+    if r.startswith("other"):
+        return r, f"load_file: {loaded}"
+    if r == "ECF8Error":
+        return ("verify-missed", f"verify ok, load_file refused: {loaded}") if verified == "ok" else None
+    want = _original_tensors(state)
+    if set(loaded) != set(want):
+        return "DIFFERENT", f"load_file gave tensors {sorted(set(loaded) ^ set(want))[:3]} more/less"
+    for name, x in loaded.items():
+        shape, raw = want[name]
+        if tuple(x.shape) != shape or np.ascontiguousarray(x).tobytes() != raw:
+            return "DIFFERENT", f"load_file: tensor {name!r} differs ({x.dtype} {x.shape})" + \
+                ("" if verified == "ok" else "; verify refused")
+    return None
 
 
 def classify(state, v, vmsg, d, dmsg, restored, left):
@@ -581,21 +615,23 @@ def classify(state, v, vmsg, d, dmsg, restored, left):
 
 
 def run_cli(state, path: Path) -> tuple[str, str]:
-    """The same through the ecf8 command (python -c ... main()), one subprocess per command."""
+    """The same through the ecf8 command (python -c ... main()): info (must not fail other than
+    with one clean error), verify and decompress, one subprocess per command."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", "import sys; from ecf8.cli import main; sys.exit(main(sys.argv[1:]))"]
     out = state["workdir"] / "cli.safetensors"
     res = []
-    for args in (["verify", "--quiet", str(path)], ["decompress", "--quiet", str(path), "-o", str(out)]):
+    for args in (["info", str(path)], ["verify", "--quiet", str(path)],
+                 ["decompress", "--quiet", str(path), "-o", str(out)]):
         try:
             p = subprocess.run(cmd + args, capture_output=True, text=True, timeout=60, env=env)
         except subprocess.TimeoutExpired:
             return "hang", f"ecf8 {args[0]} ran past 60 s"
         res.append(p)
-    (v, d) = res
+    (i, v, d) = res
     restored = out.read_bytes() if out.exists() else None
     left = [x for x in _clean(state["workdir"]) if not (d.returncode == 0 and x == out.name)]
-    for p, name in ((v, "verify"), (d, "decompress")):
+    for p, name in ((i, "info"), (v, "verify"), (d, "decompress")):
         lines = p.stderr.strip().splitlines()
         if "Traceback" in p.stderr or p.returncode not in (0, 1) or (p.returncode == 1 and not lines):
             return "other:cli", f"ecf8 {name}: exit {p.returncode}, {len(lines)} stderr lines: " + \
