@@ -5,17 +5,20 @@ dtypes (ECF8-coded, other known ones, sub-byte and unknown strings), shapes incl
 0-d, unicode names, with or without ``__metadata__``, JSON spacing and key order, header padding,
 and data sections with gaps, trailing bytes, shared / overlapping / out-of-order ranges.
 
-The property: ``compress_file`` then ``decompress_file`` restores the input byte for byte and the
-compressed file opens with ``safetensors.safe_open`` -- or compress refuses with an ``ECF8Error``
-and leaves nothing behind (no output, no temp file).  A refusal is allowed only for files that the
-``safetensors`` parser (the reference) rejects for their layout; a file it accepts must round-trip.
-Unknown dtype strings are judged on a twin file in which they are replaced by ``U8``: they must
-pass through unchanged whatever the string.
+The property: ``compress_file`` (any chunk size and table count) then ``decompress_file`` restores
+the input byte for byte, the compressed file opens with ``safetensors.safe_open``, verifies, and
+``ecf8.store.safe_open`` gives every tensor's original bytes, shape and metadata -- or compress
+refuses with an ``ECF8Error`` and leaves nothing behind (no output, no temp file).  A refusal is
+allowed only for files that the ``safetensors`` parser (the reference) rejects for their layout; a
+file it accepts must round-trip.  Unknown dtype strings are judged on a twin file in which they
+are replaced by ``U8``: they must pass through unchanged whatever the string.
 
 The same holds for ``ecf8.save_file`` / ``load_file`` on dicts of arrays, with ``safetensors``'s
-own ``save`` judging names and metadata.
+own ``save`` judging names and metadata, and for model folders (``compress_path`` /
+``decompress_path``: shards in subfolders, indexes, other files, file modes).
 
-Default ("ci") profile: small tensors, jobs=1.  HYPOTHESIS_PROFILE=thorough runs many more cases.
+Default ("ci") profile: small tensors, jobs=1, a few seconds.  HYPOTHESIS_PROFILE=thorough runs
+2000 cases per test.
 """
 
 from __future__ import annotations
