@@ -228,7 +228,7 @@ def m_truncate(rng, state):
     ends = [r[1] for r in (_range(state, k) for k in tensors_of(state["header"]))]
     cut = pick(rng, [int(rng.integers(len(b))), int(rng.integers(n)), pick(rng, ends) - 1,
                      len(b) - 1, pick(rng, sorted(ends)[:-1] or [n])])
-    return b[:cut]
+    return b[: min(cut, len(b) - 1)]
 
 
 def m_extend(rng, state):
