@@ -2,8 +2,8 @@
 
 Hypothesis builds safetensors files byte by byte, so the layout is ours to choose: any mix of
 dtypes (ECF8-coded, other known ones, sub-byte and unknown strings), shapes incl. zero-size and
-0-d, unicode names, with or without ``__metadata__``, JSON spacing and key order, header padding,
-and data sections with gaps, trailing bytes, shared / overlapping / out-of-order ranges.
+0-d, unicode names, with or without ``__metadata__``, JSON spacing and key order, fields
+safetensors ignores, header padding with any JSON whitespace, and data sections with gaps, trailing bytes, shared / overlapping / out-of-order ranges.
 
 The property: ``compress_file`` (any chunk size and table count) then ``decompress_file`` restores
 the input byte for byte, the compressed file opens with ``safetensors.safe_open``, verifies, and
@@ -88,8 +88,9 @@ class HeaderStyle:
     key_orders: list[tuple[str, str, str]]
     metadata: dict | None
     metadata_first: bool
-    padding: int
-    leading: int
+    padding: str                # JSON whitespace after the header object ...
+    leading: str                # ... and before it
+    extra_field: bool = False   # entries carry a field safetensors ignores
 
 
 def tensor_bytes(spec: Spec) -> bytes:
@@ -145,6 +146,8 @@ def build_file(specs: list[Spec], layout: Layout, style: HeaderStyle,
             dtype, shape = dtype_override[i], [spec.nbytes]
         fields = {"dtype": dtype, "shape": shape, "data_offsets": list(ranges[i])}
         entry = {k: fields[k] for k in style.key_orders[i % len(style.key_orders)]}
+        if style.extra_field and i % 2:
+            entry["comment"] = {"why": [1, None, "é"]}
         header_items.append((spec.name, entry))
     header = dict(header_items)
     if style.metadata is not None:
@@ -152,7 +155,7 @@ def build_file(specs: list[Spec], layout: Layout, style: HeaderStyle,
         header = {**meta, **header} if style.metadata_first else {**header, **meta}
     seps = (",", ":") if style.compact else (", ", ": ")
     text = json.dumps(header, separators=seps, ensure_ascii=style.ensure_ascii).encode()
-    text = b" " * style.leading + text + b" " * style.padding
+    text = style.leading.encode() + text + style.padding.encode()
     return struct.pack("<Q", len(text)) + text + bytes(data)
 
 
@@ -237,8 +240,10 @@ def header_styles(draw, n: int) -> HeaderStyle:
         key_orders=draw(st.lists(orders, min_size=1, max_size=max(n, 1))),
         metadata=draw(st.one_of(st.none(), metadata_values)),
         metadata_first=draw(st.booleans()),
-        padding=draw(st.sampled_from([0, 0, 1, 5, 7, 8, 64])),
-        leading=draw(st.sampled_from([0, 0, 0, 0, 1, 3])))
+        padding=draw(st.one_of(st.sampled_from(["", "", " ", " " * 5, " " * 7, " " * 64]),
+                               st.text(" \t\n\r", max_size=9))),
+        leading=draw(st.one_of(st.just(""), st.text(" \t\n\r", max_size=3))),
+        extra_field=draw(st.integers(0, 7)) == 0)
 
 
 @st.composite
@@ -331,7 +336,7 @@ def test_plain_checkpoints_round_trip(tensors, trailing):
                   "weights") for i, (dt, seed) in enumerate(tensors)]
     layout = Layout(list(range(len(specs))), [0] * len(specs), [-1] * len(specs), [0] * len(specs),
                     trailing, False)
-    style = HeaderStyle(True, True, [("dtype", "shape", "data_offsets")], {"format": "pt"}, True, 0, 0)
+    style = HeaderStyle(True, True, [("dtype", "shape", "data_offsets")], {"format": "pt"}, True, "", "")
     blob = build_file(specs, layout, style)
     check_round_trip(blob, must_succeed=trailing == 0)
 
@@ -435,7 +440,7 @@ def model_folders(draw):
         n = len(specs)
         broken = draw(st.integers(0, 9)) == 0              # trailing bytes: safetensors refuses
         layout = Layout(list(range(n)), [0] * n, [-1] * n, [0] * n, 3 if broken else 0, False)
-        style = HeaderStyle(True, True, [("dtype", "shape", "data_offsets")], None, False, 0, 0)
+        style = HeaderStyle(True, True, [("dtype", "shape", "data_offsets")], None, False, "", "")
         files[rel] = (build_file(specs, layout, style), draw(st.sampled_from(MODES)))
         valid &= not broken
         shards.setdefault(folder, []).extend((s.name, rel[len(folder):]) for s in specs)
