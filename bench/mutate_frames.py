@@ -29,7 +29,7 @@ HEADER = struct.Struct("<4sBBBBBBHIQ")
 ALPHABET = {1: 256, 2: 32, 3: 256, 4: 32}
 KINDS = ["bitflip", "bitflip_header", "byte_boundary", "truncate", "extend", "splice",
          "swap_payload_authentic", "header_payload_cross", "field_hdrcrc", "field_allcrc",
-         "tables_allcrc", "chunks_allcrc", "payload_allcrc", "crafted_empty"]
+         "tables_allcrc", "chunks_allcrc", "payload_allcrc", "crafted_empty", "buffer_view"]
 FORGED = {"field_allcrc", "tables_allcrc", "chunks_allcrc", "payload_allcrc", "crafted_empty"}
 # A version-1 frame's payload checksum does not depend on its header: these edits of a v1 header
 # cannot be detected by design (v2 detects them), so a consistent decode counts as "accepted".
@@ -320,6 +320,12 @@ def m_crafted_empty(rng, state):
     return b, i
 
 
+def m_buffer_view(rng, state):
+    """A base frame unchanged (run_case may flip a bit and passes it as another buffer type)."""
+    i, b = _pick(rng, state)
+    return b, i
+
+
 MUTATORS = {
     "bitflip": m_bitflip, "bitflip_header": lambda r, s: m_bitflip(r, s, True),
     "byte_boundary": m_byte_boundary, "truncate": m_truncate, "extend": m_extend,
@@ -327,8 +333,21 @@ MUTATORS = {
     "header_payload_cross": m_header_payload_cross,
     "field_hdrcrc": lambda r, s: m_field(r, s, False), "field_allcrc": lambda r, s: m_field(r, s, True),
     "tables_allcrc": m_tables, "chunks_allcrc": m_chunks, "payload_allcrc": m_payload,
-    "crafted_empty": m_crafted_empty,
+    "crafted_empty": m_crafted_empty, "buffer_view": m_buffer_view,
 }
+
+VIEWS = ["bytes", "bytearray", "uint8", "uint8 strided", "uint8 2-d", "memoryview",
+         "memoryview strided", "memoryview 2-d"]
+
+
+def as_view(blob: bytes, how: str):
+    """The same bytes as another buffer type (what callers may pass to ecf8.decode)."""
+    u = np.frombuffer(blob, np.uint8)
+    return {"bytes": lambda: blob, "bytearray": lambda: bytearray(blob), "uint8": lambda: u,
+            "uint8 strided": lambda: np.repeat(u, 2)[::2], "uint8 2-d": lambda: u.reshape(1, -1),
+            "memoryview": lambda: memoryview(blob),
+            "memoryview strided": lambda: memoryview(np.repeat(u, 2))[::2],
+            "memoryview 2-d": lambda: memoryview(blob).cast("B", (1, len(blob)))}[how]()
 assert list(MUTATORS) == KINDS
 
 
@@ -345,12 +364,20 @@ def mutated_input(state, seed, case) -> bytes:
 
 def run_case(state, seed, case):
     kind, blob, base = _mutate(state, seed, case)
+    view = blob
+    if kind == "buffer_view":           # a valid frame (or one bit flipped) in another container
+        rng = np.random.default_rng([seed, 5, case])
+        if rng.random() < 0.3:
+            b = bytearray(blob)
+            b[int(rng.integers(len(b)))] ^= 1 << int(rng.integers(8))
+            blob = bytes(b)
+        view = as_view(blob, pick(rng, VIEWS))
     for i, (other, _) in enumerate(state["frames"]):    # (a splice can rebuild another base frame)
         if blob == other:
             base = i
     original = state["frames"][base][1]
     try:
-        meta = ecf8.info(blob)
+        meta = ecf8.info(view)
     except ECF8Error:
         meta = None
     except MemoryError:
@@ -358,7 +385,7 @@ def run_case(state, seed, case):
     except Exception as e:
         return f"other:{type(e).__name__}", f"ecf8.info: {type(e).__name__}: {e}"[:300]
     try:
-        y = ecf8.decode(blob)
+        y = ecf8.decode(view)
     except ECF8Error as e:
         return "ECF8Error", str(e)[:300]
     except MemoryError:
