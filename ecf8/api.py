@@ -32,6 +32,8 @@ def decode(blob: Any, device: Any = "cpu", *, out: Any = None, stream: Any = Non
     if device == "cpu":
         if stream is not None:
             raise UnsupportedError("stream= applies to CUDA decoding only")
+        if hasattr(blob, "frame") and hasattr(blob, "tobytes"):     # a DeviceTensor: fetch it
+            blob = blob.tobytes()
         view = fmt.as_buffer(blob)
         y = decode_frame(view, fmt.parse(view, verify=verify))
         if out is None:

@@ -8,27 +8,21 @@ from typing import Any
 import numpy as np
 
 from . import decoder_cuda
-from .encoder import encode as _encode
 from .errors import UnsupportedError
-from .names import device_name, dtype_spec
+from .names import device_name
 
 __all__ = ["encode", "decode"]
 
-def encode(x: Any, *, dtype: Any = None, **options) -> bytes:
-    """Compress a CuPy array (copied to the host by this call).
+def encode(x: Any, *, dtype: Any = None, stream: Any = None, **options):
+    """Compress a CuPy array on its GPU: a device-resident ``EncodedTensor`` (decode it directly;
+    ``.tobytes()`` gives the frame, equal to ``ecf8.encode`` of the same elements).
 
     dtype: the type uint8/uint16 bits hold, any spelling of ``ecf8.names`` ('e4m3', 'F8_E4M3',
-    'bfloat16', ...); float16 arrays need none.
+    'bfloat16', ...); float16 arrays need none.  stream: the CUDA stream (default: CuPy's current).
     """
-    host = x.get()
-    if dtype is not None:
-        spec = dtype_spec(dtype)
-        if host.dtype.itemsize != spec.dtype.itemsize:
-            raise UnsupportedError(f"{host.dtype} elements cannot hold {spec.name} bits")
-        host = host.view(spec.dtype)
-    elif host.dtype != np.float16:
-        raise UnsupportedError("say which type the CuPy bits hold: dtype='e4m3', 'e5m2' or 'bf16'")
-    return _encode(host, **options)
+    from . import encoder_cuda
+
+    return encoder_cuda.encode(x, dtype=dtype, stream=stream, **options)
 
 
 def decode(blob: Any, device: Any = "cuda", out: Any = None, stream: Any = None):

@@ -247,6 +247,10 @@ class DeviceTensor:
         """Device bytes held: the frame plus decode tables and index."""
         return int(self.payload.nbytes + self.aux.nbytes + self.desc.nbytes)
 
+    def tobytes(self) -> bytes:
+        """The frame's bytes on the host."""
+        return self.payload.get().tobytes()
+
     def launch(self, out_ptr: int, stream: Any = None) -> None:
         """Enqueue this tensor's decode into device memory at out_ptr (n elements, 16-byte
         aligned, on this tensor's device: the caller's responsibility).  Launch only."""

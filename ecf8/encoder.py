@@ -10,7 +10,8 @@ import numpy as np
 
 from . import format as fmt
 from .errors import UnsupportedError
-from .tables import canonical_codes, code_lengths
+from .table_choice import assign_tables
+from .tables import canonical_codes
 
 __all__ = ["encode", "reject_framework_tensor"]
 
@@ -31,7 +32,7 @@ def reject_framework_tensor(x: object, name: str | None = None) -> None:
 
 
 def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
-           allow_stored: bool = True) -> bytes:
+           allow_stored: bool = True, dtype=None, stream=None):
     """Compress an array losslessly into one ECF8 frame.
 
     x: any shape (0-d and empty too), contiguous or not, of dtype float8_e4m3fn, float8_e5m2,
@@ -39,8 +40,20 @@ def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
     from 512 to 2**20.  max_tables: code tables the chunks may choose among, 1 to 8.
     allow_stored: store the elements raw (mode 1) when coding would not make them smaller; with
     False every non-empty tensor is entropy coded.
+
+    A CUDA array (CuPy, ecf8.CudaArray, or any __cuda_array_interface__ / DLPack CUDA array) is
+    encoded on its GPU by ``ecf8.encoder_cuda`` into the same frame, returned as a device-resident
+    ``EncodedTensor`` (decode it directly; ``.tobytes()`` gives the bytes); dtype then names the
+    element type of uint8/uint16 bit views, stream the CUDA stream.  Host arrays return bytes.
     """
+    if _on_cuda(x):
+        from . import encoder_cuda
+
+        return encoder_cuda.encode(x, dtype=dtype, chunk_size=chunk_size, max_tables=max_tables,
+                                   allow_stored=allow_stored, stream=stream)
     reject_framework_tensor(x)
+    if dtype is not None or stream is not None:
+        raise UnsupportedError("dtype= and stream= apply to CUDA arrays only")
     x = np.asarray(x)
     spec = fmt.spec_for_dtype(x.dtype)
     if chunk_size & (chunk_size - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= chunk_size <= (1 << fmt.MAX_CHUNK_LOG2):
@@ -58,6 +71,23 @@ def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
         if not allow_stored or len(frame) < u.nbytes:
             return frame
     return _encode_stored(u, spec, tuple(x.shape))
+
+
+def _on_cuda(x) -> bool:
+    """Whether x is an array in CUDA device memory (DLPack device kDLCUDA / kDLCUDAManaged, or
+    __cuda_array_interface__), without importing any GPU library."""
+    if isinstance(x, np.ndarray):
+        return False
+    device = getattr(x, "__dlpack_device__", None)
+    if device is not None:
+        try:
+            return device()[0] in (2, 13)
+        except Exception:  # noqa: BLE001 - a device we cannot ask is not a CUDA device
+            return False
+    try:
+        return hasattr(x, "__cuda_array_interface__")
+    except Exception:  # noqa: BLE001 - torch raises TypeError for dtypes CAI cannot express
+        return False
 
 
 def _encode_stored(u: np.ndarray, spec: fmt.DtypeSpec, shape: tuple[int, ...]) -> bytes:
@@ -154,41 +184,6 @@ def _encode_coded(u, spec, shape, chunk_log2, max_tables):
     for part in payload:
         crc = zlib.crc32(part, crc)
     return b"".join([head, *payload, struct.pack("<I", crc)])
-
-
-def assign_tables(hist: np.ndarray, max_tables: int, field_mask: int, iters: int = 8
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster chunk histograms (nchunks, A) into at most max_tables code tables.
-
-    k-means over chunks with ideal code lengths (-log2 p) as the distance; tables are then built
-    as Huffman codes.  Returns (lengths (K, A) uint8, chunk table ids (nchunks,) uint8), K chosen
-    among 1, 2, 4, 8 to minimise the coded size including each table's A/2 header bytes.
-    """
-    nchunks, alphabet = hist.shape
-    present = hist > 0
-    mean = (hist * (np.arange(alphabet) & field_mask)).sum(1) / np.maximum(hist.sum(1), 1)
-    rank = np.argsort(np.argsort(mean, kind="stable"), kind="stable")
-    best = None
-    k = 1
-    while k <= min(max_tables, nchunks):
-        assign = rank * k // nchunks             # seed: chunks split by mean exponent
-        for _ in range(iters if k > 1 else 0):
-            sums = np.stack([hist[assign == t].sum(0) for t in range(k)]) + 1e-3
-            ideal = np.log2(sums.sum(1, keepdims=True)) - np.log2(sums)
-            new = (hist @ ideal.T).argmin(1)
-            if np.array_equal(new, assign):
-                break
-            assign = new
-        tables = np.stack([code_lengths(hist[assign == t].sum(0), fmt.MAX_CODE_LEN)
-                           for t in range(k) if np.any(assign == t)])
-        cost = hist @ tables.T.astype(np.int64)
-        cost[(present.astype(np.int64) @ (tables == 0).T.astype(np.int64)) > 0] = 1 << 62
-        assign = cost.argmin(1)                 # a chunk may move to a table that codes it better
-        bits = int(cost.min(1).sum()) + tables.shape[0] * alphabet * 4
-        if best is None or bits < best[0]:
-            best = (bits, tables, assign.astype(np.uint8))
-        k *= 2
-    return best[1], best[2]
 
 
 def _pack_lanes(sym, tid, codes, lens):

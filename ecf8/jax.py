@@ -14,8 +14,19 @@ from .names import device_name
 __all__ = ["encode", "decode"]
 
 
-def encode(x: Any, **options) -> bytes:
-    """Compress a JAX array (copied to the host by this call)."""
+def encode(x: Any, **options):
+    """Compress a JAX array: bytes for host arrays; an array on a GPU is encoded there into the
+    same frame, returned as a device-resident ``EncodedTensor`` (``.tobytes()`` for the bytes)."""
+    if any(d.platform == "gpu" for d in getattr(x, "devices", lambda: ())()):
+        import jax
+        import jax.numpy as jnp
+
+        from . import encoder_cuda
+
+        dtype = np.dtype(x.dtype)
+        bits = x if dtype == np.float16 else jax.lax.bitcast_convert_type(
+            x, jnp.uint8 if dtype.itemsize == 1 else jnp.uint16)
+        return encoder_cuda.encode(bits, dtype=dtype, **options)
     return _encode(np.asarray(x), **options)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import json
 import math
 import mmap
@@ -35,6 +36,7 @@ import os
 import shutil
 import signal
 import zlib
+from concurrent.futures.process import BrokenProcessPool
 from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -113,10 +115,44 @@ def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes
     return _compress_one(t, raw, options)
 
 
+_STOP = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init() -> None:
     """Workers leave Ctrl-C to the parent (which stops them) and die on SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)     # held while the parent forked us
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait for the end of the block (a worker started in it is registered
+    with its pool, so that _stop finds it)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _stop(pool: cf.ProcessPoolExecutor) -> None:
+    """Kill a pool's workers at once, and let its manager thread end: a worker killed while sending
+    a result leaves half a message in the result pipe, and the thread would wait for the rest for
+    ever (hanging the interpreter's exit) unless the pipe's last writer, ours, is closed."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.join(5)
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        writer.close()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple[str, bytes | None, int]]:
@@ -131,7 +167,8 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
     try:
         for t in layout.tensors:
             if pool is not None and t.nbytes >= INLINE:
-                window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
+                with _signals_held():
+                    window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
             else:
                 window.append(cf.Future())
                 window[-1].set_result(_compress_one(t, data[t.begin:t.end], options))
@@ -139,16 +176,11 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
-    except cf.process.BrokenProcessPool:
+    except BrokenProcessPool:
         raise ECF8Error(f"{src}: a worker process died (out of memory? try fewer jobs)") from None
     except BaseException:
         if pool is not None:
-            kill = getattr(pool, "kill_workers", None)           # Python 3.14+
-            procs = [] if kill else list(getattr(pool, "_processes", {}).values())
-            kill() if kill else [p.kill() for p in procs]
-            for p in procs:
-                p.join(5)
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop(pool)
         raise
     if pool is not None:
         pool.shutdown()

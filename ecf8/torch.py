@@ -68,8 +68,21 @@ def from_numpy(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(bits).view(TORCH_DTYPES[spec.code])
 
 
-def encode(t: torch.Tensor, **options) -> bytes:
-    """Compress a tensor (CPU or GPU; a GPU tensor is copied to the host by this call)."""
+def encode(t: torch.Tensor, *, stream: Any = None, **options):
+    """Compress a tensor: bytes for a CPU tensor; a CUDA tensor is encoded on its GPU into the
+    same frame (torch-allocated memory), returned as a device-resident ``EncodedTensor`` (a
+    DeviceTensor: decode it directly, ``.tobytes()`` for the bytes), on torch's current stream
+    unless ``stream`` is given.  options: as for ``ecf8.encode``."""
+    spec = _spec(t)
+    if t.is_cuda:
+        from . import encoder_cuda
+
+        bits = t.detach().view(_BITS[spec.dtype.itemsize])
+        with torch_memory():
+            return encoder_cuda.encode(bits, dtype=spec.dtype, stream=_stream_handle(stream, t.device),
+                                       **options)
+    if stream is not None:
+        raise UnsupportedError("stream= applies to CUDA tensors only")
     return encoder.encode(to_numpy(t), **options)
 
 
@@ -367,8 +380,7 @@ class _Weight:
 
     def assign(self, value: torch.Tensor) -> None:
         """Replace the held weight by value (cast to this weight's dtype), re-encoded."""
-        blob = encode(value.detach().to(self.dtype), **self.options)
-        self.blob = _upload(blob, self.device.index) if self.device.type == "cuda" else blob
+        self.blob = encode(value.detach().to(device=self.device, dtype=self.dtype), **self.options)
 
 
 class _CompressedModule:
@@ -556,9 +568,7 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
     original = compressed = 0
     try:
         for p, hs in targets:
-            blob = encode(p, **_tables(p.numel(), options))
-            if p.device.type == "cuda":
-                blob = _upload(blob, p.device.index)
+            blob = encode(p, **_tables(p.numel(), options))     # CUDA: encoded on its GPU
             w = _Weight(blob, p.dtype, tuple(p.shape), p.device, p.requires_grad, pool,
                         _tables(p.numel(), options))
             for m, _, _ in hs:

@@ -58,6 +58,21 @@ def test_a_dead_worker_is_an_ecf8_error(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
 
 
+def test_an_interrupt_without_workers_stays_an_interrupt(tmp_path):
+    # a fresh interpreter: concurrent.futures.process is not imported when no pool was started
+    src = tmp_path / "in.safetensors"
+    write_safetensors({"w": np.ones(1000, np.float32)}, src)
+    script = ("import sys; from ecf8 import store\n"
+              "def stop(*a, **k): raise KeyboardInterrupt\n"
+              "store.choose_codec = stop\n"
+              "try: store.compress_file(sys.argv[1], sys.argv[2], jobs=1)\n"
+              "except KeyboardInterrupt: sys.exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "out.safetensors")],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -82,11 +97,15 @@ def _alive(pid: int) -> bool:
 def test_an_interrupted_compress_leaves_nothing(tmp_path, sig, code):
     rng = np.random.default_rng(0)
     src = tmp_path / "big.safetensors"
-    write_safetensors({f"w{k}": (rng.standard_normal(1 << 21) * 0.02).astype(ml_dtypes.bfloat16)
-                       for k in range(16)}, src)                          # 64 MB of BF16
+    write_safetensors({f"w{k}": (rng.standard_normal(1 << 19) * 0.02).astype(ml_dtypes.bfloat16)
+                       for k in range(16)}, src)                          # 16 MB of BF16
     out = tmp_path / "out.safetensors"
-    cmd = [sys.executable, "-c", "import sys; from ecf8.cli import main; sys.exit(main())",
-           "compress", str(src), "-o", str(out), "--jobs", "2"]
+    # Each finished tensor costs the parent 0.5 s more, so the signal surely lands mid-job
+    # (workers busy or waiting for room in the window).
+    slow = ("import sys, time; from ecf8 import progress; step = progress._Progress.advance; "
+            "progress._Progress.advance = lambda self, *a: (time.sleep(0.5), step(self, *a)); "
+            "from ecf8.cli import main; sys.exit(main())")
+    cmd = [sys.executable, "-c", slow, "compress", str(src), "-o", str(out), "--jobs", "2"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
     start = time.monotonic()

@@ -1,0 +1,480 @@
+"""CUDA encoder: frames byte-identical to ``ecf8.encoder.encode``, built where the weights are.
+
+    t = ecf8.encoder_cuda.encode(cupy_array)              # float16, or bits with dtype="e4m3"/...
+    y = ecf8.decode(t, device="cuda")                     # t is a DeviceTensor: decode directly
+    blob = t.tobytes()                                    # the frame on the host
+
+Pipeline (kernels in ``cuda/ecf8_encode.cu``, all on the caller's stream):
+
+1. per-chunk symbol histograms on the GPU; the tables are chosen by the CPU encoder's own
+   ``encoder.assign_tables``, so both encoders choose identically by construction.  When that is
+   ``table_choice.assign_tables`` (exact arithmetic), its large products run on the GPU
+   (``DeviceProducts``) and only small arrays cross to the host; for any other rule the
+   histograms (``nchunks x alphabet`` counts) are copied to the host and it runs there;
+2. one warp per chunk replays the decoder's load schedule and counts each chunk's words; the host
+   reads the counts back (the frame size, the coded/stored decision and the header need them) and
+   builds the header with ``format.build_header``;
+3. the same replay writes the exponent words and the raw plane into the device frame, and a
+   parallel CRC-32 writes the payload checksum.
+
+So an encode synchronises with the host during 1 (once, or about twice per k-means iteration with
+the exact rule) and after 2; the frame is complete once ``stream`` reaches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import decoder_cuda as dc
+from . import encoder as cpu_encoder
+from . import format as fmt
+from . import names, table_choice
+from .errors import UnsupportedError
+from .tables import canonical_codes
+
+__all__ = ["EncodedTensor", "encode"]
+
+TILE_LOG2 = 14                  # elements per histogram block (ECF8_TILE_LOG2 in the kernel)
+CODE_WARPS = 8                  # chunks (warps) per coding block at most
+CRC_PIECE, CRC_WARP = 256, 256 * 32
+_KINDS = {1: "1, 4, 3", 2: "1, 5, 2", 3: "2, 8, 7", 4: "2, 5, 10"}
+KERNEL_NAMES = ([f"ecf8_hist<{k}>" for k in _KINDS.values()]
+                + [f"ecf8_code<{k}, {w}>" for k in _KINDS.values() for w in ("false", "true")]
+                + ["ecf8_crc", "ecf8_crc_final"])
+
+_modules: dict[int, Any] = {}
+_consts: dict[int, Any] = {}
+_lock = threading.Lock()
+_trace: list | None = None      # bench/bench_encode.py sets a list: (phase, CUDA event) marks
+
+
+def _mark(name: str) -> None:
+    if _trace is not None:
+        event = dc._cupy().cuda.Event()
+        event.record()
+        _trace.append((name, event))
+
+
+def kernel_source() -> str:
+    """The encoder's CUDA source, from the installed package or the source tree."""
+    here = Path(__file__).resolve().parent
+    for path in (here / "cuda" / "ecf8_encode.cu", here.parent / "cuda" / "ecf8_encode.cu"):
+        if path.exists():
+            return path.read_text()
+    raise UnsupportedError("ecf8's CUDA sources (ecf8_encode.cu) are missing from the installation")
+
+
+def _module(device_id: int):
+    """The encoder's kernels for a device (NVRTC, compiled once per device on first use)."""
+    module = _modules.get(device_id)
+    if module is None:
+        with _lock:
+            module = _modules.get(device_id)
+            if module is None:
+                cupy = dc._cupy()
+                with cupy.cuda.Device(device_id):
+                    module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",),
+                                            name_expressions=KERNEL_NAMES)
+                    module.compile()
+                _modules[device_id] = module
+    return module
+
+
+# --- host-side pieces (pure NumPy; tests/test_encoder_cuda.py checks them without a GPU) ---------
+
+_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial, reflected (bit 31 is x^0)."""
+    p = 0
+    for i in range(32):
+        if a & (0x80000000 >> i):
+            p ^= b
+        b = (b >> 1) ^ (_POLY if b & 1 else 0)
+    return p
+
+
+def _x2n() -> list[int]:
+    t = [1 << 30]                                  # x^1
+    for _ in range(31):
+        t.append(_multmodp(t[-1], t[-1]))
+    return t
+
+
+def _shift_bytes(nbytes: int, x2n: list[int]) -> int:
+    """x^(8 nbytes) mod P."""
+    p, k = 1 << 31, 3
+    while nbytes:
+        if nbytes & 1:
+            p = _multmodp(x2n[k & 31], p)
+        nbytes >>= 1
+        k += 1
+    return p
+
+
+def crc_constants() -> np.ndarray:
+    """The CRC kernel's constants (u32): 4 slicing tables of 256, x^(2^k) mod P for k < 32, and
+    x^(8 * 256 * 2^k) mod P for the 5 levels of the warp tree."""
+    t0 = np.zeros(256, np.uint32)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (_POLY if c & 1 else 0)
+        t0[i] = c
+    tables = [t0]
+    for _ in range(3):
+        prev = tables[-1]
+        tables.append((prev >> 8) ^ t0[prev & 0xFF])
+    x2n = _x2n()
+    levels = [_shift_bytes(CRC_PIECE << k, x2n) for k in range(5)]
+    return np.concatenate([*tables, np.array(x2n + levels, np.uint32)]).astype(np.uint32)
+
+
+def padding(last_row: np.ndarray, last_bits: int, spec: fmt.DtypeSpec, n: int, chunk_log2: int
+            ) -> tuple[np.ndarray, int]:
+    """What the last group's padding adds to the last chunk's histogram, exactly as encoder.py
+    pads: elements whose exponent is the last chunk's most common one, raw bits zero.
+
+    last_row: (A,) the last chunk's counts of symbols made of real elements only; last_bits: the
+    last element's bits.  Returns ((A,) int64 counts to add, padding element bits).
+    """
+    a, per, e = spec.alphabet, spec.per_symbol, spec.exp_bits
+    last_exp = (last_bits >> spec.man_bits) & ((1 << e) - 1)
+    tail = np.asarray(last_row, np.int64)
+    if per == 2:
+        grid = tail.reshape(1 << e, 1 << e)         # [high field, low field]
+        fields = grid.sum(0) + grid.sum(1)
+        if n % 2:
+            fields[last_exp] += 1
+    else:
+        fields = tail
+    pad = int(np.argmax(fields))
+    real = n - (((n - 1) >> chunk_log2) << chunk_log2)
+    missing = -(-real // fmt.GROUP) * fmt.GROUP - real
+    delta = np.zeros(a, np.int64)
+    if per == 2:
+        if n % 2:
+            delta[last_exp | pad << e] += 1
+            missing -= 1
+        delta[pad | pad << e] += missing // 2
+    else:
+        delta[pad] += missing
+    return delta, pad << spec.man_bits
+
+
+def finish_histogram(raw: np.ndarray, spec: fmt.DtypeSpec, n: int, chunk_log2: int
+                     ) -> tuple[np.ndarray, int]:
+    """The CPU encoder's per-chunk histograms from the kernel's.
+
+    raw: (nchunks * A + 1) u32: counts of the symbols made of real elements only, then the last
+    element's bits.  Returns (hist (nchunks, A) int64 with the padding added, padding element bits).
+    """
+    a = spec.alphabet
+    nchunks = -(-n // (1 << chunk_log2))
+    hist = raw[: nchunks * a].astype(np.int64).reshape(nchunks, a)
+    delta, pad = padding(hist[-1], int(raw[nchunks * a]), spec, n, chunk_log2)
+    hist[-1] += delta
+    return hist, pad
+
+
+class DeviceProducts:
+    """table_choice's exact products over device histograms ((nchunks, A) CuPy float64 counts):
+    cuBLAS float64 products of integers below 2**53 are exact, so they equal the host's."""
+
+    def __init__(self, hist):
+        self.hist = hist
+        self.nchunks, self.alphabet = hist.shape
+        self._present = None
+
+    def mean_parts(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cupy = dc._cupy()
+        parts = cupy.stack([self.hist @ cupy.asarray(weights.astype(np.float64)), self.hist.sum(1)]).get()
+        return parts[0].astype(np.int64), parts[1].astype(np.int64)
+
+    def sums(self, assign: np.ndarray, k: int) -> np.ndarray:
+        cupy = dc._cupy()
+        a = cupy.asarray(assign.astype(np.int32))
+        onehot = (a[None, :] == cupy.arange(k, dtype=np.int32)[:, None]).astype(np.float64)
+        return (onehot @ self.hist).get().astype(np.int64)
+
+    def costs(self, per_symbol: np.ndarray) -> np.ndarray:
+        return (self.hist @ dc._cupy().asarray(per_symbol).T).get()
+
+    def missing(self, absent: np.ndarray) -> np.ndarray:
+        cupy = dc._cupy()
+        if self._present is None:
+            self._present = (self.hist > 0).astype(np.float64)
+        return ((self._present @ cupy.asarray(absent).T) > 0).get()
+
+
+def code_entries(lengths: np.ndarray) -> np.ndarray:
+    """(K * A,) u32 kernel table entries ``code << 8 | length`` of code-length tables (K, A)."""
+    codes = np.stack([canonical_codes(l) for l in lengths]).astype(np.uint32)
+    return ((codes << 8) | lengths.astype(np.uint32)).reshape(-1)
+
+
+def decode_luts(lengths: np.ndarray) -> np.ndarray:
+    """(K, 4096) uint16 decode tables, equal to ``tables.decode_lut`` of each row, vectorized.
+
+    Canonical codes give the symbols, sorted by (length, symbol), consecutive code ranges, so
+    each table is their entries repeated 2**(12 - length) times, then the default entry.
+    """
+    size = 1 << fmt.MAX_CODE_LEN
+    out = np.full((lengths.shape[0], size), fmt.MAX_CODE_LEN << 8, np.uint16)
+    symbols = np.arange(lengths.shape[1])
+    for t, row in enumerate(lengths.astype(np.int64)):
+        order = np.lexsort((symbols, row))
+        order = order[row[order] > 0]
+        entries = np.repeat((row[order] << 8) | order, 1 << (fmt.MAX_CODE_LEN - row[order]))
+        out[t, : entries.size] = entries
+    return out
+
+
+def payload_seed(head: bytes) -> int:
+    """The CRC-32 seed of the payload checksum (format v2: the HeaderChecksum)."""
+    return fmt.header_crc(head)
+
+
+def parse_header(head: bytes, size: int) -> fmt.Frame:
+    """fmt.parse of a frame whose payload is not on the host: a lazily zeroed stand-in buffer
+    (never touched past the header) carries the header and the frame's length."""
+    stand_in = np.zeros(size, np.uint8)
+    stand_in[: len(head)] = np.frombuffer(head, np.uint8)
+    return fmt.parse(memoryview(stand_in), verify=False)
+
+
+# --- the result ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EncodedTensor(dc.DeviceTensor):
+    """A frame encoded on a GPU: a ``DeviceTensor`` (decode it directly) whose ``payload`` holds
+    the frame bytes; complete once ``stream`` reaches the end of the encode."""
+
+    stream: Any = None
+
+    @property
+    def frame_bytes(self) -> int:
+        """Length of the frame in bytes."""
+        return self.frame.size
+
+    def tobytes(self) -> bytes:
+        """The frame on the host (waits for the encode to finish)."""
+        return self.payload.get(stream=self.stream).tobytes()
+
+    to_bytes = tobytes
+
+    def __bytes__(self) -> bytes:
+        return self.tobytes()
+
+
+def _device_tensor(frame: fmt.Frame, dev: int, payload: Any, stream: Any) -> EncodedTensor:
+    """The decoder's device state for a frame already on the GPU (as decoder_cuda.to_device)."""
+    cupy = dc._cupy()
+    if frame.mode == fmt.MODE_CODED:
+        tables_at, luts_at = dc._aux_offsets(frame)
+        aux = np.zeros(luts_at + frame.ntables * dc.LUT_BYTES, np.uint8)
+        aux[:tables_at] = frame.chunk_words.astype("<u4").view(np.uint8)
+        aux[tables_at : tables_at + frame.nchunks] = frame.chunk_tables
+        luts = decode_luts(frame.lengths)
+        aux[luts_at:] = luts.astype("<u2").view(np.uint8).reshape(-1)
+        aux_d = cupy.asarray(aux)
+        blocks = -(-frame.nchunks // (dc.WARPS * dc.CHUNKS_PER_WARP))
+    else:
+        aux_d, blocks = cupy.zeros(0, np.uint8), 0
+    t = EncodedTensor(frame, dev, payload, aux_d, None,
+                      cupy.asarray(np.array([0, blocks], np.uint32)), blocks, stream=stream)
+    if frame.mode == fmt.MODE_CODED:
+        t.desc = cupy.asarray(t.descriptor().reshape(1).view(np.uint8))
+    else:
+        t.desc = cupy.zeros(0, np.uint8)
+    return t
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+def _spec_of(arr: Any, dtype: Any) -> fmt.DtypeSpec:
+    if dtype is not None:
+        return names.dtype_spec(dtype)
+    if np.dtype(arr.dtype) == np.float16:
+        return fmt.DTYPES[4]
+    raise UnsupportedError(f"say which type the {arr.dtype} bits hold: dtype='e4m3', 'e5m2', 'bf16' "
+                           "or 'fp16' (any spelling of ecf8.names)")
+
+
+def _as_cupy(x: Any, dtype: Any):
+    """(CuPy array of x's elements, spec, logical shape) for a CUDA array of any kind."""
+    cupy = dc._cupy()
+    if isinstance(x, dc.CudaArray):
+        return x.bits.reshape(x.shape), _spec_of(x, dtype if dtype is not None else x.dtype), x.shape
+    if not isinstance(x, cupy.ndarray):
+        try:
+            if hasattr(x, "__cuda_array_interface__"):
+                x = cupy.asarray(x)
+            elif hasattr(x, "__dlpack__"):
+                x = cupy.from_dlpack(x)
+            else:
+                raise TypeError(type(x).__name__)
+        except Exception as e:  # noqa: BLE001 - any import failure means: not a usable CUDA array
+            raise UnsupportedError(f"encode on the GPU needs a CUDA array (CuPy, __cuda_array_interface__ "
+                                   f"or DLPack; float8/bfloat16 as uint8/uint16 bit views): {e}") from None
+    spec = _spec_of(x, dtype)
+    if x.dtype.itemsize != spec.bits // 8 or x.dtype.kind not in "uif":
+        raise UnsupportedError(f"a {x.dtype} array cannot hold {spec.name} elements")
+    return x, spec, tuple(x.shape)
+
+
+def encode(x: Any, *, dtype: Any = None, chunk_size: int = 32768, max_tables: int = 4,
+           allow_stored: bool = True, stream: Any = None) -> EncodedTensor:
+    """Compress a CUDA array on its GPU into the frame ``ecf8.encode`` makes of the same elements.
+
+    x: a CuPy array, ``CudaArray``, or any CUDA array with ``__cuda_array_interface__`` or DLPack
+    (any shape, strided too).  dtype: what its elements are when its dtype does not say (uint8 /
+    uint16 / int16 bit views of float8 or bfloat16), any spelling of ``ecf8.names`` ('e4m3',
+    'F8_E4M3', 'bfloat16', a NumPy/ml_dtypes or torch dtype, ...); float16 arrays need none.
+    chunk_size, max_tables, allow_stored: as ``ecf8.encode``.  stream: the CUDA stream (None:
+    CuPy's current one; a CuPy stream, an int handle or an object with ``__cuda_stream__``).
+    Returns an ``EncodedTensor``: decodable in place (``ecf8.decode(t, device="cuda")``),
+    ``tobytes()`` for the host bytes.  Device memory: the frame, plus during the table choice the
+    histograms (nchunks x alphabet u32; with the exact rule two float64 copies besides).
+    Raises UnsupportedError for other inputs or options.
+    """
+    cupy = dc._cupy()
+    arr, spec, shape = _as_cupy(x, dtype)
+    if chunk_size & (chunk_size - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= chunk_size <= (1 << fmt.MAX_CHUNK_LOG2):
+        raise UnsupportedError(f"chunk_size must be a power of two from 512 to 2**20, not {chunk_size}")
+    if not 1 <= max_tables <= fmt.MAX_TABLES:
+        raise UnsupportedError(f"max_tables must be 1..{fmt.MAX_TABLES}, not {max_tables}")
+    if np.prod([max(d, 1) for d in shape], dtype=object) > fmt.MAX_ELEMENTS:
+        raise UnsupportedError("ecf8 codes at most 2**40 elements per frame (and shapes whose "
+                               "non-zero extents multiply to at most 2**40)")
+    if len(shape) > fmt.MAX_NDIM:
+        raise UnsupportedError(f"ecf8 codes at most {fmt.MAX_NDIM} dimensions, not {len(shape)}")
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    dev = arr.device.id
+    with cupy.cuda.Device(dev):
+        st = dc._stream(stream)
+        with st:
+            u = arr.reshape(-1).view(spec.uint)
+            if not u.flags.c_contiguous or u.data.ptr % 16:
+                u = cupy.ascontiguousarray(u)
+                if u.data.ptr % 16:
+                    u = u.copy()
+            u = u.reshape(-1)
+            if n:
+                result = _encode_coded(u, spec, shape, n, chunk_size.bit_length() - 1, max_tables,
+                                       allow_stored, dev, st)
+                if result is not None:
+                    return result
+            return _encode_stored(u, spec, shape, n, dev, st)
+
+
+def _alloc_frame(size: int):
+    """Device bytes for a frame (readable a little past its end, as the CRC kernel needs)."""
+    cupy = dc._cupy()
+    return cupy.empty(fmt.align16(size) + 16, np.uint8)
+
+
+def _finish(buf, head: bytes, size: int, dev: int, st) -> EncodedTensor:
+    """Write the header, the payload CRC, and wrap the frame."""
+    cupy = dc._cupy()
+    mod = _module(dev)
+    buf[: len(head)].set(np.frombuffer(head, np.uint8), stream=st)
+    consts = _consts.get(dev)
+    if consts is None:
+        consts = _consts[dev] = cupy.asarray(crc_constants())
+    acc = cupy.zeros(1, np.uint32)
+    begin, end = len(head), size - 4
+    vlen = -(-(end - begin) // CRC_WARP) * CRC_WARP
+    if vlen:
+        mod.get_function("ecf8_crc")((-(-(vlen // CRC_PIECE) // 256),), (256,),
+                                     (buf, np.uint64(begin), np.uint64(end), consts, acc))
+    mod.get_function("ecf8_crc_final")((1,), (32,), (buf, np.uint64(begin), np.uint64(end), consts,
+                                                     acc, np.uint32(payload_seed(head))))
+    _mark("crc")
+    frame = parse_header(head, size)
+    result = _device_tensor(frame, dev, buf[:size], st)
+    _mark("host: frame object")
+    return result
+
+
+def _encode_stored(u, spec: fmt.DtypeSpec, shape: tuple, n: int, dev: int, st) -> EncodedTensor:
+    head = fmt.build_header(spec, fmt.MODE_STORED, shape, 0, None, None, None, 0)
+    raw_at = fmt.align16(len(head))
+    size = raw_at + n * spec.bits // 8 + 4
+    buf = _alloc_frame(size)
+    buf[len(head) : raw_at] = 0
+    if n:
+        buf[raw_at : size - 4] = u.view(np.uint8)
+    return _finish(buf, head, size, dev, st)
+
+
+def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int, max_tables: int,
+                  allow_stored: bool, dev: int, st) -> EncodedTensor | None:
+    """The coded frame, or None when allow_stored and it would not be smaller than the input."""
+    cupy = dc._cupy()
+    mod = _module(dev)
+    _mark("start")
+    kind = _KINDS[spec.code]
+    a = spec.alphabet
+    nchunks = -(-n // (1 << chunk_log2))
+    # 1. histograms -> host -> tables (the CPU encoder's own choice)
+    hist_d = cupy.zeros(nchunks * a + 1, np.uint32)
+    subs = 1 if chunk_log2 >= TILE_LOG2 else 1 << (TILE_LOG2 - chunk_log2)
+    mod.get_function(f"ecf8_hist<{kind}>")(
+        (-(-n // (1 << TILE_LOG2)),), (256,),
+        (u, np.uint64(n), np.uint32(chunk_log2), np.uint64(nchunks), hist_d), shared_mem=subs * a * 4)
+    _mark("histogram")
+    field_mask = (1 << spec.exp_bits) - 1
+    if cpu_encoder.assign_tables is table_choice.assign_tables:
+        # The exact rule: histograms stay on the GPU, only small products come back.
+        tail = hist_d[(nchunks - 1) * a :].get(stream=st)
+        delta, pad = padding(tail[:a], int(tail[a]), spec, n, chunk_log2)
+        hist_f = hist_d[: nchunks * a].reshape(nchunks, a).astype(np.float64)
+        del hist_d
+        hist_f[-1] += cupy.asarray(delta.astype(np.float64))
+        lengths, chunk_tables = table_choice.assign_tables(None, max_tables, field_mask,
+                                                           backend=DeviceProducts(hist_f))
+        del hist_f
+    else:
+        # Any other rule runs on the host, over the whole histogram array.
+        hist, pad = finish_histogram(hist_d.get(stream=st), spec, n, chunk_log2)
+        lengths, chunk_tables = cpu_encoder.assign_tables(hist, max_tables, field_mask)
+    entries = cupy.asarray(code_entries(lengths))
+    tables_d = cupy.asarray(chunk_tables)
+    _mark("host: copy back, table choice, upload")
+    # 2. word counts -> host -> header, size, coded or stored
+    warps = max(1, min(CODE_WARPS, nchunks // 264))
+    grid = (-(-nchunks // warps),)
+    counts = cupy.zeros(nchunks + 1, np.uint32)
+    common = (u, np.uint64(n), np.uint32(chunk_log2), np.uint64(nchunks), tables_d, entries,
+              np.uint32(lengths.shape[0]), np.uint32(pad))
+    mod.get_function(f"ecf8_code<{kind}, false>")(grid, (32 * warps,), common + (counts, counts, counts, counts))
+    _mark("word counts")
+    words = counts[:nchunks].get(stream=st).astype(np.int64)
+    starts = np.cumsum(words) - words
+    exp_words = int(words.sum())
+    if exp_words >= 1 << 32:
+        raise UnsupportedError("exponent stream exceeds 2**32 words; use a smaller tensor")
+    raw_bytes = fmt.raw_plane_bytes(spec, n)
+    head = fmt.build_header(spec, fmt.MODE_CODED, shape, chunk_log2, lengths, chunk_tables, starts,
+                            exp_words)
+    exp_at = fmt.align16(len(head))
+    raw_at = fmt.align16(exp_at + 4 * exp_words)
+    size = raw_at + raw_bytes + 4
+    if allow_stored and size >= n * spec.bits // 8:
+        return None
+    # 3. words, raw plane, checksum: launches only
+    buf = _alloc_frame(size)
+    buf[len(head) : raw_at] = 0                  # padding, and the empty loads inside the stream
+    offsets = cupy.asarray(starts.astype(np.uint32))
+    _mark("host: copy back, header, allocation")
+    mod.get_function(f"ecf8_code<{kind}, true>")(
+        grid, (32 * warps,), common + (counts, offsets, buf[exp_at:], buf[raw_at:]))
+    _mark("words + raw plane")
+    return _finish(buf, head, size, dev, st)
