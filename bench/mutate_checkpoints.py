@@ -560,6 +560,7 @@ def run_case(state, seed, case):
         if loaded:
             outcome, message = loaded
     if state.get("cli_every") and case % state["cli_every"] == 0:
+        state["kind"] = KINDS[case % len(KINDS)]
         cli = run_cli(state, path)
         message = f"[cli: {cli[0]}: {cli[1][:150]}] " + message
         if outcome in ("ECF8Error", "identical") and cli[0] not in ("ECF8Error", "identical"):
@@ -616,7 +617,8 @@ def classify(state, v, vmsg, d, dmsg, restored, left):
 
 def run_cli(state, path: Path) -> tuple[str, str]:
     """The same through the ecf8 command (python -c ... main()): info (must not fail other than
-    with one clean error), verify and decompress, one subprocess per command."""
+    with one clean error, and must fail on a truncated or extended file), verify and decompress,
+    one subprocess per command."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", "import sys; from ecf8.cli import main; sys.exit(main(sys.argv[1:]))"]
     out = state["workdir"] / "cli.safetensors"
@@ -636,6 +638,8 @@ def run_cli(state, path: Path) -> tuple[str, str]:
         if "Traceback" in p.stderr or p.returncode not in (0, 1) or (p.returncode == 1 and not lines):
             return "other:cli", f"ecf8 {name}: exit {p.returncode}, {len(lines)} stderr lines: " + \
                 (lines[-1] if lines else "")
+    if i.returncode == 0 and state.get("kind") in ("truncate", "extend"):
+        return "info-missed", "ecf8 info exit 0 on a truncated or extended file"
     if d.returncode == 0:
         if restored == state["original"]:
             return "identical", f"verify exit {v.returncode}"
