@@ -6,7 +6,9 @@ norms, an I64 buffer, compressed with ``ecf8.store.compress_file``.  Each case e
 file, then runs ``store.verify_file`` and ``store.decompress_file`` in-process (every
 ``--cli-every``-th case also ``ecf8 info``, ``verify`` and ``decompress`` as commands) and compares
 the restored bytes with the original file; where those refuse cleanly or restore exactly,
-``store.load_file`` must too (ECF8Error, or exactly the original tensors).
+``store.load_file`` must too (ECF8Error, or exactly the original tensors), on the CPU and on the
+GPU path (``device="cuda"``, with the GPU decoder and upload replaced by the CPU ones: every check
+of the store layer runs as on a GPU).
 """
 
 from __future__ import annotations
@@ -576,23 +578,47 @@ def _original_tensors(state) -> dict[str, bytes]:
     return state["tensors"]
 
 
+def _load_gpu_standin(path: Path) -> dict:
+    """What ``store.load_file(path, "cuda")`` checks, with the GPU decoder and upload replaced by
+    their CPU equivalents (this machine has no GPU): every check of the store layer still runs."""
+    from ecf8 import api
+
+    decode, to_device = api.decode, getattr(store, "_to_device", None)
+    api.decode = lambda blob, device="cpu", **kw: decode(blob, "cpu", **kw)
+    store._to_device = lambda x, device: x
+    try:
+        return store.load_file(path, "cuda")
+    finally:
+        api.decode = decode
+        if to_device is not None:
+            store._to_device = to_device
+
+
 def check_load(state, path: Path, verified: str) -> tuple[str, str] | None:
-    """``ecf8.load_file`` on the same input: ECF8Error, or exactly the original tensors (None when
-    that holds)."""
+    """``ecf8.load_file`` on the same input, on the CPU and (stand-in) GPU path: ECF8Error, or
+    exactly the original tensors (None when that holds)."""
     if not hasattr(store, "load_file"):
         return None
-    r, loaded = _call(lambda p: store.load_file(p), path)
+    for where, load in (("", store.load_file), (" (GPU path)", _load_gpu_standin)):
+        problem = _check_loaded(state, load, path, verified, where)
+        if problem:
+            return problem
+    return None
+
+
+def _check_loaded(state, load, path, verified, where):
+    r, loaded = _call(load, path)
     if r.startswith("other"):
-        return r, f"load_file: {loaded}"
+        return r, f"load_file{where}: {loaded}"
     if r == "ECF8Error":
-        return ("verify-missed", f"verify ok, load_file refused: {loaded}") if verified == "ok" else None
+        return ("verify-missed", f"verify ok, load_file{where} refused: {loaded}") if verified == "ok" else None
     want = _original_tensors(state)
     if set(loaded) != set(want):
-        return "DIFFERENT", f"load_file gave tensors {sorted(set(loaded) ^ set(want))[:3]} more/less"
+        return "DIFFERENT", f"load_file{where} gave tensors {sorted(set(loaded) ^ set(want))[:3]} more/less"
     for name, x in loaded.items():
         shape, raw = want[name]
         if tuple(x.shape) != shape or np.ascontiguousarray(x).tobytes() != raw:
-            return "DIFFERENT", f"load_file: tensor {name!r} differs ({x.dtype} {x.shape})" + \
+            return "DIFFERENT", f"load_file{where}: tensor {name!r} differs ({x.dtype} {x.shape})" + \
                 ("" if verified == "ok" else "; verify refused")
     return None
 
