@@ -1,33 +1,47 @@
-"""Mutation campaign against ECF8 frames and compressed checkpoints (issue #9; not run in CI).
+"""Mutation campaign against ECF8 frames, compressed checkpoints and the commands (issue #9; not
+run in CI).
 
-    python bench/mutate.py --frames 100000 --checkpoints 5000 --inputs 2000 --seed 0 --jobs 2 \\
-        --out bench/mutate_reproducers.json
-    python bench/mutate.py --replay frames:1234 --seed 0 --dump /tmp/case.bin   # one case again
+    python bench/mutate.py --frames 100000 --checkpoints 5000 --inputs 2000 --checkpoints-v1 1000 \\
+        --signals 40 --cli-every 50 --seed 0 --jobs 2 --out bench/mutate_reproducers.json
+    python bench/mutate.py --replay checkpoints:1234 --seed 0 --dump /tmp/case.safetensors
 
-Every case is a deterministic function of (seed, campaign, case number): the mutation kind is
-``KINDS[case % len(KINDS)]`` and its random choices come from ``numpy.random.default_rng``.  Cases
-run in worker processes with an address-space limit (RLIMIT_AS), a per-case soft deadline
-(SIGALRM) and a hard one (the worker is killed), so each outcome is one of:
+Campaigns (each in its own module):
+    frames          bench/mutate_frames.py: single frames, all four dtypes, coded and stored, v1 and
+                    v2; ecf8.info + ecf8.decode (CPU)
+    checkpoints     bench/mutate_checkpoints.py: a compressed FP8 checkpoint; verify_file,
+                    decompress_file and load_file (CPU and the GPU path's store checks), every
+                    --cli-every-th case also `ecf8 info / verify / decompress`
+    inputs          bench/mutate_inputs.py: plain safetensors files, edited, given to compress:
+                    refusal with nothing left behind, or an exact round trip
+    checkpoints-v1  bench/mutate_checkpoints_v1.py: the version-1 golden compressed file
+    signals         bench/mutate_signals.py: `ecf8 compress/decompress` interrupted by SIGINT or
+                    SIGTERM at a random moment (its own table; see that module)
+
+Every case is a deterministic function of (seed, campaign, case number) and of the code that
+builds the base files: the mutation kind is ``KINDS[case % len(KINDS)]`` and its random choices
+come from ``numpy.random.default_rng``.  Cases run in worker processes with an address-space limit
+(RLIMIT_AS, --mem), a per-case soft deadline (SIGALRM, --timeout) and a hard one (the worker is
+killed), so each outcome is one of:
 
     ECF8Error   clean refusal (the only acceptable outcome for a corrupt input)
     identical   the input still decodes / restores to exactly the original
     DIFFERENT   silently different output (frames: decode returned other data; checkpoints:
-                decompress exited normally with other bytes, or verify passed them)
+                decompress exited normally with other bytes, or load_file returned other tensors)
     accepted    (forged-checksum kinds only) a frame whose checksums were recomputed decodes to
                 what its header says, or a checkpoint whose record crc was recomputed restores to
                 what its forged record says: undetectable by design, listed for completeness
     v1-unchecked  (checkpoints-v1) a version-1 file, which has no checksums for this, restores to
                 other bytes: by design of version 1, listed for completeness
-    verify-missed  (checkpoints) verify passed but decompress refused
-    left-files  (checkpoints) a refusal left an output or temp file behind
-    other:T     an exception that is not an ECF8Error (T = its type)
+    verify-missed  (checkpoints) verify (or compress) passed a file that decompress/load refuses
+    left-files  a refusal left an output or temp file behind
+    other:T     an exception that is not an ECF8Error (T = its type); cli:X  the command sample
+                found X where the in-process API was fine
     hang        past the deadline;   crash   worker died;   memory   MemoryError under RLIMIT_AS
 
-The table prints counts per kind x outcome.  Every case that is not ECF8Error / identical /
-accepted is saved (seed, campaign, case, kind, outcome, message) to --out for turning into tests.
-Modules: bench/mutate_frames.py (single frames), bench/mutate_checkpoints.py (compressed
-checkpoints: verify + decompress) and bench/mutate_inputs.py (plain safetensors files, edited,
-given to compress: refusal with nothing left behind, or an exact round trip) define the mutations.
+Each campaign prints a table of counts per mutation kind x outcome, then the distinct problems.
+Every case that is not ECF8Error / identical / accepted / v1-unchecked is saved (seed, campaign,
+case, kind, outcome, message, replay command) to --out, for turning into tests.  Exit status 1
+when any problem was found.
 """
 
 from __future__ import annotations
