@@ -9,8 +9,17 @@ On a GPU every eligible weight (a 2-D FP8/BF16/FP16 ``weight`` of a Linear-like 
 uploaded as its ECF8 frame and stays compressed (a DeviceTensor), decoded just in time before its
 module's forward, as ``compress_module`` does; every other tensor is decoded once on the GPU.  The
 checkpoint is read one tensor at a time, so neither GPU nor host ever holds the uncompressed model.
-On the CPU (device="cpu") tensors are decoded at load into ordinary parameters: host memory is
-what CPU inference runs from, and ``compress_module`` keeps them compressed afterwards if wanted.
+On the CPU (device="cpu") tensors are decoded at load into ordinary parameters (host memory is
+what CPU inference runs from) unless compress=True.
+
+Tensor parallelism: a model whose parameters are DTensors on the meta device (built without
+weights, then sharded by ``torch.distributed.tensor.parallel.parallelize_module``) gets on each rank
+only that rank's slice of each tensor, as a DTensor of the same layout.  An ECF8 frame codes a whole
+tensor, so every rank reads and decodes each whole tensor (on a GPU: uploaded as its frame and
+decoded there, which is fast), cuts out its slice and drops the rest; an eligible weight's slice
+is then re-encoded where it is (GPU encoder on a GPU, CPU encoder on the CPU) and held compressed.
+Transient memory: one whole decoded tensor at a time (on a GPU, plus up to 2 * threads whole
+frames read ahead); resident: only this rank's slices.
 """
 
 from __future__ import annotations
@@ -128,7 +137,7 @@ def _device(device: str | torch.device) -> tuple[torch.device, str]:
 
 def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cuda", *,
                embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int = 4096,
-               threads: int = 4) -> et.CompressionStats:
+               threads: int = 4, compress: bool | None = None) -> et.CompressionStats:
     """Fill `model` (built on the meta device, or anywhere) from an ecf8 checkpoint file or folder.
 
     Eligible weights (as for ``compress_module``: 2-D FP8/BF16/FP16 ``weight`` of every module
@@ -141,10 +150,15 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
     Every name, shape and device is checked from the file headers before the model changes; a
     failure while reading puts the model back as it was.  Raises UnsupportedError (mismatched or
     missing tensors, bad device) or CorruptDataError (a damaged file).  chunk_size is used only
-    when load_state_dict re-encodes a weight later; threads: shards read at once.  Returns what
-    is held compressed.
+    when load_state_dict re-encodes a weight later; threads: shards read at once.  compress: hold
+    eligible weights compressed (default: on a GPU yes, on the CPU no).  Returns what is held
+    compressed (this rank's bytes under tensor parallelism).
+
+    DTensor parameters (tensor parallelism, Shard / Replicate placements on a mesh of `device`'s
+    type) receive this rank's slice, as a DTensor of the same layout; see the module docstring.
     """
     dev, target = _device(device)
+    keep = dev.type == "cuda" if compress is None else bool(compress)
     files = tensor_files(Path(path))
     index: dict[str, tuple[str, tuple, Path]] = {}
     for f in files:
@@ -152,7 +166,7 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
             if name in index:
                 raise CorruptDataError(f"{path}: tensor {name!r} appears in two files")
             index[name] = (dtype, shape, f)
-    plan, moves = _plan(model, index, dev, embeddings, min_numel, strict, str(path))
+    plan, moves = _plan(model, index, dev, embeddings, min_numel, strict, str(path), keep)
     pool = et._Pool()
     options = {"chunk_size": chunk_size}
     undo: list[Callable[[], None]] = []
@@ -178,8 +192,9 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
                                sum(w.stored_bytes for w in weights), pool.buffer_bytes(), len(weights))
 
 
-def _plan(model, index, dev, embeddings, min_numel, strict, where):
-    """({checkpoint name: target}, [tensors to move]) after checking every name and shape."""
+def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
+    """({checkpoint name: target}, [tensors to move]) after checking every name and shape.
+    A target is (kind, holders, tensor, held compressed?, DTensor layout or None)."""
     holders, params = et._owners(model)
     plan: dict[str, tuple] = {}
     moves: list[tuple] = []
@@ -198,20 +213,32 @@ def _plan(model, index, dev, embeddings, min_numel, strict, where):
                 raise UnsupportedError(f"{where}: {q!r} has shape {index[q][1]} in the checkpoint, "
                                        f"{tuple(p.shape)} in the model")
         used.update(present)
-        ok = (dtype in CODED and len(shape) == 2 and int(np.prod(shape)) >= min_numel
+        ok = (keep and dtype in CODED and len(shape) == 2 and int(np.prod(shape)) >= min_numel
               and all(n == "weight" and (embeddings or not isinstance(m, torch.nn.Embedding))
                       and not et.is_compressed(m) for m, n, _ in hs))
-        plan[present[0]] = ("param", hs, p, ok)
+        layout = None
+        if et.is_dtensor(p):
+            layout = et._Layout(p)
+            if layout.mesh.device_type != dev.type:
+                raise UnsupportedError(f"{where}: {hs[0][2]!r} is a DTensor on a {layout.mesh.device_type} "
+                                       f"device mesh, the model is loaded to {dev}")
+            layout.box(f"{where}: {hs[0][2]!r}")          # refuses Partial / strided placements
+            if ok:
+                et._check_sharded(p, hs, f"{where}: {hs[0][2]!r}")
+        plan[present[0]] = ("param", hs, p, ok, layout)
     for prefix, m in model.named_modules(remove_duplicate=False):
         for n, b in m._buffers.items():
             if b is None:
                 continue
             q = f"{prefix}.{n}" if prefix else n
+            if et.is_dtensor(b):
+                raise UnsupportedError(f"{where}: buffer {q!r} is a DTensor: ecf8 loads DTensor "
+                                       "parameters only")
             if q in index:
                 if index[q][1] != tuple(b.shape):
                     raise UnsupportedError(f"{where}: {q!r} has shape {index[q][1]} in the checkpoint, "
                                            f"{tuple(b.shape)} in the model")
-                plan.setdefault(q, ("buffer", [], None, False))[1].append((m, n))
+                plan.setdefault(q, ("buffer", [], None, False, None))[1].append((m, n))
                 used.add(q)
             elif b.device.type == "meta":
                 raise UnsupportedError(f"{where}: buffer {q!r} is on the meta device and not in the "
@@ -240,7 +267,19 @@ def _set(module: torch.nn.Module, kind: str, name: str, value: torch.Tensor, und
 def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options: dict, undo: list
            ) -> list:
     """Put one checkpoint tensor in the model; returns the compressed weight made, if any."""
-    kind, hs, p, eligible = target
+    kind, hs, p, eligible, layout = target
+    if layout is not None:                            # keep this rank's slice of the whole tensor
+        if not isinstance(value, torch.Tensor):       # a whole frame on the GPU: decoded there
+            value = et.decode(value, dev)
+        value = value[layout.box(hs[0][2])].contiguous()
+    if isinstance(value, torch.Tensor) and eligible:  # decoded on the host: (re-)encode
+        tables = et._tables(value.numel(), options)
+        blob = et.encode(value, **tables)             # a CUDA tensor is encoded on its GPU
+        w = et._Weight(blob, value.dtype, tuple(value.shape), dev, False, pool, tables, layout)
+        for m, n, _ in hs:
+            et._attach(m, w)
+            undo.append(lambda m=m, p=p: et._detach(m, p))
+        return [w]
     if not isinstance(value, torch.Tensor):           # an ECF8 frame resident on the GPU
         frame = value.frame
         if eligible:
@@ -251,10 +290,13 @@ def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options
                 undo.append(lambda m=m, p=p: et._detach(m, p))
             return [w]
         value = et.decode(value, dev)
+    value = value.to(dev)
     if kind == "buffer":
         for m, n in hs:
             _set(m, "buffer", n, value, undo)
         return []
+    if layout is not None:
+        value = layout.wrap(value)
     new = torch.nn.Parameter(value, requires_grad=p.requires_grad and value.is_floating_point())
     for m, n, _ in hs:
         _set(m, "param", n, new, undo)

@@ -16,12 +16,19 @@ for inference: ``module.weight`` decodes on demand (inside ``forward``: the just
 what it is given; ``torch.save``/``pickle``/``copy.deepcopy`` give a compressed module again.  ``.to(device)``
 moves the compressed frames; a dtype conversion makes the weight an ordinary Parameter again.  Its
 compressed weights are not ``parameters()`` (they have no gradient); tied weights stay tied.
+
+Tensor parallelism: a weight that is a DTensor (``torch.distributed.tensor``, e.g. after
+``parallelize_module`` with ColwiseParallel / RowwiseParallel, or Transformers' ``tp_plan``) is held
+as this rank's local shard only, compressed; ``module.weight``, ``state_dict()`` and
+``decompress_module`` give back a DTensor with the same device mesh, placements, global shape and
+stride, so the module's TP collectives are exactly those of the uncompressed model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -35,7 +42,7 @@ from . import format as fmt
 from .errors import ECF8Error, UnsupportedError
 
 __all__ = ["encode", "decode", "save_file", "load_file", "compress_module", "decompress_module",
-           "load_model", "from_pretrained", "CompressionStats", "is_compressed"]
+           "load_model", "from_pretrained", "CompressionStats", "is_compressed", "is_dtensor"]
 
 TORCH_DTYPES = {1: torch.float8_e4m3fn, 2: torch.float8_e5m2, 3: torch.bfloat16, 4: torch.float16}
 _FROM_TORCH = {v: fmt.DTYPES[k] for k, v in TORCH_DTYPES.items()}
@@ -51,8 +58,16 @@ def _spec(t: torch.Tensor) -> fmt.DtypeSpec:
         raise UnsupportedError(f"ecf8 cannot code {t.dtype}; supported: {names}") from None
 
 
+def _no_dtensor(t: torch.Tensor) -> None:
+    if is_dtensor(t):
+        raise UnsupportedError("a DTensor's data is spread over ranks: give its local shard "
+                               "(t.to_local()) or the whole tensor (t.full_tensor())")
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A host NumPy (ml_dtypes) array with t's elements and shape (copies from a GPU)."""
+    """A host NumPy (ml_dtypes) array with t's elements and shape (copies from a GPU).
+    Raises UnsupportedError for a DTensor (its data is spread over ranks)."""
+    _no_dtensor(t)
     spec = _spec(t)
     bits = t.detach().contiguous().view(_BITS[spec.dtype.itemsize]).cpu().numpy()
     return bits.view(spec.dtype)
@@ -72,7 +87,9 @@ def encode(t: torch.Tensor, *, stream: Any = None, **options):
     """Compress a tensor: bytes for a CPU tensor; a CUDA tensor is encoded on its GPU into the
     same frame (torch-allocated memory), returned as a device-resident ``EncodedTensor`` (a
     DeviceTensor: decode it directly, ``.tobytes()`` for the bytes), on torch's current stream
-    unless ``stream`` is given.  options: as for ``ecf8.encode``."""
+    unless ``stream`` is given.  options: as for ``ecf8.encode``.  A DTensor raises UnsupportedError
+    (encode its ``to_local()`` shard)."""
+    _no_dtensor(t)
     spec = _spec(t)
     if t.is_cuda:
         from . import encoder_cuda
@@ -196,6 +213,9 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
             raise UnsupportedError(f"tensor {name!r}: expected a torch.Tensor, not {type(t).__name__}")
         if t.device.type == "meta":
             raise UnsupportedError(f"tensor {name!r} is on the meta device: it has no data to save")
+        if is_dtensor(t):
+            raise UnsupportedError(f"tensor {name!r} is a DTensor spread over ranks: save its "
+                                   ".full_tensor() (or each rank's .to_local() under its own name)")
         t = t.detach()
         try:
             arrays[name] = to_numpy(t) if t.dtype in _FROM_TORCH else t.cpu().contiguous().numpy()
@@ -220,11 +240,75 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
         return {name: _to_torch(x) for name, _, x in store.iter_decoded(Path(path), target)}
 
 
+# --- tensor parallelism: DTensor shards ---------------------------------------------------------
+
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")   # the latter: torch < 2.4
+
+
+def _dtensor_api() -> Any:
+    """The module defining DTensor, once imported by anyone (no DTensor can exist before), or None."""
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module
+    return None
+
+
+def is_dtensor(t: Any) -> bool:
+    """True when t is a ``torch.distributed.tensor.DTensor`` (a Parameter wrapping one included)."""
+    api = _dtensor_api()
+    return api is not None and isinstance(t, api.DTensor)
+
+
+class _Layout:
+    """How a DTensor is laid out over ranks: device mesh, placements, global shape and stride.
+    A weight held compressed keeps only its local shard; wrap() makes the DTensor again."""
+
+    def __init__(self, t: torch.Tensor):
+        self.mesh, self.placements = t.device_mesh, tuple(t.placements)
+        self.shape, self.stride = tuple(t.shape), tuple(t.stride())
+
+    def wrap(self, local: torch.Tensor) -> torch.Tensor:
+        """The DTensor whose local shard on this rank is `local` (no communication)."""
+        return _dtensor_api().DTensor.from_local(local, self.mesh, self.placements, run_check=False,
+                                                 shape=torch.Size(self.shape), stride=self.stride)
+
+    def box(self, what: str) -> tuple[slice, ...]:
+        """This rank's slice of the global tensor (Shard / Replicate placements only)."""
+        return _shard_box(self.shape, self.mesh, self.placements, what)
+
+    def local(self, value: torch.Tensor, what: str) -> torch.Tensor:
+        """This rank's shard of `value`: a DTensor laid out as this one, or the whole tensor."""
+        if is_dtensor(value):
+            if value.device_mesh != self.mesh or tuple(value.placements) != self.placements:
+                raise UnsupportedError(f"{what}: a DTensor placed {tuple(value.placements)} cannot replace "
+                                       f"a weight placed {self.placements} on another mesh or layout")
+            return value.to_local()
+        return value[self.box(what)]
+
+
+def _shard_box(shape: tuple, mesh: Any, placements: tuple, what: str) -> tuple[slice, ...]:
+    """The slice of a tensor of global `shape` that this rank holds under `placements` on `mesh`
+    (as ``distribute_tensor`` cuts it).  Raises UnsupportedError for placements other than
+    Shard / Replicate (Partial, strided shards), whose local part is not one box."""
+    import importlib
+
+    api = _dtensor_api()
+    utils = importlib.import_module(api.__name__ + "._utils")
+    for pl in placements:
+        if type(pl) not in (api.Shard, api.Replicate):
+            raise UnsupportedError(f"{what}: ecf8 loads Shard and Replicate placements, "
+                                   f"not {type(pl).__name__} ({pl})")
+    local, offset = utils.compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(placements))
+    return tuple(slice(o, o + n) for o, n in zip(offset, local))
+
+
 # --- just-in-time decoding of a module's weights ------------------------------------------------
 
 @dataclasses.dataclass
 class CompressionStats:
-    """Bytes of the weights that compress_module replaced, and what holds them now."""
+    """Bytes of the weights that compress_module replaced, and what holds them now (under tensor
+    parallelism: this rank's local shards)."""
 
     modules: int                # modules whose weight is held compressed
     original_bytes: int         # the weights freed (a tied matrix counted once)
@@ -305,14 +389,22 @@ class _Pool:
 
 class _Weight:
     """One weight held compressed: a host frame (CPU) or a DeviceTensor (GPU), shared by every
-    module that holds it (tied weights)."""
+    module that holds it (tied weights).  With a layout (tensor parallelism) the frame is this
+    rank's local shard, and the weight is seen as a DTensor."""
 
     def __init__(self, blob: Any, dtype: torch.dtype, shape: tuple, device: torch.device,
-                 requires_grad: bool, pool: _Pool, options: dict):
+                 requires_grad: bool, pool: _Pool, options: dict, layout: _Layout | None = None):
         self.blob, self.dtype, self.shape, self.device = blob, dtype, tuple(shape), device
-        self.requires_grad, self.pool, self.options = requires_grad, pool, options
+        self.requires_grad, self.pool, self.options, self.layout = requires_grad, pool, options, layout
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
         pool.add(self)
+
+    @property
+    def global_shape(self) -> tuple:
+        return self.layout.shape if self.layout is not None else self.shape
+
+    def _wrap(self, local: torch.Tensor) -> torch.Tensor:
+        return self.layout.wrap(local) if self.layout is not None else local
 
     @property
     def stored_bytes(self) -> int:
@@ -338,10 +430,10 @@ class _Weight:
         return decode(self.blob, self.device, out=out)
 
     def fresh(self) -> torch.Tensor:
-        """The weight decoded into new memory on its device."""
+        """The weight decoded into new memory on its device (a DTensor under tensor parallelism)."""
         if self.device.type == "cuda":
-            return self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device))
-        return decode(self.blob, self.device)
+            return self._wrap(self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device)))
+        return self._wrap(decode(self.blob, self.device))
 
     def current(self) -> torch.Tensor:
         """The weight seen by this thread: its decode buffer inside forward, else a fresh copy."""
@@ -352,7 +444,7 @@ class _Weight:
     def decoded(self) -> Iterator[torch.Tensor]:
         """Decode into this thread's (and stream's) buffer for the span of a forward."""
         local = self.pool.state()
-        view = self._launch(self.pool.view(self))
+        view = self._wrap(self._launch(self.pool.view(self)))
         depth = local.depth.get(self.device, 0)
         previous = local.active.get(id(self))
         local.depth[self.device], local.active[id(self)] = depth + 1, view
@@ -371,6 +463,9 @@ class _Weight:
     def move(self, device: torch.device) -> None:
         """Hold the frame on another device (re-uploaded as it is: nothing is decoded)."""
         _check_device(device, "the target device")
+        if self.layout is not None:
+            raise UnsupportedError(f"a tensor-parallel weight stays on its device mesh's {self.device}; "
+                                   f"it cannot move to {device}")
         frame = self.host_frame()
         self.blob = _upload(frame, device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else frame
@@ -378,9 +473,13 @@ class _Weight:
         self.pool.add(self)
         self.pool.release(old)
 
-    def assign(self, value: torch.Tensor) -> None:
-        """Replace the held weight by value (cast to this weight's dtype), re-encoded."""
-        self.blob = encode(value.detach().to(device=self.device, dtype=self.dtype), **self.options)
+    def assign(self, value: torch.Tensor, what: str = "weight") -> None:
+        """Replace the held weight by value (cast to this weight's dtype), re-encoded; under tensor
+        parallelism value is a DTensor laid out alike, or the whole tensor (this rank's shard kept)."""
+        value = value.detach()
+        if self.layout is not None:
+            value = self.layout.local(value, what)
+        self.blob = encode(value.to(device=self.device, dtype=self.dtype), **self.options)
 
 
 class _CompressedModule:
@@ -426,12 +525,12 @@ class _CompressedModule:
         if value is None:
             if strict:
                 missing_keys.append(key)
-        elif not isinstance(value, torch.Tensor) or tuple(value.shape) != w.shape:
+        elif not isinstance(value, torch.Tensor) or tuple(value.shape) != w.global_shape:
             error_msgs.append(f"size mismatch for {key}: copying a param with shape "
                               f"{tuple(getattr(value, 'shape', ()))} from checkpoint, the shape in "
-                              f"current model is {torch.Size(w.shape)}.")
+                              f"current model is {torch.Size(w.global_shape)}.")
         else:
-            w.assign(value)
+            w.assign(value, key)
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .cpu() move the frames (nothing decoded); a dtype conversion
@@ -536,6 +635,16 @@ def _check_device(device: torch.device, what: str) -> None:
         _cupy()
 
 
+def _check_sharded(p: torch.Tensor, holders: list, what: str) -> None:
+    """A DTensor weight is held compressed only on modules whose class forward runs: a forward
+    replaced per instance (Transformers' own tp_plan layers, which also swap DTensor parameters for
+    local tensors inside it) would bypass the just-in-time decode and see a DTensor it does not expect."""
+    if is_dtensor(p) and any("forward" in m.__dict__ for m, _, _ in holders):
+        raise UnsupportedError(f"{what} is a DTensor on a module whose forward is replaced per instance "
+                               "(e.g. Transformers' tp_plan): not supported; shard the model with "
+                               "torch.distributed.tensor.parallel.parallelize_module instead")
+
+
 def _tables(numel: int, options: dict) -> dict:
     # A GPU holds an 8 KB decode table per code table: one table per 512 K weights at most.
     return dict(options, max_tables=options.get("max_tables", max(1, min(4, numel >> 19))))
@@ -556,6 +665,10 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
 
     Every target is checked before anything changes: a weight on the meta device or on a device
     other than cpu/cuda raises UnsupportedError and leaves the model as it was.
+
+    Tensor parallelism: a DTensor weight (any placements) is eligible by its global shape, so every
+    rank makes the same choice; each rank encodes and holds only its local shard
+    (``weight.to_local()``), and the statistics count this rank's bytes.  No communication.
     """
     options = dict(options, chunk_size=chunk_size)
     holders, params = _owners(module)
@@ -563,18 +676,21 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
                if _eligible(hs, params[k], min_numel, embeddings)]
     for p, hs in targets:
         _check_device(p.device, f"weight {hs[0][2]!r}")
+        _check_sharded(p, hs, f"weight {hs[0][2]!r}")
     pool = _Pool()
     done: list[tuple[torch.nn.Parameter, list]] = []
     original = compressed = 0
     try:
         for p, hs in targets:
-            blob = encode(p, **_tables(p.numel(), options))     # CUDA: encoded on its GPU
-            w = _Weight(blob, p.dtype, tuple(p.shape), p.device, p.requires_grad, pool,
-                        _tables(p.numel(), options))
+            layout = _Layout(p) if is_dtensor(p) else None
+            local = p.to_local() if layout is not None else p
+            blob = encode(local, **_tables(local.numel(), options))     # CUDA: encoded on its GPU
+            w = _Weight(blob, p.dtype, tuple(local.shape), local.device, p.requires_grad, pool,
+                        _tables(local.numel(), options), layout)
             for m, _, _ in hs:
                 _attach(m, w)
             done.append((p, hs))
-            original += p.numel() * p.element_size()
+            original += local.numel() * local.element_size()
             compressed += w.stored_bytes
     except BaseException:
         for p, hs in done:                      # the originals are still referenced: put them back

@@ -80,6 +80,18 @@ def test_load_model_cpu_into_meta_model(tmp_path):
     assert same(empty(ids), model(ids))
 
 
+def test_load_model_cpu_compress_holds_the_weights_compressed(tmp_path):
+    model, path = saved_tied(tmp_path)
+    ids = torch.randint(0, 512, (2, 12))
+    empty = meta_tied()
+    stats = ecf8.torch.load_model(empty, path, device="cpu", compress=True, embeddings=True)
+    assert stats.weights == 4 and stats.modules == 5                 # the tied head counted once
+    assert ecf8.torch.is_compressed(empty.head) and empty.head.__dict__["_ecf8"] is empty.embed.__dict__["_ecf8"]
+    assert stats.compressed_bytes < stats.original_bytes
+    assert same(empty(ids), model(ids))
+    assert all(same(v, model.state_dict()[k]) for k, v in empty.state_dict().items())
+
+
 def test_load_model_checks_everything_before_changing(tmp_path):
     _, path = saved_tied(tmp_path)
     wrong = meta_tied()
@@ -184,6 +196,18 @@ def test_cuda_load_model_stays_compressed(tmp_path):
     assert ecf8.torch.is_compressed(empty.head) and empty.head.__dict__["_ecf8"] is empty.embed.__dict__["_ecf8"]
     assert same(empty(ids.cuda()), expected)
     assert all(same(v, model.state_dict()[k]) for k, v in empty.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_cuda_load_model_compress_false_decodes(tmp_path):
+    _cuda()
+    model, path = saved_tied(tmp_path)
+    ids = torch.randint(0, 512, (2, 12), device="cuda")
+    expected = model.cuda()(ids)
+    empty = meta_tied()
+    stats = ecf8.torch.load_model(empty, path, device="cuda", compress=False)
+    assert stats.weights == 0 and not any(ecf8.torch.is_compressed(m) for m in empty.modules())
+    assert all(p.is_cuda for p in empty.parameters()) and same(empty(ids), expected)
 
 
 @pytest.mark.gpu
