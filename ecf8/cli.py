@@ -294,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt as e:
         print("ecf8: interrupted", file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
+        code = 143 if isinstance(e, _Terminated) else 130
+        if argv is None:        # the command line itself (outputs are cleaned up by now): leave
+            # at once, not waiting at exit for the threads of a worker pool that was just killed
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except (ECF8Error, OSError, ValueError, KeyError) as e:
         print(f"ecf8: error: {_message(e)}", file=sys.stderr)
         return 1

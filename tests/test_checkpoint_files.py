@@ -106,22 +106,34 @@ def test_an_interrupted_compress_leaves_nothing(tmp_path, sig, code):
             "progress._Progress.advance = lambda self, *a: (time.sleep(0.5), step(self, *a)); "
             "from ecf8.cli import main; sys.exit(main())")
     cmd = [sys.executable, "-c", slow, "compress", str(src), "-o", str(out), "--jobs", "2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    with open(tmp_path / "stderr.txt", "wb") as err:      # (a file: an orphan cannot block a read)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
     start = time.monotonic()
     while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < start + 60:
         time.sleep(0.02)
     assert proc.poll() is None, (f"compress ended ({proc.returncode}) after {time.monotonic() - start:.1f} s, "
-                                 f"before it could be interrupted: {proc.communicate()}")
+                                 f"before it could be interrupted: {(tmp_path / 'stderr.txt').read_text()}")
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)         # Ctrl-C reaches the whole process group
     else:
         os.kill(proc.pid, sig)           # kill(1) reaches only the parent
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code
-    assert err.decode().splitlines() == ["ecf8: interrupted"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors"]
+    assert proc.wait(timeout=60) == code
+    assert (tmp_path / "stderr.txt").read_text().splitlines() == ["ecf8: interrupted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors", "stderr.txt"]
     deadline = time.monotonic() + 10
-    while any(map(_alive, workers)) and time.monotonic() < deadline:
+    while (left := _running(str(out))) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(map(_alive, workers))
+    assert not left and not any(map(_alive, workers)), f"processes left running: {left}"
+
+
+def _running(marker: str) -> list[int]:
+    """Live processes whose command line mentions `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes() and _alive(int(cmdline.parent.name)):
+                found.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
