@@ -193,7 +193,8 @@ def _edit_record(state, edit_header, edit_table, fix_crc: bool) -> bytes:
     if fix_crc:
         info["crc"] = zlib.crc32(raw)
     header["__metadata__"]["ecf8"] = json.dumps(info, separators=(",", ":"))
-    return relayout(header, data, {info["record"]: zstandard.ZstdCompressor(level=9, write_checksum=True).compress(raw)})
+    record = zstandard.ZstdCompressor(level=9, write_checksum=True).compress(raw)
+    return relayout(header, data, {info["record"]: record})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,12 +328,15 @@ def m_header_delete(rng, state):
 
 
 def m_header_deep(rng, state):
+    """JSON nested 64 to 100,000 deep: inside a tensor entry, or as the whole header."""
     n, text, header, data = parse(state["blob"])
     depth = pick(rng, [64, 1000, 100_000])
-    where = pick(rng, tensors_of(header))
-    text = dumps(header).replace(json.dumps(where).encode() + b":",
-                                 json.dumps(where).encode() + b":" + b"[" * depth + b"0" + b"]" * depth + b",\"_\":", 1) \
-        if rng.random() < 0.5 else b"[" * depth + b"]" * depth
+    nested = b"[" * depth + b"0" + b"]" * depth
+    if rng.random() < 0.5:
+        key = json.dumps(pick(rng, tensors_of(header))).encode() + b":"
+        text = dumps(header).replace(key, key + nested + b',"_":', 1)
+    else:
+        text = nested
     return assemble(text, data)
 
 
@@ -406,10 +410,6 @@ def _header_edit(rng):
     return edit
 
 
-def _same(x):
-    return x
-
-
 def m_orig_header_edit(rng, state):
     """The embedded original header edited; the record's crc left as it was."""
     return _edit_record(state, _header_edit(rng), lambda t: None, fix_crc=False)
@@ -421,25 +421,22 @@ def m_orig_header_forged(rng, state):
 
 
 def m_orig_header_delete(rng, state):
-    """An entry (often the last tensor) deleted from the original header, record crc recomputed."""
-    def edit(text: str) -> str:
+    """An entry (often the last tensor) deleted from the original header, record crc recomputed;
+    half the time its codec-table row goes too (a consistent forgery)."""
+    kept: set[str] = set()
+
+    def header(text: str) -> str:
         h = json.loads(text)
         names = sorted(tensors_of(h), key=lambda k: h[k]["data_offsets"][0])
-        victim = names[-1] if rng.random() < 0.5 else pick(rng, names + ["__metadata__"])
-        h.pop(victim, None)
+        h.pop(names[-1] if rng.random() < 0.5 else pick(rng, names + ["__metadata__"]), None)
+        kept.update(h)
         return dumps(h).decode()
 
-    def table(t):
+    def table(t: dict) -> None:
         if rng.random() < 0.5:
-            for k in list(t):
-                if k not in json.loads(edit_text[0]):
-                    del t[k]
-    edit_text = []
-
-    def header_edit(text):
-        edit_text.append(edit(text))
-        return edit_text[0]
-    return _edit_record(state, header_edit, table, fix_crc=True)
+            for k in [k for k in t if k not in kept]:
+                del t[k]
+    return _edit_record(state, header, table, fix_crc=True)
 
 
 def m_table_edit(rng, state):
@@ -459,7 +456,7 @@ def m_table_edit(rng, state):
                                 [0, 2**32, -1, 1.5, None, "x", 2**64]][min(i, 1)] +
                           ([row[i] ^ 1] if type(row[i]) is int else []))
             table[name] = row
-    return _edit_record(state, _same, edit, fix_crc=rng.random() < 0.7)
+    return _edit_record(state, lambda text: text, edit, fix_crc=rng.random() < 0.7)
 
 
 def _fcs_field(frame: bytes) -> tuple[int, int]:

@@ -132,7 +132,8 @@ def trial(base: dict, work: Path, rng) -> tuple[str, str, str]:
         frames = [x.strip() for x in lines if x.strip().startswith("File ")]
         if frames:
             inside = [f for f in frames if "/ecf8/" in f] or frames
-            detail += f" (raised in {inside[-1][:150]}; {'main() running' if any(f.endswith(('in main', 'in _run')) for f in frames) else 'during start-up'})"
+            running = any(f.endswith(("in main", "in _run")) for f in frames)
+            detail += f" (raised in {inside[-1][:150]}; {'main() running' if running else 'during start-up'})"
         if orphans:
             return kind, "orphans", detail
         if len(lines) > 1:

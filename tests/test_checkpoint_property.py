@@ -3,7 +3,8 @@
 Hypothesis builds safetensors files byte by byte, so the layout is ours to choose: any mix of
 dtypes (ECF8-coded, other known ones, sub-byte and unknown strings), shapes incl. zero-size and
 0-d, unicode names, with or without ``__metadata__``, JSON spacing and key order, fields
-safetensors ignores, header padding with any JSON whitespace, and data sections with gaps, trailing bytes, shared / overlapping / out-of-order ranges.
+safetensors ignores, header padding with any JSON whitespace, and data sections with gaps,
+trailing bytes, shared / overlapping / out-of-order ranges.
 
 The property: ``compress_file`` (any chunk size and table count) then ``decompress_file`` restores
 the input byte for byte, the compressed file opens with ``safetensors.safe_open``, verifies, and
