@@ -292,7 +292,10 @@ def model_files(folder: Path) -> tuple[list[str], list[str]]:
         links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
         if links:       # os.walk would skip it: the output would silently lack its files
             raise UnsupportedError(f"{Path(root, links[0])}: a link to a folder (give the folder itself)")
-        files += [Path(root, n).relative_to(folder).as_posix() for n in names]
+        for n in names:
+            if not os.path.isfile(os.path.join(root, n)):     # a dangling link, a pipe, ...
+                raise UnsupportedError(f"{Path(root, n)}: not a regular file (or a link to a missing one)")
+            files.append(Path(root, n).relative_to(folder).as_posix())
     files.sort()
     tensors = [f for f in files if f.endswith(".safetensors")]
     for index in (f for f in files if f.endswith(".safetensors.index.json")):

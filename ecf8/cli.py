@@ -284,12 +284,12 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:        # SIGTERM and Ctrl-C: no partial output, workers stopped, one line, 143 / 130
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:                        # not the main thread: leave signals alone
         previous = None
     try:
+        args = _parser().parse_args(argv)
         _check_output(args)
         return _run(args)
     except KeyboardInterrupt as e:

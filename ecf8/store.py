@@ -6,15 +6,15 @@ holding an ECF8 frame (FP8/BF16/FP16 tensors of at most 8 dimensions, when that 
 zstandard frame (any dtype, when that saves at least 1/16), or its bytes unchanged; any dtype
 string passes through as bytes.  One more entry, the *record* (``__ecf8__``, or with dots appended
 if a tensor has that name), is one zstandard frame of the original header's exact bytes followed by
-the JSON table ``{name: [codec, crc]}``.  ``__metadata__`` keeps the original's keys and adds
+the JSON table ``{name: [codec, crc, stored crc]}``.  ``__metadata__`` keeps the original's keys and adds
 ``"ecf8"``: ``{"format": "ecf8.safetensors", "version": 2, "record": name, "header": bytes of the
 original header, "size": bytes of the record, "crc": crc32 of the record, seeded with the crc32 of
 "header" as 8 bytes little-endian}``.
 
 Integrity: a tensor's crc is the crc32 of its original bytes seeded with the crc32 of
-``name NUL dtype NUL d0,d1,...`` (UTF-8), so a payload is bound to its tensor; it is checked
-whenever a tensor is restored on the CPU (decompress, verify, load on the CPU; a GPU load relies
-on the frame's own checksums).  The compressed header must say nothing the record does not: the
+``name NUL dtype NUL d0,d1,...`` (UTF-8), checked whenever a tensor is restored on the CPU
+(decompress, verify, load on the CPU); its stored crc, the same over the bytes stored, is checked
+before any use of them (a GPU load too): both bind a payload to its tensor.  The compressed header must say nothing the record does not: the
 same names (plus the record), U8 entries, the same metadata.  The restored file is the original
 byte for byte.  Version-1 files (original header as a metadata string, no crc) stay readable.
 
@@ -103,12 +103,15 @@ def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
     return "none", None
 
 
-def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int]:
-    """(codec, payload, crc) of one tensor from its raw bytes (uint8); payload None: unchanged."""
-    return (*choose_codec(t.dtype, t.shape, raw, options), _checksum(t, raw))
+def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int, int]:
+    """(codec, payload, crc, stored crc) of one tensor from its raw bytes (uint8); payload None:
+    stored unchanged."""
+    codec, payload = choose_codec(t.dtype, t.shape, raw, options)
+    crc = _checksum(t, raw)
+    return codec, payload, crc, crc if payload is None else _checksum(t, payload)
 
 
-def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int]:
+def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int, int]:
     """_compress_one in a worker process, on a memory map of just this tensor."""
     raw = np.memmap(path, np.uint8, "r", start + t.begin, (t.nbytes,)) if t.nbytes else \
         np.empty(0, np.uint8)
@@ -155,7 +158,7 @@ def _stop(pool: cf.ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple[str, bytes | None, int]]:
+def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple]:
     """_compress_one of each tensor, in data order.  With jobs > 1, tensors of INLINE bytes or more
     go to worker processes, at most 2 * jobs in flight; if the consumer stops early (an error,
     Ctrl-C, SIGTERM), the workers are killed at once."""
@@ -176,14 +179,14 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+        if pool is not None:
+            pool.shutdown()                     # (an interrupt here too must stop the workers)
     except BrokenProcessPool:
         raise ECF8Error(f"{src}: a worker process died (out of memory? try fewer jobs)") from None
     except BaseException:
         if pool is not None:
             _stop(pool)
         raise
-    if pool is not None:
-        pool.shutdown()
 
 
 def _is_packed(meta: dict[str, str]) -> bool:
@@ -223,7 +226,7 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
         raise UnsupportedError(f"{src} is already an ecf8-compressed checkpoint")
     names = {t.name for t in layout.tensors}
     record = next(RECORD_NAME + "." * k for k in range(len(names) + 1) if RECORD_NAME + "." * k not in names)
-    table_bound = len(_dumps({t.name: ["none", 0xFFFFFFFF] for t in layout.tensors}))
+    table_bound = len(_dumps({t.name: ["none", 0xFFFFFFFF, 0xFFFFFFFF] for t in layout.tensors}))
     raw_bound = len(layout.text) + table_bound
     record_bound = raw_bound + (raw_bound >> 7) + 1024          # > zstd's worst case
     info = {"format": FORMAT, "version": VERSION, "record": record, "header": len(layout.text),
@@ -241,13 +244,13 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
         with open(src, "rb") as fin, atomic_file(dst, file_mode(src), _check_packed) as f:
             f.write(bytes(8 + reserved))
             sizes, table = [], {}
-            for (codec, payload, crc), t in zip(results, layout.tensors):
+            for (codec, payload, crc, stored_crc), t in zip(results, layout.tensors):
                 if payload is None:
                     _copy_range(fin, f, layout.data_start + t.begin, t.nbytes)
                 else:
                     f.write(payload)
                 sizes.append(t.nbytes if payload is None else len(payload))
-                table[t.name] = [codec, crc]
+                table[t.name] = [codec, crc, stored_crc]
                 bar.advance(t.nbytes, t.name)
             raw = layout.text + _dumps(table)
             blob = zstandard.ZstdCompressor(level=RECORD_LEVEL, write_checksum=True).compress(raw)
@@ -331,8 +334,8 @@ class _Packed:
                                    f"original header")
         for name, row in table.items():
             t = self.tensors[name]
-            if not (isinstance(row, list) and len(row) == 2 and row[0] in CODECS
-                    and (row[1] is None if self.version == 1 else type(row[1]) is int)):
+            if not (isinstance(row, list) and len(row) == 3 and row[0] in CODECS and all(
+                    v is None if self.version == 1 else type(v) is int for v in row[1:])):
                 raise CorruptDataError(f"{path}: tensor {name!r} has a malformed codec entry")
             if (row[0] == "none" and len(self.stored[name]) != t.nbytes) or (
                     row[0] == "ecf8" and t.dtype not in CODED):
@@ -370,7 +373,7 @@ class _Packed:
                 and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
             raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']")
         try:
-            return text.encode(), {name: [r[0], None] for name, r in rows.items()}
+            return text.encode(), {name: [r[0], None, None] for name, r in rows.items()}
         except UnicodeEncodeError:
             raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']") from None
 
@@ -379,9 +382,9 @@ class _Packed:
 
     def restore(self, name: str) -> np.ndarray:
         """The original bytes (uint8) of a tensor, checked against its crc."""
-        t, (codec, crc) = self.tensors[name], self.codecs[name]
+        t, (codec, crc, _) = self.tensors[name], self.codecs[name]
         where = f"{self.path}: tensor {name!r}"
-        data = self.stored[name]
+        data = self.payload(name)
         if codec == "ecf8":
             x = self.decode(name, "cpu")
             data = x.reshape(-1).view(np.uint8)
@@ -393,11 +396,18 @@ class _Packed:
             raise CorruptDataError(f"{where} fails its checksum")
         return data
 
+    def payload(self, name: str) -> memoryview:
+        """The bytes stored for a tensor, checked against its stored crc."""
+        data, stored_crc = self.stored[name], self.codecs[name][2]
+        if stored_crc is not None and _checksum(self.tensors[name], data) != stored_crc:
+            raise CorruptDataError(f"{self.path}: tensor {name!r}: its stored bytes fail their checksum")
+        return data
+
     def decode(self, name: str, device: str) -> Any:
         """An ecf8-coded tensor decoded on a device, checked to have the original dtype and shape."""
         t = self.tensors[name]
         try:
-            x = api.decode(np.frombuffer(self.stored[name], np.uint8), device=device)
+            x = api.decode(np.frombuffer(self.payload(name), np.uint8), device=device)
         except ECF8Error as e:
             raise type(e)(f"{self.path}: tensor {name!r}: {e}") from None
         if x.dtype != DTYPE_NAMES[t.dtype] or tuple(x.shape) != t.shape:
@@ -472,7 +482,7 @@ class CompressedFile:
             if self.compressed:
                 from .decoder_cuda import to_device
 
-                return to_device(np.frombuffer(p.stored[name], np.uint8), self.device)
+                return to_device(np.frombuffer(p.payload(name), np.uint8), self.device)
             return p.decode(name, self.device)
         x = p.restore(name).view(_numpy_dtype(p.path, t)).reshape(t.shape)
         return x if self.device == "cpu" else _to_device(x, self.device)
@@ -619,6 +629,9 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callab
     for rel in tensors:
         check(src / rel)
     with atomic_dir(dst, file_mode(src)) as tmp:
+        for root, dirs, _ in os.walk(src):                    # empty folders too
+            for d in dirs:
+                (tmp / Path(root, d).relative_to(src)).mkdir(mode=file_mode(Path(root, d)), exist_ok=True)
         for rel in tensors + others:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             if rel in tensors:

@@ -102,3 +102,16 @@ def test_a_linked_subfolder_is_refused_not_skipped(tmp_path):
     with pytest.raises(ecf8.UnsupportedError, match="link to a folder"):
         store.compress_path(src, tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_dangling_links_are_refused_and_empty_folders_kept(tmp_path):
+    src = _model(tmp_path / "model")
+    (src / "broken.json").symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(ecf8.UnsupportedError, match="broken.json"):
+        store.compress_path(src, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    (src / "broken.json").unlink()
+    (src / "empty" / "deeper").mkdir(parents=True)
+    store.compress_path(src, tmp_path / "c")
+    store.decompress_path(tmp_path / "c", tmp_path / "r")
+    assert (tmp_path / "r" / "empty" / "deeper").is_dir() and _tree(tmp_path / "r") == _tree(src)

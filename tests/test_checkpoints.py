@@ -166,7 +166,7 @@ def test_failure_midway_leaves_no_output(plain, tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) == 3:
             raise OSError("disk on fire")
-        return "none", None, 0
+        return "none", None, 0, 0
 
     monkeypatch.setattr(store, "_compress_one", failing)
     with pytest.raises(OSError):
