@@ -78,6 +78,13 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
+def _as_in_a_terminal() -> None:
+    """Default SIGINT/SIGTERM dispositions in the command, as a shell in a terminal gives them
+    (a campaign run in the background would otherwise pass SIGINT down as ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -103,7 +110,7 @@ def trial(base: dict, work: Path, rng) -> tuple[str, str, str]:
         args += ["--jobs", str(jobs)]
     kind = f"{what} {target} {signal.Signals(sig).name} to {'group' if to_group else 'pid'}"
     p = subprocess.Popen(CMD + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_env(), start_new_session=True, cwd=work)
+                         env=_env(), start_new_session=True, cwd=work, preexec_fn=_as_in_a_terminal)
     pgid = p.pid
     try:
         p.wait(delay)
