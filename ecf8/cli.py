@@ -172,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     output(p, "the compressed file (a directory for a directory input)")
     p.add_argument("-j", "--jobs", type=_jobs, default=0, metavar="N",
                    help="worker processes; 0 (default) = all cores")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where FP8/BF16/FP16 tensors are encoded: cpu (default), cuda or cuda:N "
+                        "(needs CuPy; the output is the same bytes)")
     coding(p)
     p = cmd("decompress", "restore the original safetensors file(s), byte for byte", force)
     p.add_argument("input", type=Path, help="a compressed file or directory")
@@ -329,7 +332,7 @@ def _run(args) -> int:
             if cmd == "compress":
                 outs = store.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
                                            chunk_size=args.chunk_size, max_tables=args.max_tables,
-                                           zstd_level=args.zstd_level)
+                                           zstd_level=args.zstd_level, device=args.device)
             else:
                 outs = store.decompress_path(args.input, args.output, progress=progress)
         if args.quiet:

@@ -13,8 +13,9 @@ original header, "size": bytes of the record, "crc": crc32 of the record, seeded
 
 Integrity: a tensor's crc is the crc32 of its original bytes seeded with the crc32 of
 ``name NUL dtype NUL d0,d1,...`` (UTF-8), checked whenever a tensor is restored on the CPU
-(decompress, verify, load on the CPU); its stored crc, the same over the bytes stored, is checked
-before any use of them (a GPU load too): both bind a payload to its tensor.  The compressed header must say nothing the record does not: the
+(decompress, verify, load on the CPU); its stored crc, the same over the bytes stored but their
+last 4 (an ECF8 frame's own CRC-32), is checked before any use of them (a GPU load too): both
+bind a payload to its tensor.  The compressed header must say nothing the record does not: the
 same names (plus the record), U8 entries, the same metadata.  The restored file is the original
 byte for byte.  Version-1 files (original header as a metadata string, no crc) stay readable.
 
@@ -91,9 +92,11 @@ def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
     what compress does."""
     options = dict(options)
     level = options.pop("zstd_level", ZSTD_LEVEL)
+    device = options.pop("device", "cpu")
     raw = raw.reshape(-1)
     if dtype_name in CODED and raw.size and len(shape) <= fmt.MAX_NDIM:     # (more dims: zstd/raw)
-        blob = encoder.encode(raw.view(DTYPE_NAMES[dtype_name]).reshape(shape), **options)
+        x = raw.view(DTYPE_NAMES[dtype_name]).reshape(shape)
+        blob = encoder.encode(x, **options) if device == "cpu" else _encode_on_gpu(x, device, options)
         if len(blob) < raw.size:
             return "ecf8", blob
     if raw.size >= 64:
@@ -103,12 +106,30 @@ def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
     return "none", None
 
 
+def _encode_on_gpu(x: np.ndarray, device: str, options: dict) -> bytes:
+    """The frame ``encoder.encode(x)`` makes, encoded by the CUDA encoder on `device`."""
+    from . import encoder_cuda
+    from .decoder_cuda import _cupy, _device_id
+
+    cupy = _cupy()
+    bits = x.view(np.uint8 if x.itemsize == 1 else np.uint16)
+    with cupy.cuda.Device(_device_id(device)):
+        return encoder_cuda.encode(cupy.asarray(bits), dtype=x.dtype, **options).tobytes()
+
+
+def _stored_checksum(t: Tensor, data) -> int:
+    """_checksum of the stored bytes but their last 4.  (An ECF8 frame ends with a CRC-32 that runs
+    over all of it before: a CRC-32 over the whole frame would then be one constant for every valid
+    frame of a length, and could not tell two tensors' frames apart.)"""
+    return _checksum(t, memoryview(data).cast("B")[:-4])
+
+
 def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int, int]:
     """(codec, payload, crc, stored crc) of one tensor from its raw bytes (uint8); payload None:
     stored unchanged."""
     codec, payload = choose_codec(t.dtype, t.shape, raw, options)
     crc = _checksum(t, raw)
-    return codec, payload, crc, crc if payload is None else _checksum(t, payload)
+    return codec, payload, crc, _stored_checksum(t, raw if payload is None else payload)
 
 
 def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int, int]:
@@ -164,12 +185,17 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
     Ctrl-C, SIGTERM), the workers are killed at once."""
     data = np.memmap(src, np.uint8, "r", layout.data_start, (layout.data_size,)) if layout.data_size \
         else np.empty(0, np.uint8)
+    on_gpu = options.get("device", "cpu") != "cpu"
     big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors)
-    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init) if big else None
+    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init) if big and not on_gpu else None
+    # On a GPU: tensors are read, encoded and written in overlapping threads (no worker processes).
+    threads = cf.ThreadPoolExecutor(2) if on_gpu else None
     window: collections.deque = collections.deque()
     try:
         for t in layout.tensors:
-            if pool is not None and t.nbytes >= INLINE:
+            if threads is not None:
+                window.append(threads.submit(_compress_one, t, data[t.begin:t.end], options))
+            elif pool is not None and t.nbytes >= INLINE:
                 with _signals_held():
                     window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
             else:
@@ -187,6 +213,9 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
         if pool is not None:
             _stop(pool)
         raise
+    finally:
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
 
 
 def _is_packed(meta: dict[str, str]) -> bool:
@@ -215,8 +244,11 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
     """Compress one safetensors file into a compressed (still safetensors) file, which the safetensors
     library is asked to open before it replaces dst (its mode is src's).
 
-    options go to ``ecf8.encode`` (chunk_size, max_tables).  jobs: worker processes (default:
-    the machine's cores; 1 compresses in this process).  At most 2 * jobs tensors are in flight.
+    options go to ``ecf8.encode`` (chunk_size, max_tables), plus zstd_level and device: "cpu"
+    (default) or "cuda[:N]", where FP8/BF16/FP16 tensors are encoded by the CUDA encoder (the same
+    bytes) in two threads that overlap reading, encoding and writing.  jobs: worker processes on
+    the CPU (default: the machine's cores; 1 compresses in this process).  At most 2 * jobs
+    tensors are in flight.
     Raises ECF8Error, before writing anything, for a file safetensors refuses, an already compressed
     one, or one whose compressed header would exceed safetensors' 100 MB limit.
     """
@@ -238,6 +270,11 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
         raise UnsupportedError(f"{src}: the compressed header would take {reserved:,} bytes, over the "
                                f"{MAX_HEADER:,} safetensors reads")
     jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
+    if options.get("device", "cpu") != "cpu":
+        from .decoder_cuda import _cupy, _device_id
+
+        if _device_id(options["device"]) >= _cupy().cuda.runtime.getDeviceCount():
+            raise UnsupportedError(f"{options['device']}: no such GPU")
     bar = _Progress(layout.data_size, f"compress {src.name}", progress)
     results = _results(src, layout, jobs, options)
     try:
@@ -313,7 +350,7 @@ class _Packed:
         info = load_json(meta, f"{path}: __metadata__['{META_KEY}']")
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
-        if info.get("version") not in (1, VERSION):
+        if type(info.get("version")) is not int or info["version"] not in (1, VERSION):
             raise UnsupportedError(f"{path}: {FORMAT} version {info.get('version')!r} (this ecf8 reads 1 and 2)")
         with open(path, "rb") as f:       # (closed when the last array viewing it goes)
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -369,8 +406,8 @@ class _Packed:
 
     def _v1(self, info: dict) -> tuple[bytes, dict]:
         rows, text = info.get("tensors"), info.get("header")
-        if not (set(info) == {"format", "version", "tensors", "header"} and isinstance(rows, dict) and isinstance(text, str)
-                and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
+        if not (set(info) == {"format", "version", "tensors", "header"} and isinstance(rows, dict)
+                and isinstance(text, str) and all(isinstance(r, list) and len(r) == 3 for r in rows.values())):
             raise CorruptDataError(f"{self.path}: malformed __metadata__['{META_KEY}']")
         try:
             return text.encode(), {name: [r[0], None, None] for name, r in rows.items()}
@@ -384,14 +421,12 @@ class _Packed:
         """The original bytes (uint8) of a tensor, checked against its crc."""
         t, (codec, crc, _) = self.tensors[name], self.codecs[name]
         where = f"{self.path}: tensor {name!r}"
-        data = self.payload(name)
         if codec == "ecf8":
-            x = self.decode(name, "cpu")
-            data = x.reshape(-1).view(np.uint8)
+            data = self.decode(name, "cpu").reshape(-1).view(np.uint8)
         elif codec == "zstd":
-            data = np.frombuffer(_unzstd(data, t.nbytes, where), np.uint8)
+            data = np.frombuffer(_unzstd(self.payload(name), t.nbytes, where), np.uint8)
         else:
-            data = np.frombuffer(data, np.uint8)
+            data = np.frombuffer(self.payload(name), np.uint8)
         if crc is not None and _checksum(t, data) != crc:
             raise CorruptDataError(f"{where} fails its checksum")
         return data
@@ -399,7 +434,7 @@ class _Packed:
     def payload(self, name: str) -> memoryview:
         """The bytes stored for a tensor, checked against its stored crc."""
         data, stored_crc = self.stored[name], self.codecs[name][2]
-        if stored_crc is not None and _checksum(self.tensors[name], data) != stored_crc:
+        if stored_crc is not None and _stored_checksum(self.tensors[name], data) != stored_crc:
             raise CorruptDataError(f"{self.path}: tensor {name!r}: its stored bytes fail their checksum")
         return data
 

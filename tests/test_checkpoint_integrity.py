@@ -111,6 +111,29 @@ def test_swapped_frames_are_caught_on_the_gpu_path_too(packed, monkeypatch):
                 f.get_tensor("a")
 
 
+def test_equal_length_frames_swapped_are_caught_on_the_gpu_path(tmp_path, monkeypatch):
+    # x and -x code to frames of one length; a CRC-32 over a whole frame (which ends with its own
+    # CRC-32) would be the same for both
+    from ecf8 import api, decoder_cuda
+    x = weights(4096, ml_dtypes.float8_e4m3fn, 7)
+    ecf8.save_file({"p": x, "n": -x}, tmp_path / "m.safetensors")
+    out = tmp_path / "m.safetensors"
+    sizes = {r.name: r.stored_bytes for r in store.inspect_file(out)}
+    assert sizes["p"] == sizes["n"]
+
+    def swap(header, data):
+        header["p"], header["n"] = header["n"], header["p"]
+        return header, data
+    _rewrite(out, swap)
+    cpu_decode = api.decode
+    monkeypatch.setattr(api, "decode", lambda blob, device="cpu", **kw: cpu_decode(blob, "cpu"))
+    monkeypatch.setattr(decoder_cuda, "to_device", lambda blob, device="cuda", **kw: blob)
+    for compressed in (False, True):
+        with ecf8.safe_open(out, device="cuda", compressed=compressed) as f:
+            with pytest.raises(ecf8.CorruptDataError, match="'p'.*checksum"):
+                f.get_tensor("p")
+
+
 def test_deleting_the_last_tensor_is_caught(packed, tmp_path):
     _, out = packed
 
