@@ -1,0 +1,200 @@
+"""Interrupted runs for bench/mutate.py --signals N: ``ecf8 compress`` / ``decompress`` stopped by
+SIGINT or SIGTERM at a random moment (issue #9, class 6).
+
+Each trial starts the command in its own process group, sends the signal to the process (as
+``kill``) or to the whole group (as Ctrl-C in a terminal) after a random delay, and checks:
+
+    completed   the run finished before the signal: exit 0 and an output that verifies
+    clean       exit status 130 (SIGINT) / non-zero (SIGTERM), at most one line on stderr, no
+                output, no temp file, no process of the group left 3 s later
+    traceback   more than one line on stderr (Python tracebacks from the parent or its workers)
+    left-files  an output or a hidden temp file remains after a non-zero exit
+    orphans     processes of the group still run 3 s after the command exited
+    late        the signal came after the complete output was in place (non-zero exit, output
+                complete and correct): acceptable
+    bad-exit    exit status 0 without a valid output, or 0 / wrong status after the signal
+    hang        the command did not exit within 60 s of the signal
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ecf8 import store
+from ecf8.checkpoint import write_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+CMD = [sys.executable, "-c", "import sys; from ecf8.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def _tensors(seed: int, n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = {}
+    for i in range(n):
+        t[f"layers.{i}.weight"] = (rng.standard_normal((1024, 1024)).astype(np.float32) * 16).astype(
+            ml_dtypes.float8_e4m3fn)
+        t[f"layers.{i}.weight_scale_inv"] = rng.random((4, 8)).astype(np.float32)
+        t[f"layers.{i}.norm"] = (rng.standard_normal(1024) * 0.02).astype(ml_dtypes.bfloat16)
+        t[f"layers.{i}.ids"] = np.arange(4096, dtype=np.int64)
+    return t
+
+
+def prepare(tmp: Path) -> dict:
+    """A plain file, a model folder (3 shards + config) and their compressed forms."""
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    plain = tmp / "model.safetensors"
+    write_safetensors(_tensors(0, 8), plain, {"format": "pt"})
+    folder = tmp / "folder"
+    (folder / "text").mkdir(parents=True)
+    for i in range(3):
+        write_safetensors(_tensors(i + 1, 3), folder / ("text" if i else "") / f"model-{i}.safetensors")
+    (folder / "config.json").write_text("{}")
+    packed, packed_folder = tmp / "packed.safetensors", tmp / "packed-folder"
+    store.compress_file(plain, packed, jobs=1, progress=False)
+    store.compress_path(folder, packed_folder, jobs=1, progress=False)
+    base = {"file": plain, "folder": folder, "packed-file": packed, "packed-folder": packed_folder}
+    for what in ("compress", "decompress"):       # how long each command takes, start-up included
+        for target in ("file", "folder"):
+            src = base[target if what == "compress" else "packed-" + target]
+            t = time.time()
+            subprocess.run(CMD + [what, str(src), "-o", str(tmp / "timing")], env=_env(), check=True,
+                           capture_output=True)
+            base[what, target] = time.time() - t
+            subprocess.run(["rm", "-rf", str(tmp / "timing")], check=True)
+    return base
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def _as_in_a_terminal() -> None:
+    """Default SIGINT/SIGTERM dispositions in the command, as a shell in a terminal gives them
+    (a campaign run in the background would otherwise pass SIGINT down as ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def trial(base: dict, work: Path, rng) -> tuple[str, str, str]:
+    """(kind, outcome, detail) of one interrupted run."""
+    what = ["compress", "decompress"][int(rng.integers(2))]
+    target = ["file", "folder"][int(rng.integers(2))]
+    sig = [signal.SIGINT, signal.SIGTERM][int(rng.integers(2))]
+    to_group = bool(rng.integers(2))
+    jobs = int(rng.integers(1, 3))
+    delay = float(rng.uniform(0.05, 1.1) * base[what, target])
+    src = base[target if what == "compress" else "packed-" + target]
+    out = work / "out"
+    args = [what, str(src), "-o", str(out)]
+    if what == "compress":
+        args += ["--jobs", str(jobs)]
+    kind = f"{what} {target} {signal.Signals(sig).name} to {'group' if to_group else 'pid'}"
+    p = subprocess.Popen(CMD + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env(), start_new_session=True, cwd=work, preexec_fn=_as_in_a_terminal)
+    pgid = p.pid
+    try:
+        p.wait(delay)
+        finished_first = True
+    except subprocess.TimeoutExpired:
+        finished_first = False
+        (os.killpg if to_group else os.kill)(pgid, sig)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(pgid, signal.SIGKILL)
+        p.communicate()
+        return kind, "hang", f"no exit 60 s after {signal.Signals(sig).name}"
+    time.sleep(3)
+    orphans = _group_alive(pgid)
+    if orphans:
+        os.killpg(pgid, signal.SIGKILL)
+    left = sorted(x.name for x in work.iterdir())
+    lines = [x for x in err.splitlines() if x.strip()]
+    try:
+        if p.returncode == 0:
+            ok = out.exists() and _valid(out, what, target, base=base, target_key=target)
+            return (kind, "completed" if ok and not orphans else "bad-exit" if not ok else "orphans",
+                    f"exit 0 after {delay:.2f} s" + ("" if finished_first else " (signal ignored?)"))
+        detail = f"exit {p.returncode}, {len(lines)} stderr lines" + (f": {lines[-1][:120]}" if lines else "")
+        frames = [x.strip() for x in lines if x.strip().startswith("File ")]
+        if frames:
+            inside = [f for f in frames if "/ecf8/" in f] or frames
+            running = any(f.endswith(("in main", "in _run")) for f in frames)
+            detail += f" (raised in {inside[-1][:150]}; {'main() running' if running else 'during start-up'})"
+        if orphans:
+            return kind, "orphans", detail
+        if len(lines) > 1:
+            return kind, "traceback", detail
+        if left == ["out"] and _valid(out, what, target, complete=True, base=base, target_key=target):
+            return kind, "late", f"{detail}; the complete output was already in place"
+        if left:
+            return kind, "left-files", f"{detail}; left {left}"
+        want = 130 if sig == signal.SIGINT else None
+        if (want and p.returncode != want) or p.returncode == 0:
+            return kind, "bad-exit", detail
+        return kind, "clean", detail
+    finally:
+        for x in work.iterdir():
+            subprocess.run(["rm", "-rf", str(x)], check=False)
+
+
+def _valid(out: Path, what: str, target: str, complete: bool = False, base=None, target_key=None) -> bool:
+    """Is `out` a complete output (compress: verifies; decompress: equals the original)?"""
+    try:
+        if what == "compress":
+            files = [out] if target == "file" else sorted(out.rglob("*.safetensors"))
+            return bool(files) and all(store.verify_file(f, progress=False) >= 0 for f in files)
+        if base is None:
+            return True
+        orig = base[target_key]
+        if target == "file":
+            return out.read_bytes() == orig.read_bytes()
+        a = {p.relative_to(orig): p.read_bytes() for p in orig.rglob("*") if p.is_file()}
+        b = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        return a == b
+    except Exception:
+        return False
+
+
+def run(n: int, seed: int, tmp: Path) -> dict[str, collections.Counter]:
+    base = prepare(Path(tmp) / "signals-base")
+    work = Path(tmp) / "signals-work"
+    work.mkdir()
+    rng = np.random.default_rng([seed, 4])
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    examples: dict[tuple[str, str], str] = {}
+    for i in range(n):
+        kind, outcome, detail = trial(base, work, rng)
+        counts[kind][outcome] += 1
+        examples.setdefault((kind, outcome), f"trial {i}: {detail}")
+    return counts, examples
+
+
+def report(counts, examples) -> str:
+    cols = ["completed", "clean", "late", "traceback", "left-files", "orphans", "bad-exit", "hang"]
+    lines = ["| interrupted run | trials | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for kind in sorted(counts):
+        c = counts[kind]
+        lines.append(f"| {kind} | {sum(c.values())} | " + " | ".join(str(c.get(o, 0)) for o in cols) + " |")
+    bad = [f"  {k} / {o}: {d}" for (k, o), d in sorted(examples.items()) if o not in ("completed", "clean", "late")]
+    return "\n".join(lines + (["", "Examples of problems:"] + bad if bad else []))
