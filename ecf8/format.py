@@ -110,6 +110,8 @@ def as_buffer(blob: Any) -> memoryview:
         view = memoryview(blob)
     except TypeError:
         raise UnsupportedError(f"a blob must be bytes-like or a uint8 array, not {type(blob).__name__}") from None
+    if not view.c_contiguous:                 # e.g. a strided slice: its bytes, in order
+        view = memoryview(view.tobytes())
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 

@@ -174,6 +174,18 @@ def test_not_a_frame():
             ecf8.decode(junk)
 
 
+def test_any_buffer_layout():
+    """A frame handed over as a strided or multi-dimensional buffer decodes like its bytes."""
+    x = weights_like(3000, DTYPES[0])
+    blob = ecf8.encode(x)
+    spread = bytearray(2 * len(blob))
+    spread[::2] = blob
+    for view in (memoryview(spread)[::2], memoryview(blob).cast("B", (1, len(blob))),
+                 np.frombuffer(spread, np.uint8)[::2]):
+        np.testing.assert_array_equal(ecf8.decode(view).view(np.uint8), x.view(np.uint8))
+        assert ecf8.info(view).numel == x.size
+
+
 def test_unsupported_inputs():
     with pytest.raises(ecf8.UnsupportedError, match="float8_e4m3fn"):
         ecf8.encode(np.zeros(10, np.float32))
