@@ -46,8 +46,9 @@ def sources(path: Path) -> list[tuple[Path, str]]:
 def tensors_of(path: Path, dtype: str | None = None) -> Iterator[tuple[str, str, np.ndarray]]:
     """(name, dtype name, array) of every tensor of a path; compressed inputs are decoded (their
     restored content), .npy bit views are read as `dtype` ('e4m3', 'e5m2', 'bf16', 'fp16')."""
+    from .checkpoint import DTYPE_NAMES
     from .numpy import load_npy
-    from .store import iter_decoded
+    from .store import CompressedFile
 
     for file, kind in sources(path):
         if kind == "npy":
@@ -57,9 +58,12 @@ def tensors_of(path: Path, dtype: str | None = None) -> Iterator[tuple[str, str,
             x = api.decode(file.read_bytes())
             yield file.stem, _dtype_name(x.dtype), x
         elif kind == "compressed":
-            yield from iter_decoded(file)
+            with CompressedFile(file) as f:
+                for name in f.keys():
+                    dtype = f.dtype_of(name)
+                    yield name, dtype, f.get_tensor(name) if dtype in DTYPE_NAMES else f.get_bytes(name)
         else:
-            for entry in iter_tensors(file):
+            for entry in iter_tensors(file, raw=True):     # unknown dtypes: their bytes (uint8)
                 yield entry.name, entry.dtype, entry.array
 
 

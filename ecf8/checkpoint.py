@@ -221,7 +221,8 @@ def atomic_dir(path: Path, mode: int | None = None):
     `path` must not exist or be an empty folder (UnsupportedError, before anything is written)."""
     path = Path(path)
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        raise UnsupportedError(f"{path}: already exists (and is not an empty folder)")
+        raise UnsupportedError(f"{path}: already exists and is not an empty folder (ecf8 never "
+                               "replaces a folder, even with -f: remove it first)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

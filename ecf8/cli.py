@@ -32,7 +32,7 @@ import numpy as np
 from . import api, encoder, store
 from . import format as fmt
 from .checkpoint import atomic_file, iter_tensors, model_files, read_layout  # noqa: F401
-from .errors import ECF8Error
+from .errors import ECF8Error, UnsupportedError
 from .names import short_name
 from .numpy import load_npy
 from .progress import job as progress_job
@@ -216,6 +216,8 @@ def _check_output(args) -> None:
     if out.exists() and not args.force:
         raise ECF8Error(f"{out} exists; use -f/--force to overwrite it")
     makes_dir = args.command in ("compress", "decompress") and args.input.is_dir()
+    if makes_dir and out.resolve().is_relative_to(args.input.resolve()):
+        raise ECF8Error(f"{out} lies inside the input folder {args.input}")
     if out.is_dir() and not makes_dir:
         raise ECF8Error(f"{out} is a directory")
     if not makes_dir and not out.parent.is_dir():
@@ -252,11 +254,14 @@ def _job(args):
     return progress_job(total, args.command, enabled)
 
 
-def _compress_summary(src: Path, outs: list[Path], zstd_level: int) -> str:
-    """'src: original -> compressed bytes (saving)', and a note when nothing was entropy-coded."""
+def _input_bytes(src: Path) -> int:
     from .checkpoint import tensor_files
 
-    before = sum(f.stat().st_size for f in tensor_files(src))
+    return sum(f.stat().st_size for f in tensor_files(src))
+
+
+def _compress_summary(src: Path, before: int, outs: list[Path], zstd_level: int) -> str:
+    """'src: original -> compressed bytes (saving)', and a note when nothing was entropy-coded."""
     after = sum(f.stat().st_size for f in outs)
     line = f"{src}: {before:,} -> {after:,} bytes ({1 - after / max(before, 1):.1%} saved) in {len(outs)} file" \
         + "s" * (len(outs) != 1)
@@ -293,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(code)
         return code
+    except BrokenPipeError:                  # `ecf8 ... | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ECF8Error, OSError, ValueError, KeyError) as e:
         print(f"ecf8: error: {_message(e)}", file=sys.stderr)
         return 1
@@ -305,6 +313,9 @@ def _inputs(paths: list[Path]):
     """(file, None) for each path and each safetensors file of a folder; (path, error) for a
     folder that cannot be listed."""
     for path in paths:
+        if not path.exists():
+            yield path, UnsupportedError(f"{path}: no such file")
+            continue
         try:
             files = [path / rel for rel in model_files(path)[0]] if path.is_dir() else [path]
         except ECF8Error as e:
@@ -319,6 +330,7 @@ def _run(args) -> int:
         progress = False if args.quiet else None
         with _job(args):
             if cmd == "compress":
+                before = _input_bytes(args.input)      # (the output may replace the input)
                 outs = store.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
                                            chunk_size=args.chunk_size, max_tables=args.max_tables,
                                            zstd_level=args.zstd_level, device=args.device)
@@ -327,7 +339,7 @@ def _run(args) -> int:
         if args.quiet:
             pass
         elif cmd == "compress":
-            print(_compress_summary(args.input, outs, args.zstd_level))
+            print(_compress_summary(args.input, before, outs, args.zstd_level))
         else:
             for out in outs:
                 print(f"{out}: {out.stat().st_size:,} bytes")

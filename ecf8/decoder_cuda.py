@@ -45,7 +45,8 @@ def _cupy():
     try:
         import cupy
     except ImportError:
-        raise UnsupportedError("CUDA decoding needs CuPy: pip install 'ecf8[cuda13]' (or cuda12)") from None
+        raise UnsupportedError("GPU encoding and decoding need CuPy: pip install 'ecf8[cuda13]' "
+                               "(or cuda12)") from None
     return cupy
 
 

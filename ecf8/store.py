@@ -443,8 +443,9 @@ class _Packed:
     def decode(self, name: str, device: str) -> Any:
         """An ecf8-coded tensor decoded on a device, checked to have the original dtype and shape."""
         t = self.tensors[name]
+        payload = np.frombuffer(self.payload(name), np.uint8)      # (its errors name the tensor)
         try:
-            x = api.decode(np.frombuffer(self.payload(name), np.uint8), device=device)
+            x = api.decode(payload, device=device)
         except ECF8Error as e:
             raise type(e)(f"{self.path}: tensor {name!r}: {e}") from None
         if x.dtype != DTYPE_NAMES[t.dtype] or tuple(x.shape) != t.shape:
@@ -523,6 +524,18 @@ class CompressedFile:
             return p.decode(name, self.device)
         x = p.restore(name).view(_numpy_dtype(p.path, t)).reshape(t.shape)
         return x if self.device == "cpu" else _to_device(x, self.device)
+
+    def dtype_of(self, name: str) -> str:
+        """A tensor's safetensors dtype string (any string: ecf8 passes unknown ones through)."""
+        if name not in self._packed.tensors:
+            raise KeyError(name)
+        return self._packed.tensors[name].dtype
+
+    def get_bytes(self, name: str) -> np.ndarray:
+        """One tensor's original bytes (uint8, checked against its crc), whatever its dtype."""
+        if name not in self._packed.tensors:
+            raise KeyError(name)
+        return self._packed.restore(name)
 
     def close(self) -> None:
         self._packed.close()

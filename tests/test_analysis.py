@@ -243,3 +243,29 @@ def test_unreadable_input(tmp_path, capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("ecf8: error:") and err.count("\n") == 1
+
+
+def test_analyze_passes_unknown_dtypes_through_like_compress(tmp_path):
+    """Tensors of dtypes ecf8 does not know (F8_E8M0 scales, any string) are analysed as bytes,
+    in plain and in compressed files, with the codec compress gives them."""
+    import json
+    import struct
+
+    from ecf8 import store
+    from ecf8.analyze_cli import tensors_of
+
+    h = {"odd": {"dtype": "F8_E8M0", "shape": [64, 4], "data_offsets": [0, 256]},
+         "foo": {"dtype": "FOO", "shape": [3], "data_offsets": [256, 268]}}
+    text = json.dumps(h).encode()
+    text += b" " * (-len(text) % 8)
+    data = bytes(np.random.default_rng(0).integers(100, 140, 268, dtype=np.uint8))
+    plain = tmp_path / "odd.safetensors"
+    plain.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    packed = tmp_path / "odd.ecf8.safetensors"
+    store.compress_file(plain, packed, jobs=1)
+    for path in (plain, packed):
+        got = {name: (dtype, x) for name, dtype, x in tensors_of(path)}
+        assert got["odd"][0] == "F8_E8M0" and bytes(got["odd"][1].reshape(-1)) == data[:256]
+        assert got["foo"][0] == "FOO" and bytes(got["foo"][1].reshape(-1)) == data[256:]
+    codecs = {r.name: r.codec for r in store.inspect_file(packed)}
+    assert codecs == {"odd": "zstd", "foo": "none"}

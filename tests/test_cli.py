@@ -233,3 +233,44 @@ def test_coding_options_validated_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "c.safetensors").exists()
     assert main(["compress", str(src), "-o", str(tmp_path / "c.safetensors"), "--chunk-size", "512",
                  "--max-tables", "8", "-q"]) == 0
+
+
+def _plain(path, seed=0):
+    from ecf8.checkpoint import write_safetensors
+
+    write_safetensors({"w": weights_like(5000, DTYPES[2], seed=seed).reshape(50, 100)}, path)
+
+
+def _one_error_line(capsys, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ecf8: error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+    return err[0]
+
+
+def test_newcomer_rough_edges(tmp_path, capsys, monkeypatch):
+    """What a new user hit: an output folder inside the input folder, -f on an existing folder,
+    missing files in info/verify, an in-place compress's sizes, a doubled error prefix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    _plain(tmp_path / "m" / "sub" / "a.safetensors")
+    assert main(["compress", "-q", "m", "-o", "m/out"]) == 1
+    _one_error_line(capsys, "inside the input folder")
+    assert not (tmp_path / "m" / "out").exists()
+    assert main(["compress", "-q", "m", "-o", "mc"]) == 0
+    assert main(["compress", "-q", "-f", "m", "-o", "mc"]) == 1
+    _one_error_line(capsys, "remove it first")
+    for cmd in ("info", "verify"):
+        assert main([cmd, "nope.safetensors"]) == 1
+        _one_error_line(capsys, "nope.safetensors: no such file")
+    _plain(tmp_path / "x.safetensors")
+    before = (tmp_path / "x.safetensors").stat().st_size
+    assert main(["compress", "-f", "x.safetensors", "-o", "x.safetensors"]) == 0
+    assert capsys.readouterr().out.startswith(f"x.safetensors: {before:,} -> ")
+    blob = bytearray((tmp_path / "x.safetensors").read_bytes())
+    blob[-200] ^= 1                                    # inside the coded tensor's frame
+    (tmp_path / "x.safetensors").write_bytes(bytes(blob))
+    assert main(["verify", "x.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("tensor 'w'") == err.count("\n") >= 1
