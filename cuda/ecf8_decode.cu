@@ -1,4 +1,5 @@
-// ECF8 format v1 GPU decoder (FORMAT.md is normative; section numbers below refer to it).
+// ECF8 frame GPU decoder for format versions 1 and 2, which share one layout (FORMAT.md is
+// normative; section numbers below refer to it).
 //
 // Layout assumptions
 // - One warp decodes one chunk (§3): 32 lanes, lane l owning the 16 consecutive elements
