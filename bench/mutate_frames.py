@@ -267,10 +267,15 @@ def m_tables(rng, state):
     else:
         k = pos + int(rng.integers(size))
         b[k] = (b[k] & 0xF0) | int(rng.integers(13, 16))
+    fix_all_crcs(b)
+    return b, i
+
+
+def fix_all_crcs(b: bytearray) -> None:
+    """Recompute both checksums of an edited frame (as a hostile encoder would)."""
     at = crc_at(b)
     fix_header_crc(b, at)
     fix_payload_crc(b, at)
-    return b, i
 
 
 def m_chunks(rng, state):
@@ -286,9 +291,7 @@ def m_chunks(rng, state):
     else:
         v = int(pick(rng, [0, 1, words, words + 1, 2**31, 2**32 - 1]))
         struct.pack_into("<I", b, offs + 4 * c, v)
-    at = crc_at(b)
-    fix_header_crc(b, at)
-    fix_payload_crc(b, at)
+    fix_all_crcs(b)
     return b, i
 
 

@@ -50,13 +50,14 @@ def _cupy():
     return cupy
 
 
-def kernel_source() -> str:
-    """The decoder's CUDA source, from the installed package or the source tree."""
+def kernel_source(name: str = "ecf8_decode.cu") -> str:
+    """A CUDA source of ecf8 (the decoder's by default), from the installed package or the
+    source tree."""
     here = Path(__file__).resolve().parent
-    for path in (here / "cuda" / "ecf8_decode.cu", here.parent / "cuda" / "ecf8_decode.cu"):
+    for path in (here / "cuda" / name, here.parent / "cuda" / name):
         if path.exists():
             return path.read_text()
-    raise UnsupportedError("ecf8's CUDA sources (ecf8_decode.cu) are missing from the installation")
+    raise UnsupportedError(f"ecf8's CUDA sources ({name}) are missing from the installation")
 
 
 def compile_module(device_id: int, defines: Sequence[str] = ()):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,15 +59,6 @@ def _mark(name: str) -> None:
         _trace.append((name, event))
 
 
-def kernel_source() -> str:
-    """The encoder's CUDA source, from the installed package or the source tree."""
-    here = Path(__file__).resolve().parent
-    for path in (here / "cuda" / "ecf8_encode.cu", here.parent / "cuda" / "ecf8_encode.cu"):
-        if path.exists():
-            return path.read_text()
-    raise UnsupportedError("ecf8's CUDA sources (ecf8_encode.cu) are missing from the installation")
-
-
 def _module(device_id: int):
     """The encoder's kernels for a device (NVRTC, compiled once per device on first use)."""
     module = _modules.get(device_id)
@@ -78,7 +68,7 @@ def _module(device_id: int):
             if module is None:
                 cupy = dc._cupy()
                 with cupy.cuda.Device(device_id):
-                    module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",),
+                    module = cupy.RawModule(code=dc.kernel_source("ecf8_encode.cu"), options=("-std=c++17",),
                                             name_expressions=KERNEL_NAMES)
                     module.compile()
                 _modules[device_id] = module
