@@ -36,10 +36,10 @@ import torch
 from . import torch as et
 from .checkpoint import tensor_files
 from .errors import CorruptDataError, UnsupportedError
+from .store import CODED
 
 __all__ = ["load_model", "from_pretrained"]
 
-CODED = {"F8_E4M3", "F8_E5M2", "BF16", "F16"}
 
 
 # --- reading: the only two functions that know how a checkpoint is read -------------------------
@@ -130,7 +130,7 @@ def _device(device: str | torch.device) -> tuple[torch.device, str]:
         raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
     if not torch.cuda.is_available():
         raise UnsupportedError("device='cuda' needs a CUDA build of PyTorch and a GPU")
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    index = et._cuda_index(dev)
     et._check_device(torch.device("cuda", index), "the target device")
     return torch.device("cuda", index), f"cuda:{index}"
 
@@ -187,7 +187,8 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
             action()
         raise
     pool.warm(weights)
-    modules = sum(1 for m in model.modules() if et.is_compressed(m) and m.__dict__["_ecf8"] in weights)
+    held = {id(w) for w in weights}
+    modules = sum(1 for m in model.modules() if et.is_compressed(m) and id(m.__dict__["_ecf8"]) in held)
     return et.CompressionStats(modules, sum(w.nbytes for w in weights),
                                sum(w.stored_bytes for w in weights), pool.buffer_bytes(), len(weights))
 
@@ -214,8 +215,7 @@ def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
                                        f"{tuple(p.shape)} in the model")
         used.update(present)
         ok = (keep and dtype in CODED and len(shape) == 2 and int(np.prod(shape)) >= min_numel
-              and all(n == "weight" and (embeddings or not isinstance(m, torch.nn.Embedding))
-                      and not et.is_compressed(m) for m, n, _ in hs))
+              and et._holders_ok(hs, embeddings))
         layout = None
         if et.is_dtensor(p):
             layout = et._Layout(p)
@@ -272,23 +272,20 @@ def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options
         if not isinstance(value, torch.Tensor):       # a whole frame on the GPU: decoded there
             value = et.decode(value, dev)
         value = value[layout.box(hs[0][2])].contiguous()
-    if isinstance(value, torch.Tensor) and eligible:  # decoded on the host: (re-)encode
-        tables = et._tables(value.numel(), options)
-        blob = et.encode(value, **tables)             # a CUDA tensor is encoded on its GPU
-        w = et._Weight(blob, value.dtype, tuple(value.shape), dev, False, pool, tables, layout)
-        for m, n, _ in hs:
+    if eligible:
+        if isinstance(value, torch.Tensor):           # decoded on the host: (re-)encode
+            tables = et._tables(value.numel(), options)
+            w = et._Weight(et.encode(value, **tables), value.dtype, tuple(value.shape), dev, False,
+                           pool, tables, layout)      # a CUDA tensor is encoded on its GPU
+        else:                                         # an ECF8 frame resident on the GPU: kept
+            f = value.frame
+            w = et._Weight(value, et.TORCH_DTYPES[f.spec.code], f.shape, dev, False, pool,
+                           et._tables(f.n, options), layout)
+        for m, _, _ in hs:
             et._attach(m, w)
             undo.append(lambda m=m, p=p: et._detach(m, p))
         return [w]
     if not isinstance(value, torch.Tensor):           # an ECF8 frame resident on the GPU
-        frame = value.frame
-        if eligible:
-            w = et._Weight(value, et.TORCH_DTYPES[frame.spec.code], frame.shape, dev, False, pool,
-                           et._tables(frame.n, options))
-            for m, n, _ in hs:
-                et._attach(m, w)
-                undo.append(lambda m=m, p=p: et._detach(m, p))
-            return [w]
         value = et.decode(value, dev)
     value = value.to(dev)
     if kind == "buffer":

@@ -133,7 +133,7 @@ def decode(blob: Any, device: str | torch.device = "cpu", out: torch.Tensor | No
     from . import decoder_cuda
 
     dt = blob if isinstance(blob, decoder_cuda.DeviceTensor) else _upload(
-        blob, device.index if device.index is not None else torch.cuda.current_device())
+        blob, _cuda_index(device))
     dev = torch.device("cuda", dt.device_id)
     code, n = dt.frame.spec.code, dt.frame.n
     width = dt.frame.spec.dtype.itemsize
@@ -170,6 +170,10 @@ def torch_memory():
 
     with _cupy().cuda.using_allocator(_torch_allocator):
         yield
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _upload(blob: Any, index: int):
@@ -235,7 +239,7 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
-    target = "cpu" if dev.type == "cpu" else f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
+    target = "cpu" if dev.type == "cpu" else f"cuda:{_cuda_index(dev)}"
     with torch_memory() if dev.type == "cuda" else contextlib.nullcontext():
         return {name: _to_torch(x) for name, _, x in store.iter_decoded(Path(path), target)}
 
@@ -360,10 +364,10 @@ class _Pool:
             local.buffers, local.views, local.depth, local.active = {}, {}, {}, {}
         return local
 
-    def view(self, w: "_Weight") -> Any:
-        """This thread's buffer for w's device, current stream and nesting depth, viewed as w."""
+    def view(self, w: "_Weight", stream: int) -> Any:
+        """This thread's buffer for w's device, `stream` (w.stream_id()) and nesting depth, viewed
+        as w."""
         local = self.state()
-        stream = torch.cuda.current_stream(w.device).cuda_stream if w.device.type == "cuda" else 0
         key = (w.device, stream, local.depth.get(w.device, 0))
         buf = local.buffers.get(key)
         if buf is None:
@@ -381,7 +385,7 @@ class _Pool:
             if w.nbytes >= getattr(largest.get(w.device), "nbytes", -1):
                 largest[w.device] = w
         for w in largest.values():
-            self.view(w)
+            self.view(w, w.stream_id())
 
     def buffer_bytes(self) -> int:
         return sum(self.sizes.values())
@@ -413,8 +417,7 @@ class _Weight:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("plain", None)
-        if self.device.type == "cuda":                  # device pointers do not survive a pickle
-            state["blob"] = self.blob.payload.get().tobytes()
+        state["blob"] = self.host_frame()               # device pointers do not survive a pickle
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -423,16 +426,21 @@ class _Weight:
             self.blob = _upload(self.blob, self.device.index)
         self.pool.add(self)
 
-    def _launch(self, out: torch.Tensor) -> torch.Tensor:
+    def stream_id(self) -> int:
+        """torch's current stream on this weight's device (0 on the CPU)."""
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def _launch(self, out: torch.Tensor, stream: int) -> torch.Tensor:
         if self.device.type == "cuda":                   # launch only, on torch's current stream
-            self.blob.launch(out.data_ptr(), torch.cuda.current_stream(self.device).cuda_stream)
+            self.blob.launch(out.data_ptr(), stream)
             return out
         return decode(self.blob, self.device, out=out)
 
     def fresh(self) -> torch.Tensor:
         """The weight decoded into new memory on its device (a DTensor under tensor parallelism)."""
         if self.device.type == "cuda":
-            return self._wrap(self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device)))
+            return self._wrap(self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device),
+                                           self.stream_id()))
         return self._wrap(decode(self.blob, self.device))
 
     def current(self) -> torch.Tensor:
@@ -444,7 +452,8 @@ class _Weight:
     def decoded(self) -> Iterator[torch.Tensor]:
         """Decode into this thread's (and stream's) buffer for the span of a forward."""
         local = self.pool.state()
-        view = self._wrap(self._launch(self.pool.view(self)))
+        stream = self.stream_id()
+        view = self._wrap(self._launch(self.pool.view(self, stream), stream))
         depth = local.depth.get(self.device, 0)
         previous = local.active.get(id(self))
         local.depth[self.device], local.active[id(self)] = depth + 1, view
@@ -458,7 +467,7 @@ class _Weight:
                 local.active[id(self)] = previous
 
     def host_frame(self) -> bytes:
-        return self.blob if self.device.type == "cpu" else self.blob.payload.get().tobytes()
+        return self.blob if self.device.type == "cpu" else self.blob.tobytes()
 
     def move(self, device: torch.device) -> None:
         """Hold the frame on another device (re-uploaded as it is: nothing is decoded)."""
@@ -467,8 +476,7 @@ class _Weight:
             raise UnsupportedError(f"a tensor-parallel weight stays on its device mesh's {self.device}; "
                                    f"it cannot move to {device}")
         frame = self.host_frame()
-        self.blob = _upload(frame, device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else frame
+        self.blob = _upload(frame, _cuda_index(device)) if device.type == "cuda" else frame
         old, self.device = self.device, torch.device("cuda", self.blob.device_id) if device.type == "cuda" else device
         self.pool.add(self)
         self.pool.release(old)
@@ -615,12 +623,17 @@ def _owners(root: torch.nn.Module) -> tuple[dict, dict]:
     return holders, params
 
 
+def _holders_ok(holders: list, embeddings: bool) -> bool:
+    """Every holder is a module's `weight`, none compressed yet, no Embedding unless embeddings."""
+    return all(name == "weight" and not is_compressed(m)
+               and (embeddings or not isinstance(m, torch.nn.Embedding)) for m, name, _ in holders)
+
+
 def _eligible(holders: list, p: torch.Tensor, min_numel: int, embeddings: bool) -> bool:
     """A parameter is compressed only where that frees it: every holder is a module's `weight`,
     and no holder is an Embedding unless embeddings=True (else the raw matrix stays anyway)."""
     return (p.dtype in _FROM_TORCH and p.dim() == 2 and p.numel() >= min_numel
-            and all(name == "weight" and not is_compressed(m)
-                    and (embeddings or not isinstance(m, torch.nn.Embedding)) for m, name, _ in holders))
+            and _holders_ok(holders, embeddings))
 
 
 def _check_device(device: torch.device, what: str) -> None:
@@ -684,9 +697,10 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
         for p, hs in targets:
             layout = _Layout(p) if is_dtensor(p) else None
             local = p.to_local() if layout is not None else p
-            blob = encode(local, **_tables(local.numel(), options))     # CUDA: encoded on its GPU
+            tables = _tables(local.numel(), options)
+            blob = encode(local, **tables)                              # CUDA: encoded on its GPU
             w = _Weight(blob, p.dtype, tuple(local.shape), local.device, p.requires_grad, pool,
-                        _tables(local.numel(), options), layout)
+                        tables, layout)
             for m, _, _ in hs:
                 _attach(m, w)
             done.append((p, hs))
