@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import format as fmt
-from .tables import decode_lut
+from .tables import decode_luts
 
 __all__ = ["decode_frame"]
 
@@ -20,7 +20,7 @@ def decode_frame(blob: memoryview, frame: fmt.Frame) -> np.ndarray:
         return u.astype(spec.uint).view(spec.dtype).reshape(frame.shape)
     words = np.frombuffer(blob, "<u4", frame.exp_words, frame.exp_offset).astype(np.uint64)
     words = np.append(words, np.uint64(0))  # slot exp_words: the zero word read past a chunk's end
-    luts = np.stack([decode_lut(l, fmt.MAX_CODE_LEN) for l in frame.lengths]).astype(np.int64)
+    luts = decode_luts(frame.lengths, fmt.MAX_CODE_LEN).astype(np.int64)
     exp = np.empty(-(-frame.n // fmt.GROUP) * fmt.GROUP, np.uint8)
     chunk = 1 << frame.chunk_log2
     per_batch = max(1, BATCH_CHUNK_ELEMENTS // chunk)

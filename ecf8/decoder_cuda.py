@@ -22,7 +22,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import UnsupportedError
-from .tables import decode_lut
+from .tables import decode_luts
 
 __all__ = ["to_device", "decode", "decode_batch", "DeviceTensor", "CudaArray", "BatchDecoder"]
 
@@ -312,24 +312,27 @@ def to_device(blob: Any, device: str = "cuda", *, verify: bool = True) -> Device
     frame = fmt.parse(view, verify=verify)
     dev = _device_id(device)
     with cupy.cuda.Device(dev):
-        payload = cupy.asarray(np.frombuffer(view, np.uint8))
-        if frame.mode == fmt.MODE_CODED:
-            tables_at, luts_at = _aux_offsets(frame)
-            aux = np.zeros(luts_at + frame.ntables * LUT_BYTES, np.uint8)
-            aux[:tables_at] = frame.chunk_words.astype("<u4").view(np.uint8)
-            aux[tables_at : tables_at + frame.nchunks] = frame.chunk_tables
-            luts = np.stack([decode_lut(l, fmt.MAX_CODE_LEN) for l in frame.lengths])
-            aux[luts_at:] = luts.astype("<u2").view(np.uint8).reshape(-1)
-            aux_d = cupy.asarray(aux)
-            blocks = -(-frame.nchunks // (WARPS * CHUNKS_PER_WARP))
-        else:
-            aux_d, blocks = cupy.zeros(0, np.uint8), 0
-        dt = DeviceTensor(frame, dev, payload, aux_d, None, cupy.asarray(np.array([0, blocks], np.uint32)),
-                          blocks)
-        if frame.mode == fmt.MODE_CODED:
-            dt.desc = cupy.asarray(dt.descriptor().reshape(1).view(np.uint8))
-        else:
-            dt.desc = cupy.zeros(0, np.uint8)
+        return resident(frame, dev, cupy.asarray(np.frombuffer(view, np.uint8)))
+
+
+def resident(frame: fmt.Frame, dev: int, payload: Any, cls: type | None = None, **extra) -> DeviceTensor:
+    """The decoder's device state (index, decode tables, descriptor) of a validated frame whose
+    bytes `payload` (CuPy uint8) already lie on GPU `dev`, the current device; cls: a DeviceTensor
+    subclass taking the keyword arguments `extra` (the GPU encoder's EncodedTensor)."""
+    cupy = _cupy()
+    if frame.mode == fmt.MODE_CODED:
+        tables_at, luts_at = _aux_offsets(frame)
+        aux = np.zeros(luts_at + frame.ntables * LUT_BYTES, np.uint8)
+        aux[:tables_at] = frame.chunk_words.astype("<u4").view(np.uint8)
+        aux[tables_at : tables_at + frame.nchunks] = frame.chunk_tables
+        aux[luts_at:] = decode_luts(frame.lengths, fmt.MAX_CODE_LEN).astype("<u2").view(np.uint8).reshape(-1)
+        aux_d, blocks = cupy.asarray(aux), -(-frame.nchunks // (WARPS * CHUNKS_PER_WARP))
+    else:
+        aux_d, blocks = cupy.zeros(0, np.uint8), 0
+    dt = (cls or DeviceTensor)(frame, dev, payload, aux_d, None,
+                               cupy.asarray(np.array([0, blocks], np.uint32)), blocks, **extra)
+    dt.desc = (cupy.asarray(dt.descriptor().reshape(1).view(np.uint8)) if frame.mode == fmt.MODE_CODED
+               else cupy.zeros(0, np.uint8))
     return dt
 
 

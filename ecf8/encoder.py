@@ -13,7 +13,7 @@ from .errors import UnsupportedError
 from .table_choice import assign_tables
 from .tables import canonical_codes
 
-__all__ = ["encode", "reject_framework_tensor"]
+__all__ = ["encode", "check_args", "reject_framework_tensor"]
 
 BATCH_ELEMENTS = 1 << 19   # elements coded per pass; bounds the encoder's working memory
 
@@ -29,6 +29,20 @@ def reject_framework_tensor(x: object, name: str | None = None) -> None:
     if known is not None:
         where = f"tensor {name!r}: " if name else ""
         raise UnsupportedError(f"{where}ecf8 takes NumPy arrays here, not a {known[0]}: use {known[1]}")
+
+
+def check_args(shape: tuple[int, ...], chunk_size: int, max_tables: int) -> None:
+    """UnsupportedError unless a frame can hold this shape with these options (both encoders and
+    the codecs check with this)."""
+    if chunk_size & (chunk_size - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= chunk_size <= (1 << fmt.MAX_CHUNK_LOG2):
+        raise UnsupportedError(f"chunk_size must be a power of two from 512 to 2**20, not {chunk_size}")
+    if not 1 <= max_tables <= fmt.MAX_TABLES:
+        raise UnsupportedError(f"max_tables must be 1..{fmt.MAX_TABLES}, not {max_tables}")
+    if np.prod([max(d, 1) for d in shape], dtype=object) > fmt.MAX_ELEMENTS:
+        raise UnsupportedError("ecf8 codes at most 2**40 elements per frame (and shapes whose "
+                               "non-zero extents multiply to at most 2**40)")
+    if len(shape) > fmt.MAX_NDIM:
+        raise UnsupportedError(f"ecf8 codes at most {fmt.MAX_NDIM} dimensions, not {len(shape)}")
 
 
 def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
@@ -56,15 +70,7 @@ def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
         raise UnsupportedError("dtype= and stream= apply to CUDA arrays only")
     x = np.asarray(x)
     spec = fmt.spec_for_dtype(x.dtype)
-    if chunk_size & (chunk_size - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= chunk_size <= (1 << fmt.MAX_CHUNK_LOG2):
-        raise UnsupportedError(f"chunk_size must be a power of two from 512 to 2**20, not {chunk_size}")
-    if not 1 <= max_tables <= fmt.MAX_TABLES:
-        raise UnsupportedError(f"max_tables must be 1..{fmt.MAX_TABLES}, not {max_tables}")
-    if np.prod([max(d, 1) for d in x.shape], dtype=object) > fmt.MAX_ELEMENTS:
-        raise UnsupportedError("ecf8 codes at most 2**40 elements per frame (and shapes whose "
-                               "non-zero extents multiply to at most 2**40)")
-    if x.ndim > fmt.MAX_NDIM:
-        raise UnsupportedError(f"ecf8 codes at most {fmt.MAX_NDIM} dimensions, not {x.ndim}")
+    check_args(x.shape, chunk_size, max_tables)
     u = np.ascontiguousarray(x).reshape(-1).view(spec.uint)
     if u.size:
         frame = _encode_coded(u, spec, tuple(x.shape), chunk_size.bit_length() - 1, max_tables)

@@ -24,6 +24,7 @@ the exact rule) and after 2; the frame is complete once ``stream`` reaches it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from typing import Any
 
@@ -209,28 +210,6 @@ def code_entries(lengths: np.ndarray) -> np.ndarray:
     return ((codes << 8) | lengths.astype(np.uint32)).reshape(-1)
 
 
-def decode_luts(lengths: np.ndarray) -> np.ndarray:
-    """(K, 4096) uint16 decode tables, equal to ``tables.decode_lut`` of each row, vectorized.
-
-    Canonical codes give the symbols, sorted by (length, symbol), consecutive code ranges, so
-    each table is their entries repeated 2**(12 - length) times, then the default entry.
-    """
-    size = 1 << fmt.MAX_CODE_LEN
-    out = np.full((lengths.shape[0], size), fmt.MAX_CODE_LEN << 8, np.uint16)
-    symbols = np.arange(lengths.shape[1])
-    for t, row in enumerate(lengths.astype(np.int64)):
-        order = np.lexsort((symbols, row))
-        order = order[row[order] > 0]
-        entries = np.repeat((row[order] << 8) | order, 1 << (fmt.MAX_CODE_LEN - row[order]))
-        out[t, : entries.size] = entries
-    return out
-
-
-def payload_seed(head: bytes) -> int:
-    """The CRC-32 seed of the payload checksum (format v2: the HeaderChecksum)."""
-    return fmt.header_crc(head)
-
-
 def parse_header(head: bytes, size: int) -> fmt.Frame:
     """fmt.parse of a frame whose payload is not on the host: a lazily zeroed stand-in buffer
     (never touched past the header) carries the header and the frame's length."""
@@ -261,29 +240,6 @@ class EncodedTensor(dc.DeviceTensor):
 
     def __bytes__(self) -> bytes:
         return self.tobytes()
-
-
-def _device_tensor(frame: fmt.Frame, dev: int, payload: Any, stream: Any) -> EncodedTensor:
-    """The decoder's device state for a frame already on the GPU (as decoder_cuda.to_device)."""
-    cupy = dc._cupy()
-    if frame.mode == fmt.MODE_CODED:
-        tables_at, luts_at = dc._aux_offsets(frame)
-        aux = np.zeros(luts_at + frame.ntables * dc.LUT_BYTES, np.uint8)
-        aux[:tables_at] = frame.chunk_words.astype("<u4").view(np.uint8)
-        aux[tables_at : tables_at + frame.nchunks] = frame.chunk_tables
-        luts = decode_luts(frame.lengths)
-        aux[luts_at:] = luts.astype("<u2").view(np.uint8).reshape(-1)
-        aux_d = cupy.asarray(aux)
-        blocks = -(-frame.nchunks // (dc.WARPS * dc.CHUNKS_PER_WARP))
-    else:
-        aux_d, blocks = cupy.zeros(0, np.uint8), 0
-    t = EncodedTensor(frame, dev, payload, aux_d, None,
-                      cupy.asarray(np.array([0, blocks], np.uint32)), blocks, stream=stream)
-    if frame.mode == fmt.MODE_CODED:
-        t.desc = cupy.asarray(t.descriptor().reshape(1).view(np.uint8))
-    else:
-        t.desc = cupy.zeros(0, np.uint8)
-    return t
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -336,16 +292,8 @@ def encode(x: Any, *, dtype: Any = None, chunk_size: int = 32768, max_tables: in
     """
     cupy = dc._cupy()
     arr, spec, shape = _as_cupy(x, dtype)
-    if chunk_size & (chunk_size - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= chunk_size <= (1 << fmt.MAX_CHUNK_LOG2):
-        raise UnsupportedError(f"chunk_size must be a power of two from 512 to 2**20, not {chunk_size}")
-    if not 1 <= max_tables <= fmt.MAX_TABLES:
-        raise UnsupportedError(f"max_tables must be 1..{fmt.MAX_TABLES}, not {max_tables}")
-    if np.prod([max(d, 1) for d in shape], dtype=object) > fmt.MAX_ELEMENTS:
-        raise UnsupportedError("ecf8 codes at most 2**40 elements per frame (and shapes whose "
-                               "non-zero extents multiply to at most 2**40)")
-    if len(shape) > fmt.MAX_NDIM:
-        raise UnsupportedError(f"ecf8 codes at most {fmt.MAX_NDIM} dimensions, not {len(shape)}")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    cpu_encoder.check_args(shape, chunk_size, max_tables)
+    n = math.prod(shape)
     dev = arr.device.id
     with cupy.cuda.Device(dev):
         st = dc._stream(stream)
@@ -385,10 +333,10 @@ def _finish(buf, head: bytes, size: int, dev: int, st) -> EncodedTensor:
         mod.get_function("ecf8_crc")((-(-(vlen // CRC_PIECE) // 256),), (256,),
                                      (buf, np.uint64(begin), np.uint64(end), consts, acc))
     mod.get_function("ecf8_crc_final")((1,), (32,), (buf, np.uint64(begin), np.uint64(end), consts,
-                                                     acc, np.uint32(payload_seed(head))))
+                                                     acc, np.uint32(fmt.header_crc(head))))
     _mark("crc")
     frame = parse_header(head, size)
-    result = _device_tensor(frame, dev, buf[:size], st)
+    result = dc.resident(frame, dev, buf[:size], EncodedTensor, stream=st)
     _mark("host: frame object")
     return result
 

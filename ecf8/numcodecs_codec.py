@@ -36,7 +36,7 @@ def check_options(dtype: str | None, chunk_size: int, max_tables: int) -> None:
                                f"or None, not {dtype!r}")
     if type(chunk_size) is not int or type(max_tables) is not int:
         raise UnsupportedError("ecf8 codec: chunk_size and max_tables must be integers")
-    encoder.encode(np.empty(0, np.float16), chunk_size=chunk_size, max_tables=max_tables)
+    encoder.check_args((0,), chunk_size, max_tables)
 
 
 class ECF8(Codec):

@@ -79,12 +79,15 @@ def assign_tables(hist: np.ndarray, max_tables: int, field_mask: int, iters: int
     k = 1
     while k <= min(max_tables, nchunks):
         assign = rank * k // nchunks             # seed: chunks split by mean exponent
+        sums = None
         for _ in range(iters if k > 1 else 0):
-            new = be.costs(ideal_lengths(be.sums(assign, k))).argmin(1)
+            sums = be.sums(assign, k)
+            new = be.costs(ideal_lengths(sums)).argmin(1)
             if np.array_equal(new, assign):
                 break
-            assign = new
-        sums = be.sums(assign, k)
+            assign, sums = new, None
+        if sums is None:                         # k == 1, or assign moved after the last sums
+            sums = be.sums(assign, k)
         used = np.bincount(assign, minlength=k) > 0
         tables = np.stack([code_lengths(sums[t], fmt.MAX_CODE_LEN) for t in range(k) if used[t]])
         cost = be.costs(tables.astype(np.float64)).astype(np.int64)

@@ -10,7 +10,7 @@ import heapq
 
 import numpy as np
 
-__all__ = ["code_lengths", "canonical_codes", "decode_lut", "is_valid_lengths"]
+__all__ = ["code_lengths", "canonical_codes", "decode_lut", "decode_luts", "is_valid_lengths"]
 
 
 def code_lengths(counts: np.ndarray, max_len: int) -> np.ndarray:
@@ -109,3 +109,19 @@ def decode_lut(lengths: np.ndarray, max_len: int) -> np.ndarray:
         lo = int(codes[s]) << (max_len - l)
         lut[lo : lo + (1 << (max_len - l))] = (l << 8) | int(s)
     return lut
+
+
+def decode_luts(lengths: np.ndarray, max_len: int) -> np.ndarray:
+    """(K, 2**max_len) uint16: ``decode_lut`` of each row of lengths (K, A), vectorized.
+
+    Canonical codes give the symbols, sorted by (length, symbol), consecutive code ranges, so each
+    table is their entries repeated 2**(max_len - length) times, then the default entry.
+    """
+    out = np.full((lengths.shape[0], 1 << max_len), max_len << 8, np.uint16)
+    symbols = np.arange(lengths.shape[1])
+    for t, row in enumerate(np.asarray(lengths, np.int64)):
+        order = np.lexsort((symbols, row))
+        order = order[row[order] > 0]
+        entries = np.repeat((row[order] << 8) | order, 1 << (max_len - row[order]))
+        out[t, : entries.size] = entries
+    return out
