@@ -14,15 +14,10 @@ import numpy as np
 from . import api
 from . import format as fmt
 from .analysis import TensorReport, analyze_tensor, fit_alpha, model_probabilities
-from .checkpoint import iter_tensors, read_header, tensor_files
+from .checkpoint import DTYPE_NAMES, iter_tensors, read_layout, tensor_files
 from .errors import ECF8Error
 
 __all__ = ["sources", "tensors_of", "totals", "run_analyze", "figure", "short_label"]
-
-
-def _is_frame(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == fmt.MAGIC
 
 
 def sources(path: Path) -> list[tuple[Path, str]]:
@@ -33,24 +28,26 @@ def sources(path: Path) -> list[tuple[Path, str]]:
     path = Path(path)
     if path.suffix == ".npy" and path.is_file():
         return [(path, "npy")]
-    if path.is_file() and _is_frame(path):
+    if path.is_file() and fmt.is_frame_file(path):
         return [(path, "frame")]
     out = []
     for file in tensor_files(path):
-        header, _ = read_header(file)
-        meta = header.get("__metadata__")
-        out.append((file, "compressed" if isinstance(meta, dict) and META_KEY in meta else "safetensors"))
+        out.append((file, "compressed" if META_KEY in read_layout(file).metadata else "safetensors"))
     return out
 
 
 def tensors_of(path: Path, dtype: str | None = None) -> Iterator[tuple[str, str, np.ndarray]]:
     """(name, dtype name, array) of every tensor of a path; compressed inputs are decoded (their
     restored content), .npy bit views are read as `dtype` ('e4m3', 'e5m2', 'bf16', 'fp16')."""
-    from .checkpoint import DTYPE_NAMES
+    yield from _tensors(sources(path), dtype)
+
+
+def _tensors(srcs: list[tuple[Path, str]], dtype: str | None) -> Iterator[tuple[str, str, np.ndarray]]:
+    """tensors_of over sources() already listed."""
     from .numpy import load_npy
     from .store import CompressedFile
 
-    for file, kind in sources(path):
+    for file, kind in srcs:
         if kind == "npy":
             x = load_npy(file, dtype)
             yield file.stem, _dtype_name(x.dtype), x
@@ -71,8 +68,6 @@ def _dtype_name(dtype: np.dtype) -> str:
     try:
         return fmt.spec_for_dtype(dtype).name
     except ECF8Error:
-        from .checkpoint import DTYPE_NAMES
-
         return next((k for k, v in DTYPE_NAMES.items() if v == dtype), dtype.name)
 
 
@@ -119,7 +114,7 @@ def run_analyze(args) -> None:
     detail_only = args.tensor is not None and args.plot is None
     from .progress import Bar
 
-    items = [(n, d, x) for n, d, x in tensors_of(args.path, args.dtype)
+    items = [(n, d, x) for n, d, x in _tensors(srcs, args.dtype)
              if not detail_only or n == args.tensor]
     if args.tensor is not None and not any(n == args.tensor for n, _, _ in items):
         raise ECF8Error(f"{args.path}: no tensor named {args.tensor!r}")

@@ -135,7 +135,7 @@ def parse_header(text: bytes, where: str) -> Layout:
         if not ok:
             raise CorruptDataError(f"{where}: tensor {name!r} has a malformed header entry")
         t = Tensor(name, dtype, tuple(shape), a, b)
-        if dtype in DTYPE_NAMES and math.prod(shape) * DTYPE_NAMES[dtype].itemsize != b - a:
+        if dtype in DTYPE_NAMES and nbytes_of(dtype, shape) != b - a:
             raise CorruptDataError(f"{where}: tensor {name!r}: {b - a} bytes for {dtype} {shape}")
         tensors.append(t)
     tensors.sort(key=lambda t: (t.begin, t.end))
@@ -157,13 +157,13 @@ def read_layout(path: Path, check: bool = True) -> Layout:
     try:
         if check:
             check_safetensors(path)
-        layout = _read(path)
     except CorruptDataError:   # refused for a dtype string this safetensors does not know?
         layout = _read(path)    # (its message is the more precise when it refuses too)
         if all(t.dtype in DTYPE_NAMES for t in layout.tensors):
             raise
         _check_twin(path, layout)
-    return layout
+        return layout
+    return _read(path)
 
 
 def _read(path: Path) -> Layout:

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import api, encoder, store
 from . import format as fmt
-from .checkpoint import atomic_file, iter_tensors, model_files, read_layout  # noqa: F401
+from .checkpoint import atomic_file, iter_tensors, model_files, read_layout, tensor_files  # noqa: F401
 from .errors import ECF8Error, UnsupportedError
 from .names import short_name
 from .numpy import load_npy
@@ -43,11 +43,6 @@ from .store import ZSTD_LEVEL
 def write_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)
-
-
-def _is_frame(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == fmt.MAGIC
 
 
 def _frame_line(path: Path) -> str:
@@ -238,8 +233,6 @@ _TEMP = re.compile(r"(?<![^/\\\s'\"])\.([^/\\\s'\"]+?)(?:\.plain)?\.(?:[A-Za-z0-
 
 def _job(args):
     """One progress bar over all the files of compress/decompress/verify (ETA for the whole job)."""
-    from .checkpoint import tensor_files
-
     enabled = False if args.quiet else None
     total = 0
     try:
@@ -248,15 +241,13 @@ def _job(args):
         else:
             paths = [p for p, e in _inputs(args.inputs) if not e] if args.command == "verify" \
                 else tensor_files(args.input)
-            total = sum(r.original_bytes for p in paths if not _is_frame(p) for r in store.inspect_file(p))
+            total = sum(r.original_bytes for p in paths if not fmt.is_frame_file(p) for r in store.inspect_file(p))
     except (ECF8Error, OSError, ValueError, KeyError):
         pass            # the command itself reports the problem
     return progress_job(total, args.command, enabled)
 
 
 def _input_bytes(src: Path) -> int:
-    from .checkpoint import tensor_files
-
     return sum(f.stat().st_size for f in tensor_files(src))
 
 
@@ -349,7 +340,7 @@ def _run(args) -> int:
             try:
                 if error:
                     raise error
-                print(_frame_line(path) if _is_frame(path) else _checkpoint_table(path))
+                print(_frame_line(path) if fmt.is_frame_file(path) else _checkpoint_table(path))
             except (ECF8Error, OSError) as e:
                 print(f"ecf8: error: {_message(e)}", file=sys.stderr)
                 failed = True
@@ -361,7 +352,7 @@ def _run(args) -> int:
                 try:
                     if error:
                         raise error
-                    if _is_frame(path):
+                    if fmt.is_frame_file(path):
                         api.decode(path.read_bytes())
                         n, problems, what = 1, [], "frame"
                     else:

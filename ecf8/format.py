@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
 
-__all__ = ["DtypeSpec", "Frame", "DTYPES", "spec_for_dtype", "parse", "header_crc", "as_buffer", "MAX_CODE_LEN"]
+__all__ = ["DtypeSpec", "Frame", "DTYPES", "spec_for_dtype", "parse", "header_crc", "as_buffer", "is_frame_file", "MAX_CODE_LEN"]
 
 MAGIC = b"ECF8"
 VERSION = 2                # written by the encoder; version 1 frames are still read
@@ -113,6 +113,12 @@ def as_buffer(blob: Any) -> memoryview:
     if not view.c_contiguous:                 # e.g. a strided slice: its bytes, in order
         view = memoryview(view.tobytes())
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def is_frame_file(path) -> bool:
+    """Whether a file starts with the frame magic (an ECF8 frame rather than a checkpoint)."""
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
 
 
 def align16(n: int) -> int:

@@ -51,13 +51,12 @@ class _Progress:
 
     def __init__(self, total: int, label: str, enabled: bool | None = None):
         job_bar = _current
-        self._own = job_bar is None
-        if job_bar is not None and enabled is not False:
+        self._own = job_bar is None or enabled is False
+        if self._own:
+            self._bar = Bar(total, label, enabled)
+        else:
             self._bar = job_bar
             job_bar._bar.set_description_str(label, refresh=False)
-        else:
-            self._bar = Bar(total, label, enabled)
-            self._own = True
 
     def advance(self, amount: int, what: str = "") -> None:
         self._bar.advance(amount, what)

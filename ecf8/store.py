@@ -49,7 +49,7 @@ import zstandard
 from . import api, encoder
 from . import format as fmt
 from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
-                         check_names, file_mode, load_json, model_files,
+                         file_mode, load_json, model_files,
                          parse_header, read_layout, write_safetensors)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
@@ -325,7 +325,6 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
     path = Path(path)
     for name, x in tensors.items():
         encoder.reject_framework_tensor(x, name)
-    check_names(tensors, metadata)
     tmp = path.with_name(f".{path.name}.plain.tmp")
     try:
         write_safetensors(tensors, tmp, metadata)
@@ -358,7 +357,6 @@ class _Packed:
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         self.stored = {t.name: view[packed.data_start + t.begin: packed.data_start + t.end]
                        for t in packed.tensors}
-        self.stored_as = {t.name: (t.dtype, t.shape) for t in packed.tensors}
         self.version = info["version"]
         text, table = self._v2(info) if self.version == VERSION else self._v1(info)
         self.original = parse_header(text, f"{path}: the original header")
@@ -381,8 +379,7 @@ class _Packed:
                 raise CorruptDataError(f"{path}: tensor {name!r}: {len(self.stored[name])} stored bytes "
                                        f"do not fit codec {row[0]} for {t.dtype} {list(t.shape)}")
         if self.version == VERSION:
-            odd = [name for name, (dtype, shape) in self.stored_as.items()
-                   if dtype != "U8" or shape != (len(self.stored[name]),)]
+            odd = [t.name for t in packed.tensors if t.dtype != "U8" or t.shape != (t.nbytes,)]
             if odd:
                 raise CorruptDataError(f"{path}: tensor {odd[0]!r} is not stored as U8 bytes")
         self.codecs = table
@@ -569,7 +566,7 @@ def iter_decoded(path: Path, device: str = "cpu", compressed: bool = False
     """(name, dtype name, tensor) of a compressed file, in data order, decoded one at a time."""
     with CompressedFile(path, device, compressed=compressed) as f:
         for name in f.keys():
-            yield name, f._packed.tensors[name].dtype, f.get_tensor(name)
+            yield name, f.dtype_of(name), f.get_tensor(name)
 
 
 def _to_device(x: np.ndarray, device: str):
