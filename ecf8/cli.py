@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p = cmd("compress", "compress a safetensors file or a directory of shards", force)
     p.add_argument("input", type=Path, help="a .safetensors file or a directory of shards")
     output(p, "the compressed file (a directory for a directory input)")
-    p.add_argument("-j", "--jobs", type=_jobs, default=0, metavar="N",
+    p.add_argument("-j", "--jobs", type=_jobs, default="0", metavar="N",
                    help="worker processes; 0 (default) = all cores")
     p.add_argument("--device", default="cpu", metavar="DEV",
                    help="where FP8/BF16/FP16 tensors are encoded: cpu (default), cuda or cuda:N "

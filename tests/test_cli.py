@@ -276,3 +276,13 @@ def test_newcomer_rough_edges(tmp_path, capsys, monkeypatch):
     assert main(["verify", "x.safetensors"]) == 1
     err = capsys.readouterr().err
     assert err.count("tensor 'w'") == err.count("\n") >= 1
+
+
+def test_jobs_default_is_all_cores():
+    """argparse runs type= only on string defaults: the default must become the core count."""
+    import os
+
+    from ecf8.cli import _parser
+
+    args = _parser().parse_args(["compress", "in.safetensors", "-o", "out.safetensors"])
+    assert args.jobs == (os.cpu_count() or 1)
