@@ -229,6 +229,27 @@ def test_cuda_module_behaves_like_a_module():
 
 
 @pytest.mark.gpu
+def test_cuda_forward_allocates_nothing_for_the_weights():
+    """After a warm-up forward, the just-in-time decode is launch-only: a compressed model's
+    forward makes exactly as many torch allocations as the uncompressed one's (its activations)."""
+    _cuda()
+    plain, compressed = mlp("cuda"), mlp("cuda")
+    ecf8.torch.compress_module(compressed)
+    x = torch.randn(16, 192, device="cuda").to(torch.bfloat16)
+
+    def allocations(model):
+        model(x)                                        # warm-up: buffers and views made here
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        for _ in range(10):
+            model(x)
+        torch.cuda.synchronize()
+        return torch.cuda.memory_stats()["allocation.all.allocated"] - before
+
+    assert allocations(compressed) == allocations(plain) > 0
+
+
+@pytest.mark.gpu
 def test_cuda_two_streams_and_threads_are_exact():
     _cuda()
     model = mlp("cuda", layers=8, dim=1024)
