@@ -286,3 +286,22 @@ def test_jobs_default_is_all_cores():
 
     args = _parser().parse_args(["compress", "in.safetensors", "-o", "out.safetensors"])
     assert args.jobs == (os.cpu_count() or 1)
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_130():
+    """A Ctrl-C while the command is still importing NumPy and the codec (stood in for by a
+    KeyboardInterrupt raised at the import of numpy) prints one line and exits 130."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.abc\n"
+            "class Interrupt(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'numpy':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from ecf8.__main__ import main\n"
+            "main()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 130
+    assert run.stderr.strip() == "ecf8: interrupted"
