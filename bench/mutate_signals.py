@@ -33,7 +33,7 @@ from ecf8 import store
 from ecf8.checkpoint import write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
-CMD = [sys.executable, "-c", "import sys; from ecf8.cli import main; sys.exit(main(sys.argv[1:]))"]
+CMD = [sys.executable, "-m", "ecf8"]      # what the console script runs: ecf8.__main__.main()
 
 
 def _tensors(seed: int, n: int) -> dict[str, np.ndarray]:
