@@ -1,6 +1,6 @@
 """The decode tax: the weight path of a compressed model against the uncompressed one (issue #11).
 
-    python bench/bench_tax.py [--layers 8] [--batches 1 16 64 256] [--reps 20] [--chunk-size 4096]
+    python bench/bench_tax.py [--layers 8] [--batches 1 16 64 256] [--reps 20] [--chunk-size auto]
 
 Setup (DESIGN.md §8): the linear layers of --layers Llama-3-8B-shaped layers (q k v o gate up
 down: 218 M weights a layer), one decode step with every GEMM captured in one CUDA graph:
@@ -11,6 +11,9 @@ down: 218 M weights a layer), one decode step with every GEMM captured in one CU
 - FP8 E4M3, 128x128 block scales (the DeepSeek / Transformers fine-grained recipe): the same with
   ``_scaled_mm``'s blockwise 1x128 x 128x128 recipe, where this PyTorch build has it.
 - BF16: ``torch.matmul`` with the BF16 weights, or with the decoded buffer.
+- Two more ways to feed the FP8 per-tensor GEMMs: one decode launch per layer (``BatchDecoder``,
+  the layer's 7 weights into a layer-sized buffer), and the same with the decode of layer i + 1 on
+  a second stream, into the other of two layer buffers, while layer i's GEMMs run ("overlap").
 
 Weights are real all-MiniLM-L6-v2 bytes (bench/minilm.py: block-128 E4M3, and BF16) tiled to each
 shape, so the exponent statistics are those of a trained model.  Every decoded weight is compared
@@ -36,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ecf8  # noqa: E402
 import minilm  # noqa: E402
+from ecf8.decoder_cuda import BatchDecoder  # noqa: E402
+from ecf8.encoder import decode_chunk_size  # noqa: E402
 
 SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
           "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}
@@ -70,15 +75,16 @@ def graph_ms(fn, reps: int, warmup: int = 3) -> float:
 class Layers:
     """--layers copies of the 7 weights, raw on the GPU and as device-resident ECF8 frames."""
 
-    def __init__(self, source: np.ndarray, layers: int, chunk_size: int, torch_dtype):
+    def __init__(self, source: np.ndarray, layers: int, chunk_size: int | None, torch_dtype):
         self.raw, self.frames, self.shape_of = [], [], []
+        self.layers = layers
         frame_bytes = weights = 0
         offset = 0
         for name, (n, k) in SHAPES.items():
             count = n * k
             part = minilm.tiled({"w": source}, offset + count)[offset:].reshape(n, k)
             offset += count
-            blob = ecf8.encode(part, chunk_size=chunk_size)
+            blob = ecf8.encode(part, chunk_size=chunk_size or decode_chunk_size(count))
             frame_bytes += len(blob) * layers
             weights += count * layers
             bits = part.view(np.uint8 if part.itemsize == 1 else np.int16)
@@ -94,6 +100,30 @@ class Layers:
         largest = max(n * k for n, k in SHAPES.values())
         self.buffer = torch.empty(largest * self.itemsize, dtype=torch.uint8, device="cuda")
         self.torch_dtype = torch_dtype
+        self.batches = None
+
+    def layer(self, i: int) -> list[int]:
+        """Indices of layer i's 7 weights (weights are stored name by name, layer by layer)."""
+        return [i + j * self.layers for j in range(len(SHAPES))]
+
+    def batched(self) -> None:
+        """Two layer-sized buffers, and per layer one BatchDecoder into buffer layer % 2."""
+        per_layer = sum(-(-n * k * self.itemsize // 256) * 256 for n, k in SHAPES.values())
+        self.layer_buffers = [torch.empty(per_layer, dtype=torch.uint8, device="cuda") for _ in range(2)]
+        self.views: list[torch.Tensor] = [None] * len(self.frames)
+        self.batches = []
+        for i in range(self.layers):
+            buf, at, outs = self.layer_buffers[i % 2], 0, []
+            for w in self.layer(i):
+                n, k = self.shape_of[w]
+                size = n * k * self.itemsize
+                self.views[w] = buf[at : at + size].view(self.torch_dtype).view(n, k)
+                outs.append(buf[at : at + size])
+                at += -(-size // 256) * 256
+            self.batches.append(BatchDecoder([self.frames[w] for w in self.layer(i)], outs))
+
+    def decode_layer(self, i: int, stream: torch.cuda.Stream) -> None:
+        self.batches[i].run(stream.cuda_stream)
 
     def decoded(self, i: int) -> torch.Tensor:
         """Enqueue weight i's decode into the shared buffer; return the buffer as that weight."""
@@ -145,6 +175,52 @@ def run_case(label: str, layers: Layers, batches, reps: int, gemm, make_inputs, 
                          bits=layers.bits_per_weight))
 
 
+def run_layered(label: str, layers: Layers, batches, reps: int, gemm, make_inputs, rows: list) -> None:
+    """FP8 GEMMs fed by one decode launch per layer, serial and overlapped with the GEMMs."""
+    layers.batched()
+    side = torch.cuda.Stream()
+    done = [torch.cuda.Event() for _ in range(layers.layers)]
+    for i in range(layers.layers):              # every weight bit-exact in its layer buffer
+        layers.layer_buffers[i % 2].fill_(0xA5)
+        layers.decode_layer(i, torch.cuda.current_stream())
+        for w in layers.layer(i):
+            if not torch.equal(layers.views[w].view(torch.uint8), layers.raw[w].view(torch.uint8)):
+                raise AssertionError(f"weight {w} is not bit-exact after the layer decode")
+    decode_ms = graph_ms(lambda: [layers.decode_layer(i, torch.cuda.current_stream())
+                                  for i in range(layers.layers)], reps)
+
+    def serial(x):
+        for i in range(layers.layers):
+            layers.decode_layer(i, torch.cuda.current_stream())
+            for w in layers.layer(i):
+                gemm(x, layers.views[w], w)
+
+    def overlapped(x):
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        layers.decode_layer(0, side)
+        done[0].record(side)
+        for i in range(layers.layers):
+            if i + 1 < layers.layers:        # its buffer was last read by layer i - 1's GEMMs
+                side.wait_stream(main)
+                layers.decode_layer(i + 1, side)
+                done[i + 1].record(side)
+            main.wait_event(done[i])
+            for w in layers.layer(i):
+                gemm(x, layers.views[w], w)
+        main.wait_stream(side)
+
+    decoded_bytes = layers.weights * layers.itemsize
+    for batch in batches:
+        inputs = make_inputs(batch)
+        base = graph_ms(lambda: [gemm(inputs, w, i) for i, w in enumerate(layers.raw)], reps)
+        for how, fn in (("one launch per layer", serial), ("per layer + overlap", overlapped)):
+            comp = graph_ms(lambda: fn(inputs), reps)
+            rows.append(dict(case=f"{label}, {how}", batch=batch, base_ms=base, ecf8_ms=comp,
+                             ratio=base / comp, decode_ms=decode_ms,
+                             decode_tbps=decoded_bytes / decode_ms / 1e9, bits=layers.bits_per_weight))
+
+
 def copy_tbps(nbytes: int, reps: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
@@ -152,11 +228,12 @@ def copy_tbps(nbytes: int, reps: int) -> float:
 
 
 def single_weight(source: np.ndarray, reps: int) -> list[tuple[int, float, float]]:
-    """(chunk size, bits/weight, decode us) of one 14336x4096 E4M3 weight."""
+    """(chunk size, bits/weight, decode us) of one 14336x4096 E4M3 weight at chunk sizes 4096,
+    8192 (``decode_chunk_size``'s choice) and 32768 (``ecf8.encode``'s default)."""
     part = minilm.tiled({"w": source}, 14336 * 4096).reshape(14336, 4096)
     out = torch.empty(part.size, dtype=torch.uint8, device="cuda")
     rows = []
-    for chunk in (4096, 32768):
+    for chunk in (4096, 8192, 32768):
         blob = ecf8.encode(part, chunk_size=chunk)
         dt = ecf8.to_device(blob)
         dt.launch(out.data_ptr(), torch.cuda.current_stream().cuda_stream)
@@ -173,7 +250,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--chunk-size", type=lambda v: None if v == "auto" else int(v), default=None,
+                    help="elements per chunk, or auto (default: ecf8.encoder.decode_chunk_size per weight)")
     ap.add_argument("--skip-bf16", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -199,6 +277,8 @@ def main() -> None:
         return gemm_fp8(x[k], w, scales[(m, n, k)])
 
     run_case("E4M3 block-128", fp8, args.batches, args.reps, block_gemm, fp8_inputs, rows)
+    run_layered("E4M3 per-tensor", fp8, args.batches, args.reps,
+                lambda x, w, i: gemm_fp8(x[w.shape[1]], w, (one, one)), fp8_inputs, rows)
     copy = copy_tbps(fp8.weights, args.reps)
     fp8_single = single_weight(e4m3, args.reps)
     del fp8
@@ -214,7 +294,7 @@ def main() -> None:
                  lambda x, w, i: torch.matmul(x[w.shape[1]], w.t()), bf16_inputs, rows)
 
     print(f"\nGPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.layers} layers x "
-          f"7 linears (Llama-3-8B shapes), chunk {args.chunk_size}; CUDA-graph replay medians of "
+          f"7 linears (Llama-3-8B shapes), chunk {args.chunk_size or 'auto'}; CUDA-graph replay medians of "
           f"{args.reps}; device copy of the FP8 bytes in the same run: {copy:.2f} TB/s")
     print("| weights | batch | base ms | ecf8 ms | ratio | decode alone ms | decode TB/s | bits/w |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

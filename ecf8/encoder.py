@@ -13,7 +13,7 @@ from .errors import UnsupportedError
 from .table_choice import assign_tables
 from .tables import canonical_codes
 
-__all__ = ["encode", "check_args", "reject_framework_tensor"]
+__all__ = ["encode", "check_args", "reject_framework_tensor", "decode_chunk_size"]
 
 BATCH_ELEMENTS = 1 << 19   # elements coded per pass; bounds the encoder's working memory
 
@@ -29,6 +29,20 @@ def reject_framework_tensor(x: object, name: str | None = None) -> None:
     if known is not None:
         where = f"tensor {name!r}: " if name else ""
         raise UnsupportedError(f"{where}ecf8 takes NumPy arrays here, not a {known[0]}: use {known[1]}")
+
+
+def decode_chunk_size(n: int) -> int:
+    """The chunk size that decodes a tensor of n elements fastest on a GPU at little cost in size:
+    the largest power of two <= n / 4096, clamped to 4096..32768.
+
+    One warp decodes one chunk and an H200 holds ~5,300 decoding warps, so a tensor needs about
+    4096 chunks to fill the GPU.  Measured on the H200 (bench/NOTES.md, v7): a 14336x4096 E4M3
+    weight decodes in 57 us at chunk 8192 (6.81 bits/w) and at 4096 (6.89), against 80 us at
+    32768 (6.75); a 256 M-element tensor is fastest at 32768.
+    """
+    per_chunk = n >> 12
+    size = 1 << (per_chunk.bit_length() - 1) if per_chunk else 1
+    return min(max(size, 4096), 32768)
 
 
 def check_args(shape: tuple[int, ...], chunk_size: int, max_tables: int) -> None:

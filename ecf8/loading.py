@@ -136,7 +136,7 @@ def _device(device: str | torch.device) -> tuple[torch.device, str]:
 
 
 def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cuda", *,
-               embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int = 4096,
+               embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int | None = None,
                threads: int = 4, compress: bool | None = None) -> et.CompressionStats:
     """Fill `model` (built on the meta device, or anywhere) from an ecf8 checkpoint file or folder.
 
@@ -150,7 +150,7 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
     Every name, shape and device is checked from the file headers before the model changes; a
     failure while reading puts the model back as it was.  Raises UnsupportedError (mismatched or
     missing tensors, bad device) or CorruptDataError (a damaged file).  chunk_size is used only
-    when load_state_dict re-encodes a weight later; threads: shards read at once.  compress: hold
+    when load_state_dict re-encodes a weight later (default: as compress_module); threads: shards read at once.  compress: hold
     eligible weights compressed (default: on a GPU yes, on the CPU no).  Returns what is held
     compressed (this rank's bytes under tensor parallelism).
 

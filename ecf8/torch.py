@@ -659,12 +659,14 @@ def _check_sharded(p: torch.Tensor, holders: list, what: str) -> None:
 
 
 def _tables(numel: int, options: dict) -> dict:
-    # A GPU holds an 8 KB decode table per code table: one table per 512 K weights at most.
-    return dict(options, max_tables=options.get("max_tables", max(1, min(4, numel >> 19))))
+    """Encoder options for one weight: max_tables one per 512 K weights (a GPU holds an 8 KB decode
+    table per code table) and, unless given, the chunk size that decodes fastest."""
+    chunk = options.get("chunk_size") or encoder.decode_chunk_size(numel)
+    return dict(options, chunk_size=chunk, max_tables=options.get("max_tables", max(1, min(4, numel >> 19))))
 
 
 def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embeddings: bool = False,
-                    chunk_size: int = 4096, **options) -> CompressionStats:
+                    chunk_size: int | None = None, **options) -> CompressionStats:
     """Hold the 2-D FP8/BF16/FP16 weights of `module`'s submodules compressed, on their device.
 
     Linear-like modules qualify, Transformers' fine-grained FP8 linears included (their
@@ -672,8 +674,9 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
     whole table is decoded at every forward.  A weight tied between modules is compressed once,
     and only when every module holding it qualifies.  Each weight is decoded just before its
     module's forward into a buffer sized for the largest weight (one per device, thread and CUDA
-    stream) and dropped after it.  chunk_size defaults to 4096 (decode latency over +0.1
-    bits/weight) and max_tables to one per 512 K weights; options go to ``ecf8.encode``.
+    stream) and dropped after it.  chunk_size defaults to ``ecf8.encoder.decode_chunk_size`` of
+    each weight (decode speed over up to +0.15 bits/weight) and max_tables to one per 512 K
+    weights; options go to ``ecf8.encode``.
     Inference only: compressed weights have no gradient.
 
     Every target is checked before anything changes: a weight on the meta device or on a device
