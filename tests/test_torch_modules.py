@@ -291,3 +291,29 @@ def test_cuda_to_moves_the_frames():
     assert set(d.type for d in pool.sizes) == {"cpu"}
     model.cuda()
     assert same(model(ids.cuda()), expected)
+
+
+# --- chunk size: decode speed by default (issue 11) ---------------------------------------------
+
+def test_decode_chunk_size_follows_the_tensor_size():
+    from ecf8.encoder import decode_chunk_size
+
+    assert [decode_chunk_size(n) for n in (0, 1, 4096 * 4096, 14336 * 4096, (1 << 27) - 1, 1 << 28, 1 << 40)] \
+        == [4096, 4096, 4096, 8192, 16384, 32768, 32768]
+
+
+def test_compress_module_picks_the_chunk_size_per_weight_unless_given():
+    from ecf8 import format as fmt
+
+    def chunk_log2s(model):
+        return [fmt.parse(memoryview(m.__dict__["_ecf8"].blob)).chunk_log2
+                for m in model.modules() if ecf8.torch.is_compressed(m)]
+
+    big = torch.nn.Linear(4096, 8192, bias=False).to(torch.bfloat16).requires_grad_(False)  # 32 M
+    small = torch.nn.Linear(192, 192).to(torch.bfloat16).requires_grad_(False)
+    model = torch.nn.Sequential(big, small)
+    ecf8.torch.compress_module(model)
+    assert chunk_log2s(model) == [13, 12]          # 8192 and 4096 elements per chunk
+    other = torch.nn.Sequential(torch.nn.Linear(192, 192).to(torch.bfloat16).requires_grad_(False))
+    ecf8.torch.compress_module(other, chunk_size=512)
+    assert chunk_log2s(other) == [9]
