@@ -70,8 +70,9 @@ def _give(conn: Connection, todo: list, busy: dict, options: dict) -> None:
     task = (*todo.pop(0), options) if todo else None
     try:
         conn.send(task)
-    except OSError:
-        raise ECF8Error(f"{task[0] if task else 'compress'}: a worker process died") from None
+    except OSError:             # (dead after its last shard was written and checked: no loss)
+        if task is not None:
+            raise ECF8Error(f"{task[0]}: its worker process died (out of memory?)") from None
     if task is not None:
         busy[conn] = task[0]
 

@@ -274,3 +274,25 @@ def test_gpu_out_of_memory_in_a_worker_is_one_error_line(tmp_path, monkeypatch, 
     assert err.startswith("ecf8: error: ") and "out of GPU memory on cuda:0" in err and str(src) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.gpu
+def test_gpu_out_of_memory_in_this_process_is_one_error_line(tmp_path, capsys):
+    """One GPU, no workers: CuPy's OutOfMemoryError was a traceback; now one line naming the
+    file and the tensor."""
+    import cupy
+
+    src = _model(tmp_path / "model")
+    shard = src / "model-01.safetensors"
+    pool = cupy.get_default_memory_pool()
+    limit = pool.get_limit()
+    pool.free_all_blocks()
+    pool.set_limit(size=pool.used_bytes() + (1 << 16))         # 64 KiB more than is in use on GPU 0
+    try:
+        code = main(["compress", str(shard), "-o", str(tmp_path / "out.safetensors"), "--device", "cuda:0"])
+    finally:
+        pool.set_limit(size=limit)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "out of GPU memory on cuda:0" in err[0] and str(shard) in err[0] and "'s1.weight'" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
