@@ -1,7 +1,7 @@
 """The ``ecf8`` command (also ``python -m ecf8``).
 
     ecf8 bench [PATH]        # bits/weight and CPU/GPU speed next to zstd; no PATH: a bundled real sample
-    ecf8 compress model.safetensors|shard-dir -o OUT [-j N] [--zstd-level L]   # compressed safetensors
+    ecf8 compress model.safetensors|shard-dir -o OUT [-j N] [--zstd-level L] [--device cuda]
     ecf8 decompress OUT -o restored.safetensors                   # the original, byte for byte
     ecf8 info FILE...        # per-tensor table of a compressed checkpoint, or an ECF8 frame header
     ecf8 verify FILE...      # every checksum, every tensor decoded; exit status 1 on any problem
@@ -155,10 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="a .safetensors file or a directory of shards")
     output(p, "the compressed file (a directory for a directory input)")
     p.add_argument("-j", "--jobs", type=_jobs, default="0", metavar="N",
-                   help="worker processes; 0 (default) = all cores")
+                   help="worker processes on the CPU; 0 (default) = all cores; not used with --device cuda[:N]")
     p.add_argument("--device", default="cpu", metavar="DEV",
-                   help="where FP8/BF16/FP16 tensors are encoded: cpu (default), cuda or cuda:N "
-                        "(needs CuPy; the output is the same bytes)")
+                   help="where FP8/BF16/FP16 tensors are encoded: cpu (default); cuda = every visible GPU "
+                        "(CUDA_VISIBLE_DEVICES), a folder's shards spread over one worker process per GPU "
+                        "(a single file uses one); cuda:N = GPU N only. Needs CuPy; the output is the same bytes")
     coding(p)
     p = cmd("decompress", "restore the original safetensors file(s), byte for byte", force)
     p.add_argument("input", type=Path, help="a compressed file or directory")

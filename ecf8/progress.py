@@ -3,20 +3,22 @@
 ``_Progress(total, label, enabled)`` is what the checkpoint code uses per file.  Inside
 ``job(total, label)`` (opened by the command line over a multi-file job) every ``_Progress``
 advances the job's single bar instead of drawing its own, so the ETA covers the whole job.
-Bars are drawn only when stderr is a terminal, unless enabled says otherwise.
+Bars are drawn only when stderr is a terminal, unless enabled says otherwise.  In a worker
+process, ``relay(report)`` makes every ``_Progress`` report to the parent instead, which advances
+its one bar (``ecf8.gpu_pool``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-__all__ = ["Bar", "job"]
+__all__ = ["Bar", "job", "relay"]
 
-_current: "Bar | None" = None
+_current: "Bar | _Relay | None" = None
 
 
 class Bar:
@@ -35,6 +37,10 @@ class Bar:
             if what:
                 self._bar.set_postfix_str(what[-40:], refresh=False)
             self._bar.update(amount)
+
+    def describe(self, label: str) -> None:
+        """Name the file being worked on."""
+        self._bar.set_description_str(label, refresh=False)
 
     def close(self) -> None:
         self._bar.close()
@@ -56,7 +62,12 @@ class _Progress:
             self._bar = Bar(total, label, enabled)
         else:
             self._bar = job_bar
-            job_bar._bar.set_description_str(label, refresh=False)
+            job_bar.describe(label)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is drawn (or relayed to a parent that draws)."""
+        return self._bar.enabled
 
     def advance(self, amount: int, what: str = "") -> None:
         self._bar.advance(amount, what)
@@ -78,3 +89,25 @@ def job(total: int, label: str, enabled: bool | None = None) -> Iterator[Bar]:
     finally:
         _current = previous
         bar.close()
+
+
+class _Relay:
+    """The job's bar as a worker process sees it: each advance goes to the parent's bar."""
+
+    enabled = True
+
+    def __init__(self, report: Callable[[int, str], None]):
+        self.report = report
+
+    def advance(self, amount: int, what: str = "") -> None:
+        self.report(int(amount), what[-40:])
+
+    def describe(self, label: str) -> None:
+        pass
+
+
+def relay(report: Callable[[int, str], None]) -> None:
+    """In a worker process: every _Progress from now on calls report(bytes, tensor name) instead of
+    drawing, and the parent advances its one bar by what is reported."""
+    global _current
+    _current = _Relay(report)

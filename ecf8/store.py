@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import functools
 import json
 import math
 import mmap
@@ -50,7 +51,7 @@ from . import api, encoder
 from . import format as fmt
 from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
                          file_mode, load_json, model_files,
-                         parse_header, read_layout, write_safetensors)
+                         parse_header, read_layout, tensor_files, write_safetensors)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
 from .progress import _Progress
@@ -113,8 +114,11 @@ def _encode_on_gpu(x: np.ndarray, device: str, options: dict) -> bytes:
 
     cupy = _cupy()
     bits = x.view(np.uint8 if x.itemsize == 1 else np.uint16)
-    with cupy.cuda.Device(_device_id(device)):
-        return encoder_cuda.encode(cupy.asarray(bits), dtype=x.dtype, **options).tobytes()
+    try:
+        with cupy.cuda.Device(_device_id(device)):
+            return encoder_cuda.encode(cupy.asarray(bits), dtype=x.dtype, **options).tobytes()
+    except cupy.cuda.memory.OutOfMemoryError as e:
+        raise ECF8Error(f"out of GPU memory on {device} ({e})") from None
 
 
 def _stored_checksum(t: Tensor, data) -> int:
@@ -127,7 +131,10 @@ def _stored_checksum(t: Tensor, data) -> int:
 def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int, int]:
     """(codec, payload, crc, stored crc) of one tensor from its raw bytes (uint8); payload None:
     stored unchanged."""
-    codec, payload = choose_codec(t.dtype, t.shape, raw, options)
+    try:
+        codec, payload = choose_codec(t.dtype, t.shape, raw, options)
+    except ECF8Error as e:
+        raise type(e)(f"tensor {t.name!r}: {e}") from None
     crc = _checksum(t, raw)
     return codec, payload, crc, _stored_checksum(t, raw if payload is None else payload)
 
@@ -181,8 +188,8 @@ def _stop(pool: cf.ProcessPoolExecutor) -> None:
 
 def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple]:
     """_compress_one of each tensor, in data order.  With jobs > 1, tensors of INLINE bytes or more
-    go to worker processes, at most 2 * jobs in flight; if the consumer stops early (an error,
-    Ctrl-C, SIGTERM), the workers are killed at once."""
+    go to worker processes, at most 2 * jobs in flight (on a GPU: 4, whatever jobs); if the consumer
+    stops early (an error, Ctrl-C, SIGTERM), the workers are killed at once."""
     data = np.memmap(src, np.uint8, "r", layout.data_start, (layout.data_size,)) if layout.data_size \
         else np.empty(0, np.uint8)
     on_gpu = options.get("device", "cpu") != "cpu"
@@ -190,6 +197,7 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
     pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init) if big and not on_gpu else None
     # On a GPU: tensors are read, encoded and written in overlapping threads (no worker processes).
     threads = cf.ThreadPoolExecutor(2) if on_gpu else None
+    depth = 4 if on_gpu else 2 * jobs
     window: collections.deque = collections.deque()
     try:
         for t in layout.tensors:
@@ -201,7 +209,7 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
             else:
                 window.append(cf.Future())
                 window[-1].set_result(_compress_one(t, data[t.begin:t.end], options))
-            if len(window) >= 2 * jobs:
+            if len(window) >= depth:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
@@ -245,10 +253,10 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
     library is asked to open before it replaces dst (its mode is src's).
 
     options go to ``ecf8.encode`` (chunk_size, max_tables), plus zstd_level and device: "cpu"
-    (default) or "cuda[:N]", where FP8/BF16/FP16 tensors are encoded by the CUDA encoder (the same
-    bytes) in two threads that overlap reading, encoding and writing.  jobs: worker processes on
-    the CPU (default: the machine's cores; 1 compresses in this process).  At most 2 * jobs
-    tensors are in flight.
+    (default) or "cuda[:N]" (one GPU: "cuda" is the current one), where FP8/BF16/FP16 tensors are
+    encoded by the CUDA encoder (the same bytes) in two threads that overlap reading, encoding and
+    writing.  jobs: worker processes on the CPU (default: the machine's cores; 1 compresses in
+    this process), at most 2 * jobs tensors in flight; not used on a GPU.
     Raises ECF8Error, before writing anything, for a file safetensors refuses, an already compressed
     one, or one whose compressed header would exceed safetensors' 100 MB limit.
     """
@@ -298,6 +306,10 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
                 raise ECF8Error("internal error: safetensors header outgrew its reservation")
             f.seek(0)
             f.write(reserved.to_bytes(8, "little") + text + b" " * (reserved - len(text)))
+    except ECF8Error as e:
+        if str(src) in str(e):
+            raise
+        raise type(e)(f"{src}: {e}") from None
     finally:
         results.close()
         bar.close()
@@ -662,10 +674,11 @@ def verify_file(path: Path, progress: bool | None = None) -> int:
 # -------------------------------------------------------------------------------- model folders
 
 def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callable[[Path], Any],
-              **kwargs) -> list[Path]:
+              many: Callable[..., None] | None = None, **kwargs) -> list[Path]:
     """one_file(src_file, dst_file, **kwargs) for a file, or for each safetensors file of a model
     folder (subfolders kept; every other file copied; check(file) on each input first, so a bad
-    input writes nothing; the output folder appears complete or not at all)."""
+    input writes nothing; the output folder appears complete or not at all).  many: instead of
+    one_file on each file of a folder, many([(src_file, dst_file), ...], **kwargs) on them all."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         if not src.is_file():
@@ -681,11 +694,15 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callab
                 (tmp / Path(root, d).relative_to(src)).mkdir(mode=file_mode(Path(root, d)), exist_ok=True)
         for rel in tensors + others:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            if rel in tensors:
-                one_file(src / rel, tmp / rel, **kwargs)
-            else:
-                shutil.copyfile(src / rel, tmp / rel)
-                os.chmod(tmp / rel, file_mode(src / rel))
+        for rel in others:
+            shutil.copyfile(src / rel, tmp / rel)
+            os.chmod(tmp / rel, file_mode(src / rel))
+        pairs = [(src / rel, tmp / rel) for rel in tensors]
+        if many is not None:
+            many(pairs, **kwargs)
+        else:
+            for a, b in pairs:
+                one_file(a, b, **kwargs)
     return [dst / rel for rel in tensors]
 
 
@@ -696,8 +713,17 @@ def _check_plain(path: Path) -> None:
 
 def compress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
     """A safetensors file, or a model folder, compressed to dst (see compress_file); returns the
-    compressed files."""
-    return _map_path(src, dst, compress_file, _check_plain, **kwargs)
+    compressed files.  device="cuda" on a folder of several shards with several GPUs visible spreads
+    the shards over all of them, one worker process per GPU (``ecf8.gpu_pool``; jobs not used);
+    the files are the same bytes.  A single file is compressed on one GPU."""
+    many = None
+    if kwargs.get("device") == "cuda" and Path(src).is_dir():
+        from . import gpu_pool
+
+        gpus = gpu_pool.gpus()          # (UnsupportedError without CuPy or a GPU: nothing written)
+        if len(gpus) > 1 and len(tensor_files(src)) > 1:
+            many = functools.partial(gpu_pool.compress_shards, devices=gpus)
+    return _map_path(src, dst, compress_file, _check_plain, many, **kwargs)
 
 
 def decompress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
