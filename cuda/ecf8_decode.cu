@@ -23,7 +23,8 @@
 //
 // One launch decodes a batch of tensors of one element kind: block b finds its tensor by binary
 // search over block_starts, loads that tensor's tables, and its warps decode WARPS * chunks_per_warp
-// consecutive chunks.
+// consecutive chunks. A tensor's output starts at its descriptor's `out` plus the launch's
+// `out_base`: absolute addresses with out_base 0, or offsets into one buffer at out_base.
 
 #ifndef ECF8_WARPS
 #define ECF8_WARPS 8          // warps per block; the host reads it from decoder_cuda.WARPS
@@ -271,7 +272,7 @@ template <int ELEM_BYTES, int EXP_BITS> struct MinBlocks {
 template <int ELEM_BYTES, int EXP_BITS, int MAN_BITS>
 __global__ void __launch_bounds__(ECF8_WARPS * 32, (MinBlocks<ELEM_BYTES, EXP_BITS>::value * 8) / ECF8_WARPS)
 ecf8_decode(const TensorDesc* __restrict__ descs, const u32* __restrict__ block_starts,
-            int ntensors, u32 chunks_per_warp, u64 out_override) {
+            int ntensors, u32 chunks_per_warp, u64 out_base) {
     extern __shared__ __align__(16) u16 luts[];      // ntables * 4096 entries
     __shared__ __align__(512) u32 rings[ECF8_WARPS][ECF8_RING];
     int lo = 0, hi = ntensors - 1;
@@ -287,7 +288,7 @@ ecf8_decode(const TensorDesc* __restrict__ descs, const u32* __restrict__ block_
                                        __byte_perm(q.z, 0, 0x2301), __byte_perm(q.w, 0, 0x2301));
     }
     __syncthreads();
-    u8* out = (u8*)(out_override ? out_override : d.out);
+    u8* out = (u8*)(d.out + out_base);
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u64 base = (u64)(blockIdx.x - block_starts[lo]) * ECF8_WARPS * chunks_per_warp;
     const u8* table_ids = (const u8*)d.chunk_tables;

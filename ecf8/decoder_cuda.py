@@ -397,6 +397,70 @@ def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = No
     return CudaArray(bits, spec.dtype, f.shape, dt, st)
 
 
+def _batch_state(tensors: Sequence[DeviceTensor], out_ptrs: Sequence[int]) -> tuple:
+    """(descriptors, block starts, blocks, shared bytes, coded count, stored copies) of tensors of
+    one dtype on the current device, tensor i written at out_ptrs[i] (an address or an offset)."""
+    cupy = _cupy()
+    coded = [(t, p) for t, p in zip(tensors, out_ptrs) if t.frame.mode == fmt.MODE_CODED]
+    copies = [(p, t) for t, p in zip(tensors, out_ptrs) if t.frame.mode == fmt.MODE_STORED and t.frame.n]
+    descs = starts = None
+    if coded:
+        descs = cupy.asarray(np.concatenate([t.descriptor(p).reshape(1) for t, p in coded]).view(np.uint8))
+        starts = cupy.asarray(np.cumsum([0] + [t.blocks for t, _ in coded]).astype(np.uint32))
+    smem = max([t.frame.ntables * LUT_BYTES for t, _ in coded], default=0)
+    return descs, starts, sum(t.blocks for t, _ in coded), smem, len(coded), copies
+
+
+def _check_batch(tensors: Sequence[DeviceTensor]) -> int:
+    """The device of a non-empty batch of tensors of one dtype on one device."""
+    if not tensors:
+        raise UnsupportedError("a batch needs at least one tensor")
+    dev = tensors[0].device_id
+    codes = {t.frame.spec.code for t in tensors}
+    if len(codes) != 1 or any(t.device_id != dev for t in tensors):
+        raise UnsupportedError("a batch holds tensors of one dtype on one device")
+    return dev
+
+
+def _run_batch(state: tuple, device_id: int, code: int, st: Any, base: int) -> None:
+    """Enqueue a batch (see _batch_state) on CuPy stream st, outputs offset by base."""
+    cupy = _cupy()
+    descs, starts, blocks, smem, ncoded, copies = state
+    with st:
+        if ncoded:
+            _kernel(device_id, code)((blocks,), (WARPS * 32,),
+                                     (descs, starts, np.int32(ncoded), _CPW, np.uint64(base)),
+                                     shared_mem=smem)
+        for ptr, t in copies:
+            f = t.frame
+            cupy.cuda.runtime.memcpyAsync(base + ptr, t.payload.data.ptr + f.raw_offset, f.raw_bytes,
+                                          cupy.cuda.runtime.memcpyDeviceToDevice, st.ptr)
+
+
+class GroupDecoder:
+    """Device-resident tensors of one dtype decoded by one launch into one buffer, tensor i at byte
+    offset offsets[i] (16-byte aligned).  The descriptors hold offsets, so ``launch`` uploads
+    nothing for any buffer: it is CUDA-graph safe whatever buffer a capture uses (ecf8.torch
+    decodes consecutive weights of a model this way)."""
+
+    def __init__(self, tensors: Sequence[DeviceTensor], offsets: Sequence[int]):
+        cupy = _cupy()
+        self.device_id = _check_batch(tensors)
+        if len(offsets) != len(tensors) or any(o % 16 for o in offsets):
+            raise UnsupportedError("one 16-byte aligned offset per tensor")
+        self.code = tensors[0].frame.spec.code
+        self._tensors = tensors   # keep payloads alive
+        with cupy.cuda.Device(self.device_id):
+            self._state = _batch_state(tensors, offsets)
+
+    def launch(self, base_ptr: int, stream: Any = None) -> None:
+        """Enqueue the decode into the buffer at base_ptr (16-byte aligned, large enough, on this
+        device: the caller's responsibility) on stream.  Launch only."""
+        cupy = _cupy()
+        with cupy.cuda.Device(self.device_id):
+            _run_batch(self._state, self.device_id, self.code, _stream(stream), base_ptr)
+
+
 class BatchDecoder:
     """Many device-resident tensors of one dtype decoded by a single launch into fixed outputs.
 
@@ -406,12 +470,7 @@ class BatchDecoder:
 
     def __init__(self, tensors: Sequence[DeviceTensor], outs: Sequence[Any] | None = None):
         cupy = _cupy()
-        if not tensors:
-            raise UnsupportedError("a batch needs at least one tensor")
-        dev = tensors[0].device_id
-        codes = {t.frame.spec.code for t in tensors}
-        if len(codes) != 1 or any(t.device_id != dev for t in tensors):
-            raise UnsupportedError("a batch holds tensors of one dtype on one device")
+        dev = _check_batch(tensors)
         self.device_id, self.spec = dev, tensors[0].frame.spec
         with cupy.cuda.Device(dev):
             if outs is None:
@@ -421,17 +480,8 @@ class BatchDecoder:
             views = [_out_buffer(o, t.frame.n, self.spec, dev) for o, t in zip(outs, tensors)]
             self.outputs = [CudaArray(v[0], self.spec.dtype, t.shape) for v, t in zip(views, tensors)]
             self._tensors = tensors   # keep payloads alive
-            coded = [(t, p) for t, (_, p) in zip(tensors, views) if t.frame.mode == fmt.MODE_CODED]
-            self.copies = [(p, t) for t, (_, p) in zip(tensors, views)
-                           if t.frame.mode == fmt.MODE_STORED and t.frame.n]
-            self.blocks = sum(t.blocks for t, _ in coded)
-            self.smem = max([t.frame.ntables * LUT_BYTES for t, _ in coded], default=0)
-            self.ntensors = len(coded)
-            if coded:
-                descs = np.concatenate([t.descriptor(p).reshape(1) for t, p in coded])
-                starts = np.cumsum([0] + [t.blocks for t, _ in coded]).astype(np.uint32)
-                self._descs = cupy.asarray(descs.view(np.uint8))
-                self._starts = cupy.asarray(starts)
+            self._state = _batch_state(tensors, [p for _, p in views])
+            self.ntensors = self._state[4]          # coded tensors: the kernel's share
 
     def run(self, stream: Any = None) -> list[CudaArray]:
         """Enqueue the batch on stream; returns the outputs (valid once the stream reaches them)."""
@@ -440,16 +490,7 @@ class BatchDecoder:
             st = _stream(stream)
             for out in self.outputs:
                 out.stream = st
-            with st:
-                if self.ntensors:
-                    kernel = _kernel(self.device_id, self.spec.code)
-                    kernel((self.blocks,), (WARPS * 32,),
-                           (self._descs, self._starts, np.int32(self.ntensors),
-                            np.uint32(CHUNKS_PER_WARP), np.uint64(0)), shared_mem=self.smem)
-                for ptr, t in self.copies:
-                    f = t.frame
-                    cupy.cuda.runtime.memcpyAsync(ptr, t.payload.data.ptr + f.raw_offset, f.raw_bytes,
-                                                  cupy.cuda.runtime.memcpyDeviceToDevice, st.ptr)
+            _run_batch(self._state, self.device_id, self.spec.code, st, 0)
         return self.outputs
 
 

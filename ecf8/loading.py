@@ -137,7 +137,8 @@ def _device(device: str | torch.device) -> tuple[torch.device, str]:
 
 def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cuda", *,
                embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int | None = None,
-               threads: int = 4, compress: bool | None = None) -> et.CompressionStats:
+               threads: int = 4, compress: bool | None = None, group_bytes: int | None = None
+               ) -> et.CompressionStats:
     """Fill `model` (built on the meta device, or anywhere) from an ecf8 checkpoint file or folder.
 
     Eligible weights (as for ``compress_module``: 2-D FP8/BF16/FP16 ``weight`` of every module
@@ -150,7 +151,8 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
     Every name, shape and device is checked from the file headers before the model changes; a
     failure while reading puts the model back as it was.  Raises UnsupportedError (mismatched or
     missing tensors, bad device) or CorruptDataError (a damaged file).  chunk_size is used only
-    when load_state_dict re-encodes a weight later (default: as compress_module); threads: shards read at once.  compress: hold
+    when load_state_dict re-encodes a weight later (default: as compress_module); group_bytes:
+    as for compress_module; threads: shards read at once.  compress: hold
     eligible weights compressed (default: on a GPU yes, on the CPU no).  Returns what is held
     compressed (this rank's bytes under tensor parallelism).
 
@@ -186,6 +188,7 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
         for action in reversed(undo):
             action()
         raise
+    et._group(model, weights, group_bytes)
     pool.warm(weights)
     held = {id(w) for w in weights}
     modules = sum(1 for m in model.modules() if et.is_compressed(m) and id(m.__dict__["_ecf8"]) in held)

@@ -165,6 +165,33 @@ def test_batched_decode_one_launch():
             assert_bit_exact(y.get(), x)
 
 
+def test_group_decode_into_any_buffer():
+    """GroupDecoder: one launch writes every tensor at its offset of whichever buffer it is given;
+    the bytes between and after the tensors are left alone."""
+    import cupy
+
+    from ecf8.decoder_cuda import GroupDecoder
+
+    for dtype in DTYPES:
+        xs = [weights_like(n, dtype, seed=n) for n in (5000, 1, 4096 * 33 + 5, 70_000)]
+        tensors = [ecf8.to_device(ecf8.encode(x, chunk_size=4096)) for x in xs]
+        width = xs[0].itemsize
+        offsets = list(np.cumsum([0] + [-(-x.size * width // 256) * 256 + 256 for x in xs[:-1]]))
+        group = GroupDecoder(tensors, offsets)
+        size = offsets[-1] + xs[-1].size * width + 64
+        for fill in (0x11, 0xEE):                 # two buffers, one GroupDecoder
+            buf = cupy.full(size, fill, np.uint8)
+            group.launch(buf.data.ptr)
+            cupy.cuda.Device().synchronize()
+            host = buf.get()
+            covered = np.zeros(size, bool)
+            for x, at in zip(xs, offsets):
+                np.testing.assert_array_equal(host[at : at + x.size * width].view(uint_of(dtype)),
+                                              bits(x).reshape(-1))
+                covered[at : at + x.size * width] = True
+            assert (host[~covered] == fill).all()
+
+
 def test_garbage_payload_stays_in_bounds():
     """Checksums off and a random payload: decoding finishes and writes only `out`."""
     import cupy

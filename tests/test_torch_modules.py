@@ -293,6 +293,90 @@ def test_cuda_to_moves_the_frames():
     assert same(model(ids.cuda()), expected)
 
 
+# --- weights decoded in groups, one launch each (issue 11) --------------------------------------
+
+LLAMA_LIKE = [(256, 256), (64, 256), (64, 256), (256, 256), (1024, 256), (1024, 256), (256, 1024)] * 2
+
+
+def linears(device="cuda"):
+    """Two Llama-shaped layers of linears (q k v o gate up down, 1/16 of Llama-3-8B's sizes)."""
+    torch.manual_seed(2)
+    model = torch.nn.ModuleList(torch.nn.Linear(n_in, n_out, bias=False) for n_out, n_in in LLAMA_LIKE)
+    return model.to(torch.bfloat16).to(device).requires_grad_(False)
+
+
+def outputs(model, order):
+    torch.manual_seed(3)
+    xs = {k: torch.randn(8, k, device="cuda").to(torch.bfloat16) for k in (256, 1024)}
+    return {i: model[i](xs[model[i].in_features]) for i in order}
+
+
+def groups_of(model):
+    return [m.__dict__["_ecf8"].group for m in model]
+
+
+@pytest.mark.gpu
+def test_cuda_groups_decode_exactly_in_any_order():
+    """By default q, k, v and o share one launch (their bytes fit in the largest weight's buffer,
+    which does not grow), the MLP weights go alone; any call order gives the exact outputs."""
+    _cuda()
+    model = linears()
+    forward = list(range(len(model)))
+    expected = outputs(model, forward)
+    stats = ecf8.torch.compress_module(model)
+    g = groups_of(model)
+    assert g[0] is not None and g[0] is g[1] is g[2] is g[3] and g[4] is g[5] is g[6] is None
+    assert g[7] is g[10] and g[7] is not g[0]
+    assert stats.buffer_bytes == 1024 * 256 * 2
+    for order in (forward, forward[::-1], [3, 9, 0, 12, 1, 8, 7, 2, 13, 4, 10, 11, 5, 6]):
+        got = outputs(model, order)
+        assert all(same(got[i], expected[i]) for i in order)
+
+
+@pytest.mark.gpu
+def test_cuda_groups_survive_load_state_dict_pickling_moves_and_graphs():
+    _cuda()
+    model = linears()
+    forward = list(range(len(model)))
+    expected = outputs(model, forward)
+    ecf8.torch.compress_module(model, group_bytes=1 << 30)
+    assert len({id(g) for g in groups_of(model)}) == 1 and groups_of(model)[0] is not None
+    assert all(same(outputs(model, forward)[i], expected[i]) for i in forward)
+    new = torch.randn(64, 256, device="cuda").to(torch.bfloat16)           # k of layer 0
+    model[1].load_state_dict({"weight": new})
+    reference = linears()
+    reference[1].weight.copy_(new)
+    expected = outputs(reference, forward)
+    assert all(same(outputs(model, forward)[i], expected[i]) for i in forward)
+    f = io.BytesIO()
+    torch.save(model, f)
+    f.seek(0)
+    loaded = torch.load(f, weights_only=False)
+    assert all(same(outputs(loaded, forward)[i], expected[i]) for i in forward)
+    model.cpu()
+    model.cuda()
+    assert all(same(outputs(model, forward)[i], expected[i]) for i in forward)
+    graphed = linears()
+    graphed[1].weight.copy_(new)
+    ecf8.torch.compress_module(graphed, group_bytes=1 << 30)
+    torch.manual_seed(3)
+    xs = {k: torch.randn(8, k, device="cuda").to(torch.bfloat16) for k in (256, 1024)}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        [graphed[i](xs[graphed[i].in_features]) for i in forward]            # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [graphed[i](xs[graphed[i].in_features]) for i in forward]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(same(outs[i], expected[i]) for i in forward)
+    plain = linears()
+    ecf8.torch.compress_module(plain, group_bytes=0)
+    assert groups_of(plain) == [None] * len(plain)
+
+
 # --- chunk size: decode speed by default (issue 11) ---------------------------------------------
 
 def test_decode_chunk_size_follows_the_tensor_size():
