@@ -11,9 +11,11 @@ down: 218 M weights a layer), one decode step with every GEMM captured in one CU
 - FP8 E4M3, 128x128 block scales (the DeepSeek / Transformers fine-grained recipe): the same with
   ``_scaled_mm``'s blockwise 1x128 x 128x128 recipe, where this PyTorch build has it.
 - BF16: ``torch.matmul`` with the BF16 weights, or with the decoded buffer.
-- Two more ways to feed the FP8 per-tensor GEMMs: one decode launch per layer (``BatchDecoder``,
-  the layer's 7 weights into a layer-sized buffer), and the same with the decode of layer i + 1 on
-  a second stream, into the other of two layer buffers, while layer i's GEMMs run ("overlap").
+- Three more ways to feed the FP8 per-tensor GEMMs: the groups ``compress_module`` makes by
+  default (q k v o in one launch, ``GroupDecoder``, into the shared weight-sized buffer; the MLP
+  weights one launch each); one decode launch per layer (``BatchDecoder``, the layer's 7 weights
+  into a layer-sized buffer); and the same with the decode of layer i + 1 on a second stream, into
+  the other of two layer buffers, while layer i's GEMMs run ("overlap").
 
 Weights are real all-MiniLM-L6-v2 bytes (bench/minilm.py: block-128 E4M3, and BF16) tiled to each
 shape, so the exponent statistics are those of a trained model.  Every decoded weight is compared
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ecf8  # noqa: E402
 import minilm  # noqa: E402
-from ecf8.decoder_cuda import BatchDecoder  # noqa: E402
+from ecf8.decoder_cuda import BatchDecoder, GroupDecoder  # noqa: E402
 from ecf8.encoder import decode_chunk_size  # noqa: E402
 
 SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
@@ -121,6 +123,13 @@ class Layers:
                 outs.append(buf[at : at + size])
                 at += -(-size // 256) * 256
             self.batches.append(BatchDecoder([self.frames[w] for w in self.layer(i)], outs))
+        self.attention = []                          # q k v o of each layer: one GroupDecoder
+        for i in range(self.layers):
+            ws, at, offsets = self.layer(i)[:4], 0, []
+            for w in ws:
+                offsets.append(at)
+                at += -(-self.shape_of[w][0] * self.shape_of[w][1] * self.itemsize // 256) * 256
+            self.attention.append((GroupDecoder([self.frames[w] for w in ws], offsets), offsets))
 
     def decode_layer(self, i: int, stream: torch.cuda.Stream) -> None:
         self.batches[i].run(stream.cuda_stream)
@@ -186,8 +195,26 @@ def run_layered(label: str, layers: Layers, batches, reps: int, gemm, make_input
         for w in layers.layer(i):
             if not torch.equal(layers.views[w].view(torch.uint8), layers.raw[w].view(torch.uint8)):
                 raise AssertionError(f"weight {w} is not bit-exact after the layer decode")
+        group, offsets = layers.attention[i]
+        layers.buffer.fill_(0xA5)
+        group.launch(layers.buffer.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        for w, at in zip(layers.layer(i)[:4], offsets):
+            got = layers.buffer[at : at + layers.raw[w].numel() * layers.itemsize]
+            if not torch.equal(got, layers.raw[w].view(torch.uint8).reshape(-1)):
+                raise AssertionError(f"weight {w} is not bit-exact after the group decode")
     decode_ms = graph_ms(lambda: [layers.decode_layer(i, torch.cuda.current_stream())
                                   for i in range(layers.layers)], reps)
+
+    def grouped(x):
+        stream = torch.cuda.current_stream().cuda_stream
+        for i in range(layers.layers):
+            group, offsets = layers.attention[i]
+            group.launch(layers.buffer.data_ptr(), stream)
+            for w, at in zip(layers.layer(i)[:4], offsets):
+                n, k = layers.shape_of[w]
+                gemm(x, layers.buffer[at : at + n * k].view(layers.torch_dtype).view(n, k), w)
+            for w in layers.layer(i)[4:]:
+                gemm(x, layers.decoded(w), w)
 
     def serial(x):
         for i in range(layers.layers):
@@ -214,7 +241,8 @@ def run_layered(label: str, layers: Layers, batches, reps: int, gemm, make_input
     for batch in batches:
         inputs = make_inputs(batch)
         base = graph_ms(lambda: [gemm(inputs, w, i) for i, w in enumerate(layers.raw)], reps)
-        for how, fn in (("one launch per layer", serial), ("per layer + overlap", overlapped)):
+        for how, fn in (("compress_module's groups", grouped), ("one launch per layer", serial),
+                        ("per layer + overlap", overlapped)):
             comp = graph_ms(lambda: fn(inputs), reps)
             rows.append(dict(case=f"{label}, {how}", batch=batch, base_ms=base, ecf8_ms=comp,
                              ratio=base / comp, decode_ms=decode_ms,
