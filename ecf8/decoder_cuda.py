@@ -433,7 +433,7 @@ def _run_batch(state: tuple, device_id: int, code: int, st: Any, base: int) -> N
                                      shared_mem=smem)
         for ptr, t in copies:
             f = t.frame
-            cupy.cuda.runtime.memcpyAsync(base + ptr, t.payload.data.ptr + f.raw_offset, f.raw_bytes,
+            cupy.cuda.runtime.memcpyAsync(int(base + ptr), t.payload.data.ptr + f.raw_offset, f.raw_bytes,
                                           cupy.cuda.runtime.memcpyDeviceToDevice, st.ptr)
 
 
@@ -451,7 +451,7 @@ class GroupDecoder:
         self.code = tensors[0].frame.spec.code
         self._tensors = tensors   # keep payloads alive
         with cupy.cuda.Device(self.device_id):
-            self._state = _batch_state(tensors, offsets)
+            self._state = _batch_state(tensors, [int(o) for o in offsets])
 
     def launch(self, base_ptr: int, stream: Any = None) -> None:
         """Enqueue the decode into the buffer at base_ptr (16-byte aligned, large enough, on this
