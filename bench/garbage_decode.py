@@ -2,7 +2,9 @@
 
     compute-sanitizer --tool memcheck python bench/garbage_decode.py
 
-Also decodes the valid frame, so memcheck sees the normal path too.  Prints what it checked.
+Also decodes the valid frame, so memcheck sees the normal path too, and both frames by one
+``GroupDecoder`` launch into one buffer (the path ``ecf8.torch`` uses for consecutive weights).
+Prints what it checked.
 """
 
 import sys
@@ -14,6 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ecf8  # noqa: E402
 from ecf8 import format as fmt  # noqa: E402
+from ecf8.decoder_cuda import GroupDecoder  # noqa: E402
 
 for dtype_name, dtype, chunk in (("E4M3", "float8_e4m3fn", 4096), ("BF16", "bfloat16", 2048)):
     import ml_dtypes
@@ -32,3 +35,15 @@ for dtype_name, dtype, chunk in (("E4M3", "float8_e4m3fn", 4096), ("BF16", "bflo
     same = (y.get().view(np.uint8) == ecf8.decode(bytes(bad), verify=False).view(np.uint8)).all()
     print(f"{dtype_name}: valid frame bit-exact; garbage payload decoded ({x.size} elements, "
           f"{frame.nchunks} chunks), equals the CPU reference on the same garbage: {bool(same)}")
+    width = x.itemsize
+    second = -(-x.size * width // 256) * 256
+    buf = cp.full(second + x.size * width + 256, 0x5A, cp.uint8)
+    group = GroupDecoder([ecf8.to_device(bytes(bad), verify=False), ecf8.to_device(blob)], [0, second])
+    group.launch(buf.data.ptr)
+    cp.cuda.Device().synchronize()
+    host = buf.get()
+    grouped = ((host[: x.size * width] == y.get().view(np.uint8)).all()
+               and (host[second : second + x.size * width] == x.view(np.uint8)).all()
+               and (host[x.size * width : second] == 0x5A).all() and (host[second + x.size * width :] == 0x5A).all())
+    print(f"{dtype_name}: garbage and valid frame in one group launch: as decoded alone, "
+          f"nothing else written: {bool(grouped)}")
