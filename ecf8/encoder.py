@@ -36,9 +36,9 @@ def decode_chunk_size(n: int) -> int:
     the largest power of two <= n / 4096, clamped to 4096..32768.
 
     One warp decodes one chunk and an H200 holds ~5,300 decoding warps, so a tensor needs about
-    4096 chunks to fill the GPU.  Measured on the H200 (bench/NOTES.md, v7): a 14336x4096 E4M3
-    weight decodes in 57 us at chunk 8192 (6.81 bits/w) and at 4096 (6.89), against 80 us at
-    32768 (6.75); a 256 M-element tensor is fastest at 32768.
+    4096 chunks to fill the GPU.  Measured on the H200 with decoder v7 (bench/NOTES.md): a
+    14336x4096 E4M3 weight decodes in 52-55 us at chunk 8192 (6.81 bits/w) or 4096 (6.89),
+    against 63-66 us at 32768 (6.75); a 256 M-element tensor is fastest at 32768.
     """
     per_chunk = n >> 12
     size = 1 << (per_chunk.bit_length() - 1) if per_chunk else 1
