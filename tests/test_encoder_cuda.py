@@ -283,15 +283,12 @@ def test_chunk_sizes_and_table_counts(dtype, rule):
 
 
 @gpu
-def test_real_weights(shared_data, rule):
-    for name, dtype in (("minilm-layer0-fp8-e4m3fn-block128.npz", ml_dtypes.float8_e4m3fn),
-                        ("minilm-layer0-bf16.npz", ml_dtypes.bfloat16)):
-        with np.load(shared_data / name) as z:
-            for key in z.files:
-                x = z[key].view(dtype)
-                gpu_encode(x)
-                gpu_encode(x, chunk_size=4096, max_tables=8)
-                gpu_encode(x.reshape(-1)[:123_457], chunk_size=512, max_tables=3)
+def test_real_weights(real_weights, rule):
+    for tensors in real_weights.values():
+        for x in tensors.values():
+            gpu_encode(x)
+            gpu_encode(x, chunk_size=4096, max_tables=8)
+            gpu_encode(x.reshape(-1)[:123_457], chunk_size=512, max_tables=3)
 
 
 @gpu

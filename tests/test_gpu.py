@@ -3,7 +3,6 @@
 Marked ``gpu``: skipped without CuPy and a CUDA device (run ``pytest -m gpu`` on a GPU machine).
 """
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -63,13 +62,10 @@ def test_all_fp8_and_16bit_codes():
                       allow_stored=False)
 
 
-def test_real_weights(shared_data):
-    with np.load(shared_data / "minilm-layer0-fp8-e4m3fn-block128.npz") as z:
-        for name in z.files:
-            gpu_roundtrip(z[name].view(ml_dtypes.float8_e4m3fn))
-    with np.load(shared_data / "minilm-layer0-bf16.npz") as z:
-        for name in z.files:
-            gpu_roundtrip(z[name].view(ml_dtypes.bfloat16))
+def test_real_weights(real_weights):
+    for tensors in real_weights.values():
+        for x in tensors.values():
+            gpu_roundtrip(x)
 
 
 def test_out_stream_and_device_resident():

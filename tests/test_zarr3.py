@@ -154,11 +154,9 @@ def test_store_opens_in_a_fresh_process(tmp_path):
     assert int(out.stdout) == int(u.sum())
 
 
-def test_real_weights(shared_data):
-    with np.load(shared_data / "minilm-layer0-fp8-e4m3fn-block128.npz") as z:
-        w8 = z[z.files[0]].view(np.uint8)
-    with np.load(shared_data / "minilm-layer0-bf16.npz") as z:
-        w16 = z[z.files[0]].view(np.uint16)
+def test_real_weights(real_weights):
+    w8 = next(iter(real_weights["e4m3"].values())).view(np.uint8)        # 384 x 384
+    w16 = next(iter(real_weights["bf16"].values())).view(np.uint16)
     for w, short in [(w8, "e4m3"), (w16, "bf16")]:
         for order in "CF":
             store = {}

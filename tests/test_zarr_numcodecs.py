@@ -130,10 +130,9 @@ def test_real_zarr_format2_array(dtype, order):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_real_weights_in_a_zarr_format2_array(shared_data):
+def test_real_weights_in_a_zarr_format2_array(real_weights):
     zarr = pytest.importorskip("zarr")
-    with np.load(shared_data / "minilm-layer0-fp8-e4m3fn-block128.npz") as z:
-        w = z[z.files[0]].view(np.uint8)
+    w = next(iter(real_weights["e4m3"].values())).view(np.uint8)
     for order in "CF":
         a = zarr_format2_array(zarr, w.shape, (100, 256), w.dtype, order, ECF8(dtype="e4m3"))
         a[:] = w
