@@ -6,7 +6,7 @@ worker runs ``store.compress_file`` on its own GPU, so every file is the same by
 or one GPU.  Workers are started with "spawn" (CUDA cannot be forked; a script calling this must
 guard its top level with ``if __name__ == "__main__":``, as for any spawned worker), talk to the
 parent through one pipe each (the next shard; each tensor done, for the parent's one progress
-bar; done or the error), leave Ctrl-C to the parent and die on SIGTERM.  The first failure, or an
+bar; done or the error), leave Ctrl-C to the parent, die on SIGTERM and with the parent.  The first failure, or an
 interrupt, kills every worker at once and propagates: an ECF8Error naming the shard (a worker's
 CUDA, memory or file error, or its death, included), or the KeyboardInterrupt.
 """
@@ -41,10 +41,11 @@ def gpus() -> list[str]:
     return [f"cuda:{i}" for i in range(count)]
 
 
-def _serve(conn: Connection, device: str, relay: bool) -> None:
+def _serve(conn: Connection, device: str, relay: bool, parent: int | None = None) -> None:
     """A worker: compress each (src, dst, options) it is sent, on `device`, until sent None; sends
-    ("advance", bytes, tensor) while working (relay), then ("done",) or ("error", ECF8Error)."""
-    _worker_init()
+    ("advance", bytes, tensor) while working (relay), then ("done",) or ("error", ECF8Error).
+    It dies with `parent` (the pid that started it; see store._worker_init)."""
+    _worker_init(parent)
     # (always a relay: a bar of its own, even disabled, would make tqdm create a semaphore, which a
     # killed worker leaves behind for the resource tracker to warn about)
     _progress.relay((lambda amount, what: conn.send(("advance", amount, what))) if relay else
@@ -95,7 +96,7 @@ def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, progr
         with _signals_held():           # (each worker is registered before a signal can stop us)
             for device in devices[:len(pairs)]:
                 conn, child = ctx.Pipe()
-                workers[conn] = ctx.Process(target=_serve, args=(child, device, bar.enabled))
+                workers[conn] = ctx.Process(target=_serve, args=(child, device, bar.enabled, os.getpid()))
                 workers[conn].start()
                 child.close()           # (so that the worker's death reads as the pipe's end)
         for conn in workers:
@@ -116,9 +117,10 @@ def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, progr
         for proc in workers.values():
             proc.join()
     except BaseException:
-        for proc in workers.values():
+        started = [proc for proc in workers.values() if proc.pid is not None]
+        for proc in started:
             proc.kill()
-        for proc in workers.values():
+        for proc in started:
             proc.join(5)
         raise
     finally:
