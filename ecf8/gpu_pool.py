@@ -6,9 +6,9 @@ worker runs ``store.compress_file`` on its own GPU, so every file is the same by
 or one GPU.  Workers are started with "spawn" (CUDA cannot be forked; a script calling this must
 guard its top level with ``if __name__ == "__main__":``, as for any spawned worker), talk to the
 parent through one pipe each (the next shard; each tensor done, for the parent's one progress
-bar; done or the error), leave Ctrl-C to the parent, die on SIGTERM and with the parent.  The first failure, or an
-interrupt, kills every worker at once and propagates: an ECF8Error naming the shard (a worker's
-CUDA, memory or file error, or its death, included), or the KeyboardInterrupt.
+bar; done or the error), leave Ctrl-C to the parent, die on SIGTERM and die with the parent.  The
+first failure, or an interrupt, kills every worker at once and propagates: an ECF8Error naming the
+shard (a worker's CUDA, memory or file error, or its death, included), or the KeyboardInterrupt.
 """
 
 from __future__ import annotations
