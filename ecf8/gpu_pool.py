@@ -21,7 +21,8 @@ from pathlib import Path
 from . import progress as _progress
 from .checkpoint import read_layout
 from .errors import ECF8Error, UnsupportedError
-from .store import _signals_held, _worker_init, compress_file
+from .signals import held, worker_init
+from .store import compress_file
 
 __all__ = ["gpus", "compress_shards"]
 
@@ -44,8 +45,8 @@ def gpus() -> list[str]:
 def _serve(conn: Connection, device: str, relay: bool, parent: int | None = None) -> None:
     """A worker: compress each (src, dst, options) it is sent, on `device`, until sent None; sends
     ("advance", bytes, tensor) while working (relay), then ("done",) or ("error", ECF8Error).
-    It dies with `parent` (the pid that started it; see store._worker_init)."""
-    _worker_init(parent)
+    It dies with `parent` (the pid that started it; see signals.worker_init)."""
+    worker_init(parent)
     # (always a relay: a bar of its own, even disabled, would make tqdm create a semaphore, which a
     # killed worker leaves behind for the resource tracker to warn about)
     _progress.relay((lambda amount, what: conn.send(("advance", amount, what))) if relay else
@@ -93,7 +94,7 @@ def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, progr
     workers: dict[Connection, multiprocessing.process.BaseProcess] = {}
     busy: dict[Connection, Path] = {}
     try:
-        with _signals_held():           # (each worker is registered before a signal can stop us)
+        with held():           # (each worker is registered before a signal can stop us)
             for device in devices[:len(pairs)]:
                 conn, child = ctx.Pipe()
                 workers[conn] = ctx.Process(target=_serve, args=(child, device, bar.enabled, os.getpid()))

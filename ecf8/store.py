@@ -36,9 +36,6 @@ import math
 import mmap
 import os
 import shutil
-import signal
-import sys
-import threading
 import zlib
 from concurrent.futures.process import BrokenProcessPool
 from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
@@ -57,6 +54,7 @@ from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, at
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
 from .progress import _Progress
+from .signals import held as _signals_held, worker_init as _worker_init, worker_parent as _worker_parent
 
 __all__ = ["choose_codec", "save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
            "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
@@ -146,88 +144,6 @@ def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes
     raw = np.memmap(path, np.uint8, "r", start + t.begin, (t.nbytes,)) if t.nbytes else \
         np.empty(0, np.uint8)
     return _compress_one(t, raw, options)
-
-
-_STOP = {signal.SIGINT, signal.SIGTERM}
-
-
-def _worker_init(parent: int | None = None) -> None:
-    """Workers leave Ctrl-C to the parent (which stops them), die on SIGTERM, and (Linux) die with
-    the process that started them, `parent` (its pid; None: not checked), whatever stops it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-
-            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))      # PR_SET_PDEATHSIG
-    if parent is not None and os.getppid() != parent:          # it ended before that was set
-        os._exit(1)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)     # held while the parent started us
-
-
-def _worker_parent() -> int | None:
-    """The pid a worker of the default multiprocessing context has as its parent: ours (fork,
-    spawn), or None (forkserver: the server's)."""
-    import multiprocessing
-
-    return None if multiprocessing.get_start_method() == "forkserver" else os.getpid()
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Ctrl-C and SIGTERM wait for the end of the block (a worker started in it is registered
-    with its pool, so that _stop finds it), then act as they would have.
-
-    Blocking them (pthread_sigmask) only covers this thread: the kernel gives a signal sent to the
-    process to any thread that does not block it (tqdm's monitor thread, say), and Python then runs
-    the handler in the main thread wherever it is, inside the block too.  So in the main thread the
-    handlers are also swapped for one that only notes the signal; other threads never run handlers.
-    (Blocking still matters: a worker started in the block inherits it until _worker_init.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    noted: list[int] = []
-    previous: dict[int, Any] = {}
-    held = None
-    try:
-        for s in sorted(_STOP):
-            previous[s] = signal.getsignal(s)
-            signal.signal(s, lambda signum, frame: noted.append(signum))
-        if hasattr(signal, "pthread_sigmask"):
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
-        yield
-    finally:
-        _restore(previous)
-        if held is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)      # (a pending signal acts here)
-        if noted:
-            _act(noted[0], previous[noted[0]])
-
-
-def _restore(previous: dict[int, Any]) -> None:
-    """Put signal handlers back; a signal coming in meanwhile runs its (noting or restored) handler,
-    whose exception is raised once every handler is back."""
-    error = None
-    for s, handler in previous.items():
-        handler = signal.SIG_DFL if handler is None else handler
-        for _ in range(3):          # (each try first runs the handlers of signals come in)
-            try:
-                signal.signal(s, handler)
-                break
-            except BaseException as e:  # noqa: BLE001 - raised below
-                error = error or e
-    if error is not None:
-        raise error
-
-
-def _act(signum: int, handler: Any) -> None:
-    """What a signal noted by _signals_held would have done under `handler`."""
-    if callable(handler):
-        handler(signum, None)
-    elif handler in (None, signal.SIG_DFL):
-        signal.raise_signal(signum)
 
 
 def _stop(pool: cf.ProcessPoolExecutor) -> None:

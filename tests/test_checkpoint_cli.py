@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,8 +16,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ecf8 import store
-from ecf8.checkpoint import write_safetensors
+from ecf8 import signals, store
+from ecf8.checkpoint import atomic_dir, atomic_file, write_safetensors
 from ecf8.cli import main
 from checkpoint_helpers import header_of, patch, weights
 
@@ -123,7 +124,7 @@ def test_a_signal_another_thread_takes_waits_for_the_held_block():
     reached = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            with store._signals_held():
+            with signals.held():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.3)
                 reached.append("end of the block")
@@ -178,7 +179,7 @@ def test_sigint_to_the_pid_while_workers_start_stops_them_all(tmp_path, kind, ar
 # A worker that kills the command (as the OOM killer or `kill -9` would) and carries on.
 _KILL_THE_PARENT = """
 import os, signal, sys, time
-from ecf8 import store
+from ecf8 import signals, store
 def worker(*args):
     os.kill(os.getppid(), signal.SIGKILL)
     time.sleep(60)
@@ -196,3 +197,19 @@ def test_workers_die_with_the_command(tmp_path):
     assert proc.wait(timeout=60) == -signal.SIGKILL
     left = _gone(proc.pid)
     assert not left, f"worker processes outlived the command: {left}"
+
+
+@pytest.mark.parametrize("make, atomic", [("mkstemp", atomic_file), ("mkdtemp", atomic_dir)])
+def test_ctrl_c_as_a_temporary_output_appears_leaves_nothing(tmp_path, monkeypatch, make, atomic):
+    real = getattr(tempfile, make)
+
+    def make_then_interrupt(*args, **kwargs):
+        made = real(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)      # Ctrl-C the instant the temporary exists
+        return made
+
+    monkeypatch.setattr(tempfile, make, make_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic(tmp_path / "out"):
+            pass
+    assert list(tmp_path.iterdir()) == []
