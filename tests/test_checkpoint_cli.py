@@ -213,3 +213,22 @@ def test_ctrl_c_as_a_temporary_output_appears_leaves_nothing(tmp_path, monkeypat
         with atomic(tmp_path / "out"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_that_an_import_turns_into_another_error_is_still_ctrl_c():
+    """NumPy's C extensions, interrupted while loading, raise ImportError ("PyCapsule_Import could
+    not import module ...") instead of KeyboardInterrupt: still one line and 130."""
+    code = ("import signal, sys, importlib.abc\n"
+            "class Interrupted(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'numpy':\n"
+            "            try:\n"
+            "                signal.raise_signal(signal.SIGINT)\n"
+            "            except KeyboardInterrupt:\n"
+            "                raise ImportError('PyCapsule_Import could not import module') from None\n"
+            "sys.meta_path.insert(0, Interrupted())\n"
+            "from ecf8.__main__ import main\n"
+            "main()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (run.returncode, run.stderr.splitlines()) == (130, ["ecf8: interrupted"])
