@@ -215,7 +215,7 @@ def atomic_file(path: Path, mode: int | None = None, check: Callable[[Path], Non
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
-            with contextlib.suppress(OSError):
+            with held(), contextlib.suppress(OSError):     # (a second Ctrl-C waits for it)
                 os.unlink(tmp)
         raise
 
@@ -238,7 +238,8 @@ def atomic_dir(path: Path, mode: int | None = None):
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with held():                # (a second Ctrl-C waits until it is gone)
+                shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -118,11 +118,12 @@ def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, progr
         for proc in workers.values():
             proc.join()
     except BaseException:
-        started = [proc for proc in workers.values() if proc.pid is not None]
-        for proc in started:
-            proc.kill()
-        for proc in started:
-            proc.join(5)
+        with held():                    # (a second Ctrl-C waits until every worker is killed)
+            started = [proc for proc in workers.values() if proc.pid is not None]
+            for proc in started:
+                proc.kill()
+            for proc in started:
+                proc.join(5)
         raise
     finally:
         for conn in workers:

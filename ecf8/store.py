@@ -149,16 +149,18 @@ def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes
 def _stop(pool: cf.ProcessPoolExecutor) -> None:
     """Kill a pool's workers at once, and let its manager thread end: a worker killed while sending
     a result leaves half a message in the result pipe, and the thread would wait for the rest for
-    ever (hanging the interpreter's exit) unless the pipe's last writer, ours, is closed."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.join(5)
-    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
-    if writer is not None:
-        writer.close()
-    pool.shutdown(wait=False, cancel_futures=True)
+    ever (hanging the interpreter's exit) unless the pipe's last writer, ours, is closed.  A second
+    Ctrl-C waits for the end (every wait here is bounded)."""
+    with _signals_held():
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.join(5)
+        writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+        if writer is not None:
+            writer.close()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple]:

@@ -3,7 +3,10 @@ on any; compressed folders accepted (issue 9, class 7).  Ctrl-C / SIGINT to the 
 worker processes start: one line, 130, nothing written, no worker left; workers die with the
 command (issue 9, class 6: the folder-compress hang)."""
 
+import concurrent.futures as cf
+import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +216,54 @@ def test_ctrl_c_as_a_temporary_output_appears_leaves_nothing(tmp_path, monkeypat
         with atomic(tmp_path / "out"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_ctrl_c_during_the_clean_up_still_removes_the_temporary(tmp_path, monkeypatch):
+    real = shutil.rmtree
+
+    def interrupted_rmtree(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)      # Ctrl-C pressed again as the clean-up starts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "part.safetensors").write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@LINUX_PROC
+def test_a_second_ctrl_c_while_the_workers_are_stopped_still_kills_them_all(monkeypatch):
+    pool = cf.ProcessPoolExecutor(2, initializer=signals.worker_init, initargs=(os.getpid(),))
+    pool.submit(abs, 0).result()            # (both workers are forked at the first submit)
+    workers = list(pool._processes.values())
+    kill = multiprocessing.process.BaseProcess.kill
+
+    def interrupted_kill(self):
+        signal.raise_signal(signal.SIGINT)      # Ctrl-C pressed again as the first worker is killed
+        kill(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "kill", interrupted_kill)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store._stop(pool)
+        deadline = time.monotonic() + 10       # (the pool's own thread may be reaping them)
+        while (left := [p.pid for p in workers if _running(p.pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left, f"workers left running: {left}"
+    finally:
+        monkeypatch.undo()
+        for p in workers:
+            p.kill()
+        pool.shutdown(wait=False)
 
 
 def test_ctrl_c_that_an_import_turns_into_another_error_is_still_ctrl_c():
