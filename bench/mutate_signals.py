@@ -17,7 +17,7 @@ Each trial starts the command in its own process group, sends the signal to the 
 
 Run on its own, a sweep of one kind of trial at finely spread delays (the folder-compress hang):
 
-    python bench/mutate_signals.py --trials 300 --seed 7 [--jobs 1,2,0] [--parallel 2]
+    python bench/mutate_signals.py --trials 300 --seed 7 [--jobs 1,2,0] [--parallel 2] [--tensor-kib 128]
 
 starts ``python -m ecf8 compress FOLDER -o OUT -j J`` on 5 small shards and sends SIGINT to its pid
 after a delay drawn uniformly over the whole run (start-up, pool creation, work, finishing, rename;
@@ -288,15 +288,15 @@ def _sweep_trial(cmd: list[str], env: dict, work: Path, jobs: str, delay: float)
 
 
 def sweep(trials: int, seed: int, tmp: Path, jobs: tuple[str, ...] = ("1", "2", "0"),
-          parallel: int = 2) -> tuple[collections.Counter, list[str]]:
+          parallel: int = 2, tensor_kib: int = 128) -> tuple[collections.Counter, list[str]]:
     """Counts of (jobs, outcome) and the problems' details of `trials` SIGINTs to the pid of a folder
     compress at delays spread over its whole run (see the module's docstring)."""
     tmp = Path(tmp)
     folder = tmp / "folder"
     rng = np.random.default_rng(seed)
     (folder / "sub").mkdir(parents=True)
-    for k in range(5):                      # 5 shards of 4 FP8 tensors of 128 kB (past store.INLINE)
-        write_safetensors({f"l{i}.w": (rng.standard_normal(1 << 17) * 16).astype(ml_dtypes.float8_e4m3fn)
+    for k in range(5):                      # 5 shards of 4 FP8 tensors (past store.INLINE: to the workers)
+        write_safetensors({f"l{i}.w": (rng.standard_normal(tensor_kib << 10) * 16).astype(ml_dtypes.float8_e4m3fn)
                            for i in range(4)} | {"ids": np.arange(100, dtype=np.int64)},
                           folder / ("sub" if k % 2 else "") / f"m{k}.safetensors")
     (folder / "config.json").write_text("{}")
@@ -338,13 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", default="1,2,0", help="the -j values drawn from (default 1,2,0)")
     p.add_argument("--parallel", type=int, default=2, help="trials at once (default 2)")
+    p.add_argument("--tensor-kib", type=int, default=128,
+                   help="size of each of the 4 FP8 tensors of each of the 5 shards (default 128: a run of "
+                   "~0.3 s, mostly start-up; 2048: ~2 s, mostly work)")
     args = p.parse_args(argv)
     t = time.time()
     with tempfile.TemporaryDirectory(prefix="ecf8-sweep-") as tmp:
-        counts, problems = sweep(args.trials, args.seed, Path(tmp), tuple(args.jobs.split(",")), args.parallel)
+        counts, problems = sweep(args.trials, args.seed, Path(tmp), tuple(args.jobs.split(",")), args.parallel,
+                                 args.tensor_kib)
     cols = ["completed", "clean", "late", "traceback", "left-files", "orphans", "bad-exit", "hang"]
-    print(f"\n## folder compress, SIGINT to the pid: {args.trials} trials, seed {args.seed}, "
-          f"{time.time() - t:.0f} s\n")
+    print(f"\n## folder compress, SIGINT to the pid: {args.trials} trials, seed {args.seed}, tensors of "
+          f"{args.tensor_kib} KiB, {time.time() - t:.0f} s\n")
     print("| -j | trials | " + " | ".join(cols) + " |\n|---|---:|" + "---:|" * len(cols))
     for j in sorted({j for j, _ in counts}):
         c = {o: n for (jj, o), n in counts.items() if jj == j}

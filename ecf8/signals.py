@@ -19,18 +19,21 @@ from typing import Any, Iterator
 __all__ = ["STOP", "held", "worker_init", "worker_parent"]
 
 STOP = {signal.SIGINT, signal.SIGTERM}
+_PR_SET_PDEATHSIG = 1           # prctl(2), Linux: the signal this process gets when its parent ends
 
 
 def worker_init(parent: int | None = None) -> None:
     """Workers leave Ctrl-C to the parent (which stops them), die on SIGTERM, and (Linux) die with
-    the process that started them, `parent` (its pid; None: not checked), whatever stops it."""
+    the process that started them, `parent` (its pid; None: not checked), whatever stops it.  (The
+    kernel's parent-death signal comes when the *thread* that started the worker ends: start
+    workers from a thread that outlives them, as compress_file and gpu_pool do.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             import ctypes
 
-            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))      # PR_SET_PDEATHSIG
+            ctypes.CDLL(None).prctl(ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL))
     if parent is not None and os.getppid() != parent:          # it ended before that was set
         os._exit(1)
     if hasattr(signal, "pthread_sigmask"):
