@@ -1,7 +1,9 @@
 """ecf8 info / verify: every input checked, every problem reported with its file and tensor, exit 1
-on any; compressed folders accepted (issue 9, class 7).  Ctrl-C / SIGINT to the pid while a folder's
-worker processes start: one line, 130, nothing written, no worker left; workers die with the
-command (issue 9, class 6: the folder-compress hang)."""
+on any; compressed folders accepted (issue 9, class 7).  Interrupts (issue 9, class 6, the
+folder-compress hang): Ctrl-C / SIGINT to the pid while a folder's worker processes start gives
+one line, 130, nothing written and no worker left; workers die with the command; Ctrl-C the
+instant a temporary output appears, or again during the clean-up, leaves nothing; Ctrl-C that an
+import turns into ImportError at start-up is still one line and 130."""
 
 import concurrent.futures as cf
 import multiprocessing
