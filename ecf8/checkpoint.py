@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
+from .signals import held
 
 __all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of", "load_json",
            "check_safetensors", "parse_header", "read_layout", "atomic_file", "atomic_dir",
@@ -201,17 +202,21 @@ def atomic_file(path: Path, mode: int | None = None, check: Callable[[Path], Non
     """A binary file object that replaces `path` only if the block completes (and check(temp path)
     passes); nothing otherwise.  mode: permission bits (default: file_mode())."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with held():            # (Ctrl-C waits until the clean-up below knows the temporary)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            f = os.fdopen(fd, "wb")
+        with f:
             yield f
         if check is not None:
             check(Path(tmp))
         os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with held(), contextlib.suppress(OSError):     # (a second Ctrl-C waits for it)
+                os.unlink(tmp)
         raise
 
 
@@ -224,13 +229,17 @@ def atomic_dir(path: Path, mode: int | None = None):
         raise UnsupportedError(f"{path}: already exists and is not an empty folder (ecf8 never "
                                "replaces a folder, even with -f: remove it first)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = None
     try:
+        with held():            # (Ctrl-C waits until the clean-up below knows the temporary)
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            with held():                # (a second Ctrl-C waits until it is gone)
+                shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -6,9 +6,9 @@ worker runs ``store.compress_file`` on its own GPU, so every file is the same by
 or one GPU.  Workers are started with "spawn" (CUDA cannot be forked; a script calling this must
 guard its top level with ``if __name__ == "__main__":``, as for any spawned worker), talk to the
 parent through one pipe each (the next shard; each tensor done, for the parent's one progress
-bar; done or the error), leave Ctrl-C to the parent and die on SIGTERM.  The first failure, or an
-interrupt, kills every worker at once and propagates: an ECF8Error naming the shard (a worker's
-CUDA, memory or file error, or its death, included), or the KeyboardInterrupt.
+bar; done or the error), leave Ctrl-C to the parent, die on SIGTERM and die with the parent.  The
+first failure, or an interrupt, kills every worker at once and propagates: an ECF8Error naming the
+shard (a worker's CUDA, memory or file error, or its death, included), or the KeyboardInterrupt.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 from . import progress as _progress
 from .checkpoint import read_layout
 from .errors import ECF8Error, UnsupportedError
-from .store import _signals_held, _worker_init, compress_file
+from .signals import held, worker_init
+from .store import compress_file
 
 __all__ = ["gpus", "compress_shards"]
 
@@ -41,10 +42,11 @@ def gpus() -> list[str]:
     return [f"cuda:{i}" for i in range(count)]
 
 
-def _serve(conn: Connection, device: str, relay: bool) -> None:
+def _serve(conn: Connection, device: str, relay: bool, parent: int | None = None) -> None:
     """A worker: compress each (src, dst, options) it is sent, on `device`, until sent None; sends
-    ("advance", bytes, tensor) while working (relay), then ("done",) or ("error", ECF8Error)."""
-    _worker_init()
+    ("advance", bytes, tensor) while working (relay), then ("done",) or ("error", ECF8Error).
+    It dies with `parent` (the pid that started it; see signals.worker_init)."""
+    worker_init(parent)
     # (always a relay: a bar of its own, even disabled, would make tqdm create a semaphore, which a
     # killed worker leaves behind for the resource tracker to warn about)
     _progress.relay((lambda amount, what: conn.send(("advance", amount, what))) if relay else
@@ -92,10 +94,10 @@ def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, progr
     workers: dict[Connection, multiprocessing.process.BaseProcess] = {}
     busy: dict[Connection, Path] = {}
     try:
-        with _signals_held():           # (each worker is registered before a signal can stop us)
+        with held():           # (each worker is registered before a signal can stop us)
             for device in devices[:len(pairs)]:
                 conn, child = ctx.Pipe()
-                workers[conn] = ctx.Process(target=_serve, args=(child, device, bar.enabled))
+                workers[conn] = ctx.Process(target=_serve, args=(child, device, bar.enabled, os.getpid()))
                 workers[conn].start()
                 child.close()           # (so that the worker's death reads as the pipe's end)
         for conn in workers:
@@ -116,10 +118,12 @@ def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, progr
         for proc in workers.values():
             proc.join()
     except BaseException:
-        for proc in workers.values():
-            proc.kill()
-        for proc in workers.values():
-            proc.join(5)
+        with held():                    # (a second Ctrl-C waits until every worker is killed)
+            started = [proc for proc in workers.values() if proc.pid is not None]
+            for proc in started:
+                proc.kill()
+            for proc in started:
+                proc.join(5)
         raise
     finally:
         for conn in workers:

@@ -36,7 +36,6 @@ import math
 import mmap
 import os
 import shutil
-import signal
 import zlib
 from concurrent.futures.process import BrokenProcessPool
 from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
@@ -55,6 +54,7 @@ from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, at
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
 from .progress import _Progress
+from .signals import held as _signals_held, worker_init as _worker_init, worker_parent as _worker_parent
 
 __all__ = ["choose_codec", "save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
            "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
@@ -146,44 +146,21 @@ def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes
     return _compress_one(t, raw, options)
 
 
-_STOP = {signal.SIGINT, signal.SIGTERM}
-
-
-def _worker_init() -> None:
-    """Workers leave Ctrl-C to the parent (which stops them) and die on SIGTERM."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)     # held while the parent forked us
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Ctrl-C and SIGTERM wait for the end of the block (a worker started in it is registered
-    with its pool, so that _stop finds it)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
 def _stop(pool: cf.ProcessPoolExecutor) -> None:
     """Kill a pool's workers at once, and let its manager thread end: a worker killed while sending
     a result leaves half a message in the result pipe, and the thread would wait for the rest for
-    ever (hanging the interpreter's exit) unless the pipe's last writer, ours, is closed."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.join(5)
-    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
-    if writer is not None:
-        writer.close()
-    pool.shutdown(wait=False, cancel_futures=True)
+    ever (hanging the interpreter's exit) unless the pipe's last writer, ours, is closed.  A second
+    Ctrl-C waits for the end (every wait here is bounded)."""
+    with _signals_held():
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.join(5)
+        writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+        if writer is not None:
+            writer.close()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple]:
@@ -194,7 +171,8 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
         else np.empty(0, np.uint8)
     on_gpu = options.get("device", "cpu") != "cpu"
     big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors)
-    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init) if big and not on_gpu else None
+    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(_worker_parent(),)) \
+        if big and not on_gpu else None
     # On a GPU: tensors are read, encoded and written in overlapping threads (no worker processes).
     threads = cf.ThreadPoolExecutor(2) if on_gpu else None
     depth = 4 if on_gpu else 2 * jobs
