@@ -212,7 +212,7 @@ def run_layered(label: str, layers: Layers, batches, reps: int, gemm, make_input
             group.launch(layers.buffer.data_ptr(), stream)
             for w, at in zip(layers.layer(i)[:4], offsets):
                 n, k = layers.shape_of[w]
-                gemm(x, layers.buffer[at : at + n * k].view(layers.torch_dtype).view(n, k), w)
+                gemm(x, layers.buffer[at : at + n * k * layers.itemsize].view(layers.torch_dtype).view(n, k), w)
             for w in layers.layer(i)[4:]:
                 gemm(x, layers.decoded(w), w)
 

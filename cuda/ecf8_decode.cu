@@ -63,8 +63,8 @@ __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_gen
 __device__ __forceinline__ u32 lds_u16(u32 a) {
     u32 v; asm volatile("ld.shared.u16 %0, [%1];" : "=r"(v) : "r"(a)); return v;
 }
-__device__ __forceinline__ u32 lds_u32(u32 a) {
-    u32 v; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a)); return v;
+__device__ __forceinline__ u32 lds_u32(u32 a) {     // ring reads: ordered after the copies' waits
+    u32 v; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory"); return v;
 }
 // 4-byte asynchronous copy global -> shared; src_bytes 0 writes a zero word.
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, u32 src_bytes) {
@@ -264,7 +264,7 @@ __device__ __forceinline__ void decode_chunk(const TensorDesc& d, u32 lut, u64 c
 
 // Blocks per SM the register allocation must allow for 8-warp blocks (E4M3: 48 registers, E5M2:
 // 64, 16-bit kinds: 80). The decoder is bound by the issue rate of each lane's serial decode
-// chain, yet E4M3 at 40 registers (6 blocks) ran 5-10% slower than at 48 (bench/NOTES.md, v7).
+// chain, yet E4M3 at 40 registers (6 blocks) ran 4-6% slower than at 48 (bench/NOTES.md, v7).
 template <int ELEM_BYTES, int EXP_BITS> struct MinBlocks {
     static constexpr int value = ELEM_BYTES == 2 ? 3 : (EXP_BITS == 4 ? 5 : 4);
 };
@@ -299,6 +299,7 @@ ecf8_decode(const TensorDesc* __restrict__ descs, const u32* __restrict__ block_
             d, smem_addr(luts) + table_ids[chunk] * (2 * ECF8_LUT_SIZE), chunk, out, lane,
             smem_addr(rings[warp]));
     }
+    cp_async_wait<0>();       // no copy into this block's shared memory outlives the block
 }
 
 // Instantiations, named by ecf8.decoder_cuda: E4M3FN, E5M2, BF16, FP16.

@@ -24,7 +24,7 @@ from . import format as fmt
 from .errors import UnsupportedError
 from .tables import decode_luts
 
-__all__ = ["to_device", "decode", "decode_batch", "DeviceTensor", "CudaArray", "BatchDecoder"]
+__all__ = ["to_device", "decode", "decode_batch", "DeviceTensor", "CudaArray", "BatchDecoder", "GroupDecoder"]
 
 WARPS = 8                  # warps per block (ECF8_WARPS in the kernel)
 CHUNKS_PER_WARP = 1

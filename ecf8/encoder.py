@@ -36,9 +36,10 @@ def decode_chunk_size(n: int) -> int:
     the largest power of two <= n / 4096, clamped to 4096..32768.
 
     One warp decodes one chunk and an H200 holds ~5,300 decoding warps, so a tensor needs about
-    4096 chunks to fill the GPU.  Measured on the H200 with decoder v7 (bench/NOTES.md): a
-    14336x4096 E4M3 weight decodes in 52-55 us at chunk 8192 (6.81 bits/w) or 4096 (6.89),
-    against 63-66 us at 32768 (6.75); a 256 M-element tensor is fastest at 32768.
+    4096 chunks to fill the GPU.  Measured on the H200 with decoder v7 (bench/NOTES.md, two
+    bench_tax runs): a 14336x4096 E4M3 weight decoded in 52.0 / 54.6 us at chunk 8192 (6.81
+    bits/w) and 53.6 / 55.2 us at 4096 (6.89), against 63.1 / 66.0 us at 32768 (6.75); 256 M
+    elements took 184.7-185.8 us at 32768 against 188.7-190.2 at 16384.
     """
     per_chunk = n >> 12
     size = 1 << (per_chunk.bit_length() - 1) if per_chunk else 1

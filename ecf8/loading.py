@@ -184,11 +184,11 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
             raise CorruptDataError(f"{path}: {sorted(set(plan) - seen)[:3]} listed but not read")
         for module, kind, name, tensor in moves:
             _set(module, kind, name, tensor.to(dev), undo)
+        et._group(model, weights, group_bytes)
     except BaseException:
         for action in reversed(undo):
             action()
         raise
-    et._group(model, weights, group_bytes)
     pool.warm(weights)
     held = {id(w) for w in weights}
     modules = sum(1 for m in model.modules() if et.is_compressed(m) and id(m.__dict__["_ecf8"]) in held)

@@ -27,6 +27,7 @@ stride, so the module's TP collectives are exactly those of the uncompressed mod
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import sys
 import threading
@@ -325,12 +326,39 @@ class CompressionStats:
         return self.compressed_bytes + self.buffer_bytes
 
 
+_CAPTURE_INFO: Any = None
+
+
+def _capture_id(stream: int) -> int | None:
+    """0 when no CUDA graph capture is under way on `stream` (a handle), else the capture's id
+    (cuStreamGetCaptureInfo), or None when the driver does not say which capture it is."""
+    global _CAPTURE_INFO
+    if not stream or not torch.cuda.is_current_stream_capturing():
+        return 0
+    if _CAPTURE_INFO is None:
+        try:
+            info = ctypes.CDLL("libcuda.so.1").cuStreamGetCaptureInfo
+            info.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64)]
+            info.restype = ctypes.c_int
+            _CAPTURE_INFO = info
+        except (OSError, AttributeError):
+            _CAPTURE_INFO = False
+    if not _CAPTURE_INFO:
+        return None
+    status, ident = ctypes.c_int(), ctypes.c_uint64()
+    if _CAPTURE_INFO(ctypes.c_void_p(stream), ctypes.byref(status), ctypes.byref(ident)) or status.value != 1:
+        return None                                 # (1: CU_STREAM_CAPTURE_STATUS_ACTIVE)
+    return int(ident.value) or None
+
+
 class _Pool:
     """Decode buffers shared by the weights of one compress_module / load_model call.
 
     One buffer per device, thread, CUDA stream and nesting depth, sized for the largest weight (or
     group of weights, see _Group) on that device: threads and streams never share one, so
-    concurrent forwards stay exact.  Each buffer remembers which group it holds decoded.
+    concurrent forwards stay exact.  Each buffer remembers which group it holds decoded, per CUDA
+    graph capture (a capture only records the decode): outside captures only while no capture has
+    used the buffer, since a graph replay rewrites it unseen.
     """
 
     def __init__(self) -> None:
@@ -358,12 +386,15 @@ class _Pool:
             for key in [k for k in local.buffers if k[0] == device]:
                 del local.buffers[key]
                 local.resident.pop(key, None)
+                local.captured.discard(key)
             local.views.clear()
 
     def state(self) -> Any:
         local = self._local
         if not hasattr(local, "buffers"):
-            local.buffers, local.views, local.depth, local.active, local.resident = {}, {}, {}, {}, {}
+            local.buffers, local.depth, local.active, local.resident = {}, {}, {}, {}
+            local.views = weakref.WeakKeyDictionary()   # weight -> {buffer key: view}: no cycle
+            local.captured = set()
         return local
 
     def decode(self, w: "_Weight", stream: int) -> torch.Tensor:
@@ -373,20 +404,26 @@ class _Pool:
         local = self.state()
         key = (w.device, stream, local.depth.get(w.device, 0))
         buf = local.buffers.get(key)
-        if buf is None:
+        if buf is None or buf.numel() < self.sizes[w.device]:     # new, or a larger weight came
             buf = local.buffers[key] = torch.empty(self.sizes[w.device], dtype=torch.uint8, device=w.device)
             local.views.clear()
             local.resident.pop(key, None)
-        view = local.views.get((key, w))
+        views = local.views.get(w)
+        if views is None:
+            views = local.views[w] = {}
+        view = views.get(key)
         if view is None:
-            view = local.views[(key, w)] = buf[w.offset : w.offset + w.nbytes].view(w.dtype).view(w.shape)
+            view = views[key] = buf[w.offset : w.offset + w.nbytes].view(w.dtype).view(w.shape)
         group = w.group
-        if group is None:
+        capture = _capture_id(stream) if group is not None else 0
+        if capture:
+            local.captured.add(key)
+        if group is None or capture is None or (not capture and key in local.captured):
             local.resident.pop(key, None)
-            w._launch(view, stream)
-        elif local.resident.get(key) is not group.stamp:
+            w._launch(view, stream)                 # this weight alone, into its place
+        elif local.resident.get(key) != (capture, group.stamp):
             group.launch(buf, stream)
-            local.resident[key] = group.stamp
+            local.resident[key] = (capture, group.stamp)
         return view
 
     def warm(self, weights: list) -> None:
@@ -398,8 +435,10 @@ class _Pool:
         local = self.state()
         for w in largest.values():
             key = (w.device, w.stream_id(), 0)
-            if key not in local.buffers:
+            if key not in local.buffers or local.buffers[key].numel() < self.sizes[w.device]:
                 local.buffers[key] = torch.empty(self.sizes[w.device], dtype=torch.uint8, device=w.device)
+                local.views.clear()
+                local.resident.pop(key, None)
 
     def buffer_bytes(self) -> int:
         return sum(self.sizes.values())
@@ -441,6 +480,8 @@ class _Weight:
         if self.device.type == "cuda":
             self.blob = _upload(self.blob, self.device.index)
         self.pool.add(self)
+        if self.group is not None:
+            self.group.restored()
 
     def stream_id(self) -> int:
         """torch's current stream on this weight's device (0 on the CPU)."""
@@ -509,46 +550,71 @@ class _Weight:
             self.group.build()
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 256) * 256
+
+
 class _Group:
     """Consecutive compressed weights (in module order) of one GPU and dtype, decoded by one
     launch (``decoder_cuda.GroupDecoder``) into one buffer, each at its own 256-byte aligned
-    offset: fewer, larger launches decode faster (bench/NOTES.md, v7: one launch per layer 1.28 ms
-    against 1.66 ms weight by weight for 8 Llama-3-8B layers).  The decoder is built here, not at
-    first use, so that a forward inside a CUDA-graph capture uploads nothing."""
+    offset: fewer, larger launches decode faster (bench/NOTES.md: q, k, v and o of each of 8
+    Llama-3-8B layers in one launch took the weight path from 0.29-0.31 to 0.30-0.33 of the
+    uncompressed speed at batch 1-64; a whole layer a launch to 0.34-0.37).  The decoder is built
+    when the frames are known (here, after unpickling, after load_state_dict), never at first use,
+    so that a forward inside a CUDA-graph capture uploads nothing.  It holds the weights weakly:
+    a model dropped frees its frames at once."""
 
     def __init__(self, weights: list[_Weight]):
-        self.weights, at = weights, 0
+        self.refs, at = [weakref.ref(w) for w in weights], 0
         for w in weights:
-            w.group, w.offset = self, at
-            at += -(-w.nbytes // 256) * 256
+            w.offset = at
+            at += _aligned(w.nbytes)
         self.nbytes = at
+        self.decoder, self.stamp = None, object()
         self.build()
+        for w in weights:
+            w.group = self
+
+    @property
+    def weights(self) -> list[_Weight]:
+        return [w for w in (r() for r in self.refs) if w is not None]
 
     def build(self) -> None:
-        """(Re)make the decoder for the weights' current frames; buffers holding the old decode
-        no longer count as holding this group."""
+        """(Re)make the decoder for the weights' current frames (in torch's memory); buffers that
+        hold the old decode no longer count as holding this group."""
         from .decoder_cuda import GroupDecoder
 
-        self.stamp = object()
-        self.decoder = GroupDecoder([w.blob for w in self.weights], [w.offset for w in self.weights])
+        weights = self.weights
+        with torch_memory():
+            decoder = GroupDecoder([w.blob for w in weights], [w.offset for w in weights])
+        self.decoder, self.stamp = decoder, object()
 
     def launch(self, buf: torch.Tensor, stream: int) -> None:
-        if self.decoder is None:                    # after unpickling
-            self.build()
         self.decoder.launch(buf.data_ptr(), stream)
 
     def dissolve(self) -> None:
-        """Every weight decodes on its own again (e.g. before one of them moves device)."""
+        """Every weight decodes on its own again (before one of them moves device or stops being
+        compressed)."""
         for w in self.weights:
             w.group, w.offset = None, 0
-        self.weights, self.decoder, self.stamp = [], None, object()
+        self.refs, self.decoder, self.stamp = [], None, object()
 
     def __getstate__(self) -> dict:
         return {"weights": self.weights, "nbytes": self.nbytes}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.refs, self.nbytes = [weakref.ref(w) for w in state["weights"]], state["nbytes"]
         self.decoder, self.stamp = None, object()
+        self._pending = list(state["weights"])     # strong until every weight is back on its GPU
+        self.restored()                             # (they may all be back already)
+
+    def restored(self) -> None:
+        """A weight of this unpickled group is back on its GPU: build once all are."""
+        pending = self.__dict__.get("_pending")
+        if pending is not None and all("blob" in w.__dict__ and not isinstance(w.blob, (bytes, bytearray))
+                                       for w in pending):
+            del self._pending
+            self.build()
 
 
 def _group(model: torch.nn.Module, weights: list[_Weight], limit: int | None) -> None:
@@ -571,12 +637,12 @@ def _group(model: torch.nn.Module, weights: list[_Weight], limit: int | None) ->
         if len(run) > 1:
             group = _Group(list(run))
             pool = run[0].pool
-            pool.sizes[group.weights[0].device] = max(pool.sizes[group.weights[0].device], group.nbytes)
+            pool.sizes[run[0].device] = max(pool.sizes[run[0].device], group.nbytes)
         run.clear()
 
     for w in sorted(weights, key=lambda w: order.get(id(w), len(order))):
         if run and (w.device != run[0].device or w.dtype != run[0].dtype
-                    or size + w.nbytes > (limit or largest[w.device])):
+                    or size + _aligned(w.nbytes) > (limit or largest[w.device])):
             close()
         if w.device.type != "cuda" or w.group is not None:
             close()
@@ -584,7 +650,7 @@ def _group(model: torch.nn.Module, weights: list[_Weight], limit: int | None) ->
         if not run:
             size = 0
         run.append(w)
-        size += -(-w.nbytes // 256) * 256
+        size += _aligned(w.nbytes)
     close()
 
 
@@ -692,6 +758,9 @@ def _attach(module: torch.nn.Module, w: _Weight) -> None:
 
 def _detach(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
     """Undo _attach: `param` becomes the module's weight again, in its original place."""
+    w = module.__dict__.get("_ecf8")
+    if w is not None and w.group is not None:       # its neighbours decode on their own from now
+        w.group.dissolve()
     order = module.__dict__.pop("_ecf8_order", ["weight"])
     module.__dict__.pop("_ecf8", None)
     object.__setattr__(module, "__class__", module._ecf8_base)
@@ -772,13 +841,20 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
     ``weight_scale_inv`` stays as it is); Embedding tables only with embeddings=True, since the
     whole table is decoded at every forward.  A weight tied between modules is compressed once,
     and only when every module holding it qualifies.  Each weight is decoded just before its
-    module's forward into a buffer sized for the largest weight (one per device, thread and CUDA
-    stream) and dropped after it.  chunk_size defaults to ``ecf8.encoder.decode_chunk_size`` of
-    each weight (decode speed over up to +0.15 bits/weight) and max_tables to one per 512 K
-    weights; options go to ``ecf8.encode``.  On a GPU, consecutive weights (module order) of one
-    dtype are decoded by one launch while their bytes add up to at most group_bytes (default: the
-    largest weight's, so the buffer does not grow; e.g. q, k, v and o of a transformer layer; 0:
-    one launch per weight): the first of them to run decodes them all.
+    module's forward into a buffer (one per device, thread, CUDA stream and nesting depth) sized
+    for the largest weight or group, and dropped after it.  chunk_size defaults to
+    ``ecf8.encoder.decode_chunk_size`` of each weight (decode speed over up to +0.15 bits/weight)
+    and max_tables to one per 512 K weights; options go to ``ecf8.encode``.
+
+    On a GPU, consecutive weights (module order) of one dtype form a group decoded by one launch
+    while their bytes (each rounded up to 256) add up to at most group_bytes; the first of them to
+    run decodes the group, the others find it decoded.  Default: the largest compressed weight's
+    size on that device, so the buffer does not grow (in a Llama layer with the MLP weights the
+    largest: q, k, v and o together; a large compressed head lets groups span layers); 0: one
+    launch per weight.  Inside a CUDA-graph capture a group is decoded once per capture; outside
+    captures, a buffer a capture has used decodes weight by weight (a replay rewrites it unseen).
+    ``.to()`` and ``decompress_module`` turn groups back into single weights.  Writing into
+    ``module.weight`` in place during a forward changes what later forwards of its group see.
     Inference only: compressed weights have no gradient.
 
     Every target is checked before anything changes: a weight on the meta device or on a device
@@ -811,13 +887,13 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
             done.append((p, hs))
             original += local.numel() * local.element_size()
             compressed += w.stored_bytes
+        made = [hs[0][0].__dict__["_ecf8"] for _, hs in done]
+        _group(module, made, group_bytes)
     except BaseException:
         for p, hs in done:                      # the originals are still referenced: put them back
             for m, _, _ in hs:
                 _detach(m, p)
         raise
-    made = [hs[0][0].__dict__["_ecf8"] for _, hs in done]
-    _group(module, made, group_bytes)
     pool.warm(made)
     return CompressionStats(sum(len(hs) for _, hs in done), original, compressed, pool.buffer_bytes(),
                             len(done))

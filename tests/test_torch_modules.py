@@ -377,6 +377,91 @@ def test_cuda_groups_survive_load_state_dict_pickling_moves_and_graphs():
     assert groups_of(plain) == [None] * len(plain)
 
 
+@pytest.mark.gpu
+def test_cuda_groups_in_graphs_captured_one_after_another_and_eager_on_the_capture_stream():
+    """A capture records a group's decode but runs nothing: a second capture, or an eager run on
+    the capture's stream before any replay, must not take the group as decoded."""
+    _cuda()
+    model = linears()
+    forward = list(range(len(model)))
+    expected = outputs(model, forward)
+    ecf8.torch.compress_module(model, group_bytes=1 << 30)
+    torch.manual_seed(3)
+    xs = {k: torch.randn(8, k, device="cuda").to(torch.bfloat16) for k in (256, 1024)}
+
+    def run(order):
+        return {i: model[i](xs[model[i].in_features]) for i in order}
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(forward)                                                   # warm-up
+    torch.cuda.current_stream().wait_stream(s)
+    g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1, stream=s):
+        out1 = run(forward)
+    with torch.cuda.graph(g2, stream=s):
+        out2 = run(forward[7:] + forward[:7])
+    with torch.cuda.stream(s):
+        eager = run(forward[::-1])                                     # before any replay
+    s.synchronize()
+    assert all(same(eager[i], expected[i]) for i in forward)
+    g2.replay()
+    torch.cuda.synchronize()
+    assert all(same(out2[i], expected[i]) for i in forward)
+    g1.replay()
+    torch.cuda.synchronize()
+    assert all(same(out1[i], expected[i]) for i in forward)
+    with torch.cuda.stream(s):
+        g2.replay()
+        eager = run([5, 1, 12])                                        # after a replay, eager
+    s.synchronize()
+    assert all(same(eager[i], expected[i]) for i in (5, 1, 12))
+
+
+@pytest.mark.gpu
+def test_cuda_unpickled_groups_capture_and_dropped_models_free_their_frames():
+    _cuda()
+    import gc
+
+    model = linears()
+    forward = list(range(len(model)))
+    expected = outputs(model, forward)
+    ecf8.torch.compress_module(model, group_bytes=1 << 30)
+    f = io.BytesIO()
+    torch.save(model, f)
+    f.seek(0)
+    loaded = torch.load(f, weights_only=False)
+    assert groups_of(loaded)[0] is not None and groups_of(loaded)[0].decoder is not None
+    torch.manual_seed(3)
+    xs = {k: torch.randn(8, k, device="cuda").to(torch.bfloat16) for k in (256, 1024)}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):                  # its first forward, inside a capture
+        outs = [loaded[i](xs[loaded[i].in_features]) for i in forward]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(same(outs[i], expected[i]) for i in forward)
+    ecf8.torch.decompress_module(model[3])         # one weight leaves: the group dissolves
+    assert groups_of(model) == [None] * len(model)
+    assert all(same(outputs(model, forward)[i], expected[i]) for i in forward)
+    del outs, graph, loaded
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    gc.disable()
+    try:
+        dropped = linears()
+        ecf8.torch.compress_module(dropped, group_bytes=1 << 30)
+        outputs(dropped, forward)
+        held = torch.cuda.memory_allocated()
+        del dropped
+        torch.cuda.synchronize()
+        freed = held - torch.cuda.memory_allocated()
+    finally:
+        gc.enable()
+    assert held > before and freed >= 0.9 * (held - before)
+
+
 # --- chunk size: decode speed by default (issue 11) ---------------------------------------------
 
 def test_decode_chunk_size_follows_the_tensor_size():
