@@ -85,7 +85,9 @@ def _jobs(text: str) -> int:
     return n or (os.cpu_count() or 1)
 
 
-def _chunk_size(text: str) -> int:
+def _chunk_size(text: str) -> int | None:
+    if text == "auto":
+        return None
     n = _positive(text)
     if n & (n - 1) or not (1 << fmt.MIN_CHUNK_LOG2) <= n <= (1 << fmt.MAX_CHUNK_LOG2):
         raise argparse.ArgumentTypeError(f"must be a power of 2 from {1 << fmt.MIN_CHUNK_LOG2} to "
@@ -134,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     force.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
 
     def chunking(p):
-        p.add_argument("--chunk-size", type=_chunk_size, default=32768, metavar="N",
-                       help="elements per chunk, a power of 2 from 512 to 2^20 (default 32768)")
+        p.add_argument("--chunk-size", type=_chunk_size, default=32768, metavar="N|auto",
+                       help="elements per chunk, a power of 2 from 512 to 2^20, or auto: per tensor, "
+                       "for GPU decoding speed (up to +0.15 bits/weight; default 32768)")
         p.add_argument("--max-tables", type=_max_tables, default=4, metavar="N",
                        help="code tables per tensor, 1-8 (default 4)")
 

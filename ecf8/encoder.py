@@ -60,13 +60,14 @@ def check_args(shape: tuple[int, ...], chunk_size: int, max_tables: int) -> None
         raise UnsupportedError(f"ecf8 codes at most {fmt.MAX_NDIM} dimensions, not {len(shape)}")
 
 
-def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
+def encode(x: np.ndarray, *, chunk_size: int | None = 32768, max_tables: int = 4,
            allow_stored: bool = True, dtype=None, stream=None):
     """Compress an array losslessly into one ECF8 frame.
 
     x: any shape (0-d and empty too), contiguous or not, of dtype float8_e4m3fn, float8_e5m2,
     bfloat16 or float16.  chunk_size: elements per independently decodable chunk, a power of two
-    from 512 to 2**20.  max_tables: code tables the chunks may choose among, 1 to 8.
+    from 512 to 2**20, or None for ``decode_chunk_size(x.size)`` (GPU decoding speed over size).
+    max_tables: code tables the chunks may choose among, 1 to 8.
     allow_stored: store the elements raw (mode 1) when coding would not make them smaller; with
     False every non-empty tensor is entropy coded.
 
@@ -85,6 +86,8 @@ def encode(x: np.ndarray, *, chunk_size: int = 32768, max_tables: int = 4,
         raise UnsupportedError("dtype= and stream= apply to CUDA arrays only")
     x = np.asarray(x)
     spec = fmt.spec_for_dtype(x.dtype)
+    if chunk_size is None:
+        chunk_size = decode_chunk_size(x.size)
     check_args(x.shape, chunk_size, max_tables)
     u = np.ascontiguousarray(x).reshape(-1).view(spec.uint)
     if u.size:

@@ -275,7 +275,7 @@ def _as_cupy(x: Any, dtype: Any):
     return x, spec, tuple(x.shape)
 
 
-def encode(x: Any, *, dtype: Any = None, chunk_size: int = 32768, max_tables: int = 4,
+def encode(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tables: int = 4,
            allow_stored: bool = True, stream: Any = None) -> EncodedTensor:
     """Compress a CUDA array on its GPU into the frame ``ecf8.encode`` makes of the same elements.
 
@@ -292,8 +292,10 @@ def encode(x: Any, *, dtype: Any = None, chunk_size: int = 32768, max_tables: in
     """
     cupy = dc._cupy()
     arr, spec, shape = _as_cupy(x, dtype)
-    cpu_encoder.check_args(shape, chunk_size, max_tables)
     n = math.prod(shape)
+    if chunk_size is None:
+        chunk_size = cpu_encoder.decode_chunk_size(n)
+    cpu_encoder.check_args(shape, chunk_size, max_tables)
     dev = arr.device.id
     with cupy.cuda.Device(dev):
         st = dc._stream(stream)

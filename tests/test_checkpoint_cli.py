@@ -63,6 +63,33 @@ def test_verify_checks_every_input_and_reports_every_problem(tmp_path, capsys):
     assert f"{bad}: tensor 's'" in lines[0] and f"{bad}: tensor 't'" in lines[1] and str(cut) in lines[2]
 
 
+def test_compress_chunk_size_auto_picks_per_tensor_and_restores_exactly(tmp_path, capsys):
+    """--chunk-size auto: each tensor's chunk size for GPU decoding (decode_chunk_size), the
+    original back byte for byte; a bad value is still one line."""
+    from ecf8 import format as fmt
+    from ecf8.encoder import decode_chunk_size
+
+    src = tmp_path / "m.safetensors"
+    tensors = {"big": weights(8192 * 4096 + 5, ml_dtypes.float8_e4m3fn),
+               "small": weights(70_000, ml_dtypes.bfloat16)}
+    write_safetensors(tensors, src)
+    out = tmp_path / "c.safetensors"
+    assert main(["compress", str(src), "-o", str(out), "--chunk-size", "auto", "--quiet"]) == 0
+    from safetensors.numpy import load_file
+
+    stored = load_file(out)                        # the compressed file: each tensor's frame, U8
+    logs = {name: fmt.parse(memoryview(stored[name].tobytes())).chunk_log2 for name in tensors}
+    assert logs == {name: decode_chunk_size(x.size).bit_length() - 1 for name, x in tensors.items()}
+    assert logs == {"big": 13, "small": 12}
+    assert main(["decompress", str(out), "-o", str(tmp_path / "r.safetensors"), "--quiet"]) == 0
+    assert (tmp_path / "r.safetensors").read_bytes() == src.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["compress", str(src), "-o", str(tmp_path / "x"), "--chunk-size", "automatic"])
+    assert stop.value.code == 2 and "--chunk-size" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_info_and_verify_take_a_compressed_folder(tmp_path, capsys):
     src = tmp_path / "model"
     (src / "sub").mkdir(parents=True)

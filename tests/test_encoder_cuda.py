@@ -229,6 +229,13 @@ def test_lengths(dtype, n, rule):
 
 
 @gpu
+def test_chunk_size_none_is_the_cpu_encoders_choice():
+    for n in (1, 70_000, 8192 * 4096 + 3):
+        blob = gpu_encode(weights_like(n, DTYPES[0], seed=n), chunk_size=None, allow_stored=False)
+        assert 1 << fmt.parse(memoryview(blob)).chunk_log2 == ecf8.encoder.decode_chunk_size(n)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("shape", [(), (0,), (5, 0), (1, 1, 1), (3, 7, 11), (1000, 384), (2, 3, 4, 5, 6, 7, 2, 2)])
 def test_shapes_and_stored(dtype, shape):

@@ -147,3 +147,14 @@ def test_encode_options_validated():
                 dict(max_tables=0), dict(max_tables=9)):
         with pytest.raises(ecf8.UnsupportedError):
             ecf8.encode(x, **bad)
+
+
+def test_chunk_size_none_picks_the_decode_chunk_size():
+    from ecf8 import format as fmt
+    from ecf8.encoder import decode_chunk_size
+
+    for n in (1, 70_000, 8192 * 4096 + 3):
+        x = weights_like(n, DTYPES[0]) if n < 100_000 else np.zeros(n, DTYPES[0])
+        frame = fmt.parse(memoryview(ecf8.encode(x, chunk_size=None, allow_stored=False)))
+        assert 1 << frame.chunk_log2 == decode_chunk_size(n)
+        assert_bit_exact(ecf8.decode(ecf8.encode(x, chunk_size=None)), x)
