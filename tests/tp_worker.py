@@ -339,6 +339,9 @@ def worker(rank: int, world: int, port: int, backend: str, device: str, out: str
                 results[name] = {"checks": {}, "error": traceback.format_exc(limit=-3)}
     finally:
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+        # Every rank reaches this point before any tears down: a gloo rank whose peer has already
+        # gone can abort in its own teardown (std::terminate, seen 1 run in 3 on the CI image).
+        dist.barrier()
         dist.destroy_process_group()
 
 
