@@ -2,8 +2,9 @@
 
 ``compress_path(folder, out, device="cuda")`` uses this when more than one GPU is visible.  The
 shards go largest first to whichever worker is free (a work queue: unequal shards balance); each
-worker runs ``store.compress_file`` on its own GPU, so every file is the same bytes as from the CPU
-or one GPU.  Workers are started with "spawn" (CUDA cannot be forked; a script calling this must
+worker runs the function it is given (``store.compress_file``, passed in by store, which imports
+this module and not the other way round) on its own GPU, so every file is the same bytes as from
+the CPU or one GPU.  Workers are started with "spawn" (CUDA cannot be forked; a script calling this must
 guard its top level with ``if __name__ == "__main__":``, as for any spawned worker), talk to the
 parent through one pipe each (the next shard; each tensor done, for the parent's one progress
 bar; done or the error), leave Ctrl-C to the parent, die on SIGTERM and die with the parent.  The
@@ -17,12 +18,12 @@ import multiprocessing
 import os
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Callable
 
 from . import progress as _progress
 from .checkpoint import read_layout
 from .errors import ECF8Error, UnsupportedError
 from .signals import held, worker_init
-from .store import compress_file
 
 __all__ = ["gpus", "compress_shards"]
 
@@ -42,8 +43,10 @@ def gpus() -> list[str]:
     return [f"cuda:{i}" for i in range(count)]
 
 
-def _serve(conn: Connection, device: str, relay: bool, parent: int | None = None) -> None:
-    """A worker: compress each (src, dst, options) it is sent, on `device`, until sent None; sends
+def _serve(conn: Connection, device: str, relay: bool, one_file: Callable[..., None],
+           parent: int | None = None) -> None:
+    """A worker: one_file (store.compress_file) on each (src, dst, options) it is sent, on
+    `device`, until sent None; sends
     ("advance", bytes, tensor) while working (relay), then ("done",) or ("error", ECF8Error).
     It dies with `parent` (the pid that started it; see signals.worker_init)."""
     worker_init(parent)
@@ -55,7 +58,7 @@ def _serve(conn: Connection, device: str, relay: bool, parent: int | None = None
         while (task := conn.recv()) is not None:
             src, dst, options = task
             try:
-                compress_file(src, dst, jobs=1, progress=None, device=device, **options)
+                one_file(src, dst, jobs=1, progress=None, device=device, **options)
             except ECF8Error as e:
                 conn.send(("error", type(e)(str(e) if str(src) in str(e) else f"{src}: {e}")))
             except Exception as e:  # noqa: BLE001 - a CUDA error, out of memory, a full disk: name the shard
@@ -79,9 +82,9 @@ def _give(conn: Connection, todo: list, busy: dict, options: dict) -> None:
         busy[conn] = task[0]
 
 
-def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, progress: bool | None = None,
-                    jobs: int | None = None, **options) -> None:
-    """compress_file(src, dst, **options) for each (src, dst), spread over one worker process per
+def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, one_file: Callable[..., None],
+                    progress: bool | None = None, jobs: int | None = None, **options) -> None:
+    """one_file(src, dst, **options) for each (src, dst), spread over one worker process per
     entry of `devices` ('cuda:N'; the same one twice: two workers on that GPU), the largest src
     first to whichever worker is free; one progress bar over all the files' tensor bytes.  jobs is
     not used.  Raises the first failing shard's ECF8Error, or ECF8Error naming the shard of a worker
@@ -97,7 +100,8 @@ def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, progr
         with held():           # (each worker is registered before a signal can stop us)
             for device in devices[:len(pairs)]:
                 conn, child = ctx.Pipe()
-                workers[conn] = ctx.Process(target=_serve, args=(child, device, bar.enabled, os.getpid()))
+                workers[conn] = ctx.Process(target=_serve, args=(child, device, bar.enabled, one_file,
+                                                                 os.getpid()))
                 workers[conn].start()
                 child.close()           # (so that the worker's death reads as the pipe's end)
         for conn in workers:

@@ -699,7 +699,7 @@ def compress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
 
         gpus = gpu_pool.gpus()          # (UnsupportedError without CuPy or a GPU: nothing written)
         if len(gpus) > 1 and len(tensor_files(src)) > 1:
-            many = functools.partial(gpu_pool.compress_shards, devices=gpus)
+            many = functools.partial(gpu_pool.compress_shards, devices=gpus, one_file=compress_file)
     return _map_path(src, dst, compress_file, _check_plain, many, **kwargs)
 
 

@@ -98,7 +98,7 @@ def test_the_largest_shard_goes_first(tmp_path, monkeypatch):
     pairs = [(f, tmp_path / "out" / f.name) for f in sorted(src.rglob("*.safetensors"))]
     seen = []
     monkeypatch.setattr(progress.Bar, "advance", lambda self, amount, what="": seen.append((what, amount)))
-    gpu_pool.compress_shards(pairs, ["cpu"], progress=True)        # one worker: tensors come in its order
+    gpu_pool.compress_shards(pairs, ["cpu"], one_file=store.compress_file, progress=True)  # one worker: its order
     shards = list(dict.fromkeys(what.split(".")[0] for what, _ in seen))
     by_size = sorted(pairs, key=lambda p: p[0].stat().st_size, reverse=True)
     assert shards == [f"s{int(f.stem[-2:])}" for f, _ in by_size]
