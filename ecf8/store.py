@@ -53,7 +53,7 @@ from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, at
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
 from .progress import _Progress
-from .signals import held as _signals_held, worker_init as _worker_init, worker_parent as _worker_parent
+from .signals import held, worker_init, worker_parent
 
 __all__ = ["choose_codec", "save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
            "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
@@ -150,7 +150,7 @@ def _stop(pool: cf.ProcessPoolExecutor) -> None:
     a result leaves half a message in the result pipe, and the thread would wait for the rest for
     ever (hanging the interpreter's exit) unless the pipe's last writer, ours, is closed.  A second
     Ctrl-C waits for the end (every wait here is bounded)."""
-    with _signals_held():
+    with held():
         procs = list((getattr(pool, "_processes", None) or {}).values())
         for p in procs:
             p.kill()
@@ -170,7 +170,7 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
         else np.empty(0, np.uint8)
     on_gpu = options.get("device", "cpu") != "cpu"
     big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors)
-    pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(_worker_parent(),)) \
+    pool = cf.ProcessPoolExecutor(jobs, initializer=worker_init, initargs=(worker_parent(),)) \
         if big and not on_gpu else None
     # On a GPU: tensors are read, encoded and written in overlapping threads (no worker processes).
     threads = cf.ThreadPoolExecutor(2) if on_gpu else None
@@ -181,7 +181,7 @@ def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tu
             if threads is not None:
                 window.append(threads.submit(_compress_one, t, data[t.begin:t.end], options))
             elif pool is not None and t.nbytes >= INLINE:
-                with _signals_held():
+                with held():
                     window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
             else:
                 window.append(cf.Future())

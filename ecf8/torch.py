@@ -827,9 +827,9 @@ def _check_sharded(p: torch.Tensor, holders: list, what: str) -> None:
 
 def _tables(numel: int, options: dict) -> dict:
     """Encoder options for one weight: max_tables one per 512 K weights (a GPU holds an 8 KB decode
-    table per code table) and, unless given, the chunk size that decodes fastest."""
-    chunk = options.get("chunk_size") or encoder.decode_chunk_size(numel)
-    return dict(options, chunk_size=chunk, max_tables=options.get("max_tables", max(1, min(4, numel >> 19))))
+    table per code table).  chunk_size None stays None: ``ecf8.encode`` then picks the chunk size
+    that decodes fastest."""
+    return dict(options, max_tables=options.get("max_tables", max(1, min(4, numel >> 19))))
 
 
 def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embeddings: bool = False,

@@ -24,7 +24,7 @@ import pytest
 from ecf8 import signals, store
 from ecf8.checkpoint import atomic_dir, atomic_file, write_safetensors
 from ecf8.cli import main
-from checkpoint_helpers import header_of, patch, weights
+from checkpoint_helpers import header_of, patch, processes, still_running, weights
 
 
 def _packed(path, seed=0):
@@ -111,24 +111,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 
 
-def _session(sid: int) -> list[int]:
-    """Live processes of session `sid` (a command started with start_new_session=True)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _gone(sid: int, within: float = 10.0) -> list[int]:
-    """The processes of session `sid` still alive after waiting up to `within` seconds for them to end."""
-    deadline = time.monotonic() + within
-    while (left := _session(sid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """The processes of session `sid` (a command started with start_new_session=True) still alive
+    after waiting up to `within` seconds for them to end."""
+    left = still_running(lambda: processes(3, sid), within)
     for pid in left:                      # (the test fails; don't leave them to the next one)
         os.kill(pid, signal.SIGKILL)
     return left

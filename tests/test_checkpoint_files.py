@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ml_dtypes
@@ -15,6 +14,7 @@ import pytest
 import ecf8
 from ecf8 import store
 from ecf8.checkpoint import write_safetensors
+from checkpoint_helpers import alive, interrupt, processes, still_running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,29 +73,10 @@ def test_an_interrupt_without_workers_stays_an_interrupt(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 def _family(pid: int) -> list[int]:
     """Children and grandchildren (workers forked by a forkserver child)."""
-    kids = _children(pid)
-    return kids + [g for k in kids for g in _children(k)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    kids = processes(1, pid)
+    return kids + [g for k in kids for g in processes(1, k)]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
@@ -112,26 +93,11 @@ def test_an_interrupted_compress_leaves_nothing(tmp_path, sig, code):
             "progress._Progress.advance = lambda self, *a: (time.sleep(0.5), step(self, *a)); "
             "from ecf8.cli import main; sys.exit(main())")
     cmd = [sys.executable, "-c", slow, "compress", str(src), "-o", str(out), "--jobs", "2"]
-    with open(tmp_path / "stderr.txt", "wb") as err:      # (a file: an orphan cannot block a read)
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
-    start = time.monotonic()
-    while len(_family(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < start + 60:
-        time.sleep(0.02)
-    time.sleep(1.0)                           # the job takes 8 s or more: the workers are up
-    workers = _family(proc.pid)
-    assert proc.poll() is None, (f"compress ended ({proc.returncode}) after {time.monotonic() - start:.1f} s, "
-                                 f"before it could be interrupted: {(tmp_path / 'stderr.txt').read_text()}")
-    if sig == signal.SIGINT:
-        os.killpg(proc.pid, sig)         # Ctrl-C reaches the whole process group
-    else:
-        os.kill(proc.pid, sig)           # kill(1) reaches only the parent
-    assert proc.wait(timeout=60) == code
-    assert (tmp_path / "stderr.txt").read_text().splitlines() == ["ecf8: interrupted"]
+    # (the job takes 8 s or more: 1 s after two workers show, they are up)
+    workers = interrupt(cmd, tmp_path, sig, code, _family, 2, 1.0, dict(os.environ, PYTHONPATH=str(ROOT)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors", "stderr.txt"]
-    deadline = time.monotonic() + 10          # (a forkserver and resource tracker end too)
-    while (left := _running(str(out)) + [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # (the workers, and a forkserver or resource tracker, end too)
+    left = still_running(lambda: _running(str(out)) + [p for p in workers if alive(p)])
     assert not left, f"processes left running: {left}"
 
 
@@ -140,7 +106,7 @@ def _running(marker: str) -> list[int]:
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if marker.encode() in cmdline.read_bytes() and _alive(int(cmdline.parent.name)):
+            if marker.encode() in cmdline.read_bytes() and alive(int(cmdline.parent.name)):
                 found.append(int(cmdline.parent.name))
         except (OSError, ValueError):
             continue

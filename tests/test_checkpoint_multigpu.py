@@ -11,7 +11,6 @@ CI), the GPU tests "cuda:0" twice (two workers sharing one GPU).
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from ecf8 import gpu_pool, progress, store
 from ecf8.checkpoint import read_layout, write_safetensors
 from ecf8.cli import main
 from helpers import weights_like
-from test_checkpoint_files import _alive, _children
+from checkpoint_helpers import alive, interrupt, processes, still_running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,26 +189,11 @@ def test_an_interrupt_stops_every_worker_and_leaves_nothing(tmp_path, sig, code)
     script = ("import sys; from ecf8 import gpu_pool; gpu_pool.gpus = lambda: ['cpu', 'cpu']; "
               "from ecf8.cli import main; sys.exit(main())")
     cmd = [sys.executable, "-c", script, "compress", str(src), "-o", str(tmp_path / "out"), "--device", "cuda"]
-    with open(tmp_path / "stderr.txt", "wb") as err:      # (a file: an orphan cannot block a read)
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
-    start = time.monotonic()
-    while len(_children(proc.pid)) < 3 and proc.poll() is None and time.monotonic() < start + 60:
-        time.sleep(0.02)                      # two workers and the resource tracker
-    time.sleep(0.5)
-    family = _children(proc.pid)
-    assert proc.poll() is None, (f"compress ended ({proc.returncode}) before it could be interrupted: "
-                                 f"{(tmp_path / 'stderr.txt').read_text()}")
-    if sig == signal.SIGINT:
-        os.killpg(proc.pid, sig)         # Ctrl-C reaches the whole process group
-    else:
-        os.kill(proc.pid, sig)           # kill(1) reaches only the parent
-    assert proc.wait(timeout=60) == code
-    assert (tmp_path / "stderr.txt").read_text().splitlines() == ["ecf8: interrupted"]
+    # (two workers and the resource tracker)
+    family = interrupt(cmd, tmp_path, sig, code, lambda pid: processes(1, pid), 3, 0.5,
+                       dict(os.environ, PYTHONPATH=str(ROOT)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "stderr.txt"]
-    deadline = time.monotonic() + 10
-    while (left := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    left = still_running(lambda: [p for p in family if alive(p)])
     assert not left, f"processes left running: {left}"
 
 
