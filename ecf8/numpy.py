@@ -48,7 +48,12 @@ def copy_into(y: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def load_npy(path: Path, dtype: str | None) -> np.ndarray:
     """An array from a .npy file, viewed as `dtype` (e4m3, e5m2, bf16, fp16) when given."""
-    x = np.load(path, allow_pickle=False)
+    try:
+        x = np.load(path, allow_pickle=False)
+    except ValueError:           # a pickle, a safetensors file, a frame: NumPy's text is misleading
+        raise ECF8Error(f"{path}: not a .npy array file") from None
+    if not isinstance(x, np.ndarray):
+        raise ECF8Error(f"{path}: a .npz archive, not a .npy array file")
     if dtype:
         spec = dtype_spec(dtype)
         if x.dtype.itemsize != spec.dtype.itemsize or x.dtype.kind not in "uiVf":

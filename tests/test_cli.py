@@ -196,6 +196,12 @@ def test_messages_name_the_file_and_tensor(tmp_path, capsys):
     (tmp_path / "j.ecf8").write_bytes(b"ECF8" + bytes(60))
     assert main(["decode", str(tmp_path / "j.ecf8"), "-o", str(tmp_path / "j.npy")]) == 1
     assert str(tmp_path / "j.ecf8") in capsys.readouterr().err
+    np.savez(tmp_path / "z.npz", a=np.zeros(8, np.float16))
+    for wrong in (tmp_path / "j.ecf8", tmp_path / "z.npz"):      # not a .npy: one line naming it
+        assert main(["encode", str(wrong), "-o", str(tmp_path / "w.ecf8")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(wrong) in err and "allow_pickle" not in err
+        assert not (tmp_path / "w.ecf8").exists()
     src = _checkpoint(tmp_path / "m.safetensors")
     raw = bytearray(src.read_bytes())
     n = int.from_bytes(raw[:8], "little")
