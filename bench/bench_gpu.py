@@ -5,7 +5,7 @@
 Data: real all-MiniLM-L6-v2 linear weights (bench/minilm.py), E4M3 with 128x128 block scales,
 tiled to --elements; BF16 from the same model (or the layer-0 sample when only that is at hand).
 Every decoded byte is compared with the original before anything is timed.  Times are CUDA-event
-medians over --reps runs after warm-up; "out GB/s" = decoded bytes / median time (for the copy:
+medians over --reps runs after warm-up, each behind a spin kernel (no host launch latency); "out GB/s" = decoded bytes / median time (for the copy:
 bytes copied / time), the convention of DESIGN.md §2.
 """
 
@@ -29,8 +29,23 @@ import minilm  # noqa: E402
 from ecf8.decoder_cuda import BatchDecoder  # noqa: E402
 
 
+# Spins one thread until %globaltimer has advanced by `ns` nanoseconds.
+_SPIN = cp.RawKernel(r"""
+extern "C" __global__ void spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}""", "spin")
+SPIN_NS = 500_000
+
+
 def median_ms(fn, stream, reps: int, warmup_s: float = 0.3) -> float:
-    """Median CUDA-event time of fn on stream, after running it for warmup_s (GPU clocks ramp)."""
+    """Median CUDA-event time of fn on stream, after running it for warmup_s (GPU clocks ramp).
+
+    Each timing starts behind a 0.5 ms spin kernel, so that the host has enqueued fn's work before
+    the start event fires: the time is the GPU's alone, without the host's launch latency (which a
+    start event on an idle stream would count, ~10-30 us a Python-level launch).
+    """
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < warmup_s:
         for _ in range(5):
@@ -39,6 +54,7 @@ def median_ms(fn, stream, reps: int, warmup_s: float = 0.3) -> float:
     times = []
     for _ in range(reps):
         start, stop = cp.cuda.Event(), cp.cuda.Event()
+        _SPIN((1,), (1,), (np.uint64(SPIN_NS),), stream=stream)
         start.record(stream)
         fn()
         stop.record(stream)

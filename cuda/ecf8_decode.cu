@@ -80,6 +80,12 @@ __device__ __forceinline__ u32 shl_wrap(u32 lo, u32 hi, u32 n) {   // high word 
     u32 r; asm("shf.l.wrap.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(lo), "r"(hi), "r"(n)); return r;
 }
 
+// The top ECF8_LUT_BITS bits of x, as a funnel shift so that the compiler keeps the shift and
+// folds the table offset into one LEA (x >> 19 & 0x1ffe plus an add otherwise).
+__device__ __forceinline__ u32 top_bits(u32 x) {
+    u32 r; asm("shf.r.clamp.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(0u), "n"(32 - ECF8_LUT_BITS)); return r;
+}
+
 struct LaneStream {
     u32 hi, lo;       // next stream bits, most significant first
     u32 nbits;        // valid bits in hi:lo
@@ -138,9 +144,9 @@ struct LaneStream {
 
     // The step's two symbols' (swapped) table entries: symbol << 8 | length.
     __device__ __forceinline__ void decode2(u32 lut, u32& e1, u32& e2) {
-        e1 = lds_u16(lut + ((hi >> (32 - ECF8_LUT_BITS)) << 1));
+        e1 = lds_u16(lut + (top_bits(hi) << 1));
         const u32 peek = shl_wrap(lo, hi, e1);
-        e2 = lds_u16(lut + ((peek >> (32 - ECF8_LUT_BITS)) << 1));
+        e2 = lds_u16(lut + (top_bits(peek) << 1));
         const u32 both = e1 + e2;                       // low 5 bits: the two lengths, <= 24
         hi = shl_wrap(lo, hi, both);
         lo = shl_wrap(0u, lo, both);
