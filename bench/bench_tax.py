@@ -20,8 +20,9 @@ down: 218 M weights a layer), one decode step with every GEMM captured in one CU
 Weights are real all-MiniLM-L6-v2 bytes (bench/minilm.py: block-128 E4M3, and BF16) tiled to each
 shape, so the exponent statistics are those of a trained model.  Every decoded weight is compared
 with the original before anything is timed.  Times are medians of --reps graph replays (CUDA
-events) after warm-up; "ratio" = base ms / ecf8 ms (1.0 = no tax); "decode TB/s" = decoded bytes /
-median time of a graph holding only the decodes; "copy TB/s" = a device-to-device copy of the same
+events, each replay behind a spin kernel so the host's replay latency is not timed) after
+warm-up; "ratio" = base ms / ecf8 ms (1.0 = no tax); "decode TB/s" = decoded bytes / median time
+of a graph holding only the decodes; "copy TB/s" = a device-to-device copy of the same
 bytes in the same run.
 """
 

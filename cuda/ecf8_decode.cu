@@ -81,7 +81,7 @@ __device__ __forceinline__ u32 shl_wrap(u32 lo, u32 hi, u32 n) {   // high word 
 }
 
 // The top ECF8_LUT_BITS bits of x, as a funnel shift so that the compiler keeps the shift and
-// folds the table offset into one LEA (x >> 19 & 0x1ffe plus an add otherwise).
+// folds the table offset in with one IMAD (x >> 19 & 0x1ffe plus an add otherwise).
 __device__ __forceinline__ u32 top_bits(u32 x) {
     u32 r; asm("shf.r.clamp.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(0u), "n"(32 - ECF8_LUT_BITS)); return r;
 }
