@@ -78,15 +78,23 @@ def workers(monkeypatch):
     return use
 
 
+def _spread_is_the_cpu_bytes(tmp_path, workers, devices, out):
+    """Compress a model folder on the CPU, then with device="cuda" spread over `devices` into
+    tmp_path/out; assert one spread over exactly those devices and the CPU's bytes.  Returns
+    (the source folder, the spreads list, to which later compressions append)."""
+    src = _model(tmp_path / "model")
+    store.compress_path(src, tmp_path / "cpu", device="cpu", jobs=1)
+    spreads = workers(devices)
+    store.compress_path(src, tmp_path / out, device="cuda")
+    assert spreads == [devices]
+    assert _tree(tmp_path / out) == _tree(tmp_path / "cpu")
+    return src, spreads
+
+
 # ----------------------------------------------------------------- the multi-worker path, on the CPU
 
 def test_shards_spread_over_two_workers_are_the_cpu_bytes(tmp_path, workers):
-    src = _model(tmp_path / "model")
-    store.compress_path(src, tmp_path / "cpu", device="cpu", jobs=1)
-    spreads = workers(["cpu", "cpu"])
-    store.compress_path(src, tmp_path / "spread", device="cuda")
-    assert spreads == [["cpu", "cpu"]]
-    assert _tree(tmp_path / "spread") == _tree(tmp_path / "cpu")
+    _spread_is_the_cpu_bytes(tmp_path, workers, ["cpu", "cpu"], "spread")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu", "model", "spread"]
     assert multiprocessing.active_children() == []
 
@@ -221,12 +229,7 @@ def test_gpu_folder_is_the_cpu_bytes(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_two_workers_on_one_gpu_are_the_cpu_bytes(tmp_path, workers):
-    src = _model(tmp_path / "model")
-    store.compress_path(src, tmp_path / "cpu", device="cpu", jobs=1)
-    spreads = workers(["cuda:0", "cuda:0"])
-    store.compress_path(src, tmp_path / "gpu", device="cuda")
-    assert spreads == [["cuda:0", "cuda:0"]]
-    assert _tree(tmp_path / "gpu") == _tree(tmp_path / "cpu")
+    src, spreads = _spread_is_the_cpu_bytes(tmp_path, workers, ["cuda:0", "cuda:0"], "gpu")
     one = src / "model-01.safetensors"                     # a single file: one GPU, no workers
     store.compress_path(one, tmp_path / "one.safetensors", device="cuda")
     assert spreads == [["cuda:0", "cuda:0"]]

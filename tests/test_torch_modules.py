@@ -311,6 +311,16 @@ def outputs(model, order):
     return {i: model[i](xs[model[i].in_features]) for i in order}
 
 
+def compressed_linears(**options):
+    """(model, forward order, its uncompressed outputs, stats) of linears() compressed by
+    compress_module(**options) on the GPU."""
+    _cuda()
+    model = linears()
+    forward = list(range(len(model)))
+    expected = outputs(model, forward)
+    return model, forward, expected, ecf8.torch.compress_module(model, **options)
+
+
 def groups_of(model):
     return [m.__dict__["_ecf8"].group for m in model]
 
@@ -319,11 +329,7 @@ def groups_of(model):
 def test_cuda_groups_decode_exactly_in_any_order():
     """By default q, k, v and o share one launch (their bytes fit in the largest weight's buffer,
     which does not grow), the MLP weights go alone; any call order gives the exact outputs."""
-    _cuda()
-    model = linears()
-    forward = list(range(len(model)))
-    expected = outputs(model, forward)
-    stats = ecf8.torch.compress_module(model)
+    model, forward, expected, stats = compressed_linears()
     g = groups_of(model)
     assert g[0] is not None and g[0] is g[1] is g[2] is g[3] and g[4] is g[5] is g[6] is None
     assert g[7] is g[10] and g[7] is not g[0]
@@ -335,11 +341,7 @@ def test_cuda_groups_decode_exactly_in_any_order():
 
 @pytest.mark.gpu
 def test_cuda_groups_survive_load_state_dict_pickling_moves_and_graphs():
-    _cuda()
-    model = linears()
-    forward = list(range(len(model)))
-    expected = outputs(model, forward)
-    ecf8.torch.compress_module(model, group_bytes=1 << 30)
+    model, forward, expected, _ = compressed_linears(group_bytes=1 << 30)
     assert len({id(g) for g in groups_of(model)}) == 1 and groups_of(model)[0] is not None
     assert all(same(outputs(model, forward)[i], expected[i]) for i in forward)
     new = torch.randn(64, 256, device="cuda").to(torch.bfloat16)           # k of layer 0
@@ -381,11 +383,7 @@ def test_cuda_groups_survive_load_state_dict_pickling_moves_and_graphs():
 def test_cuda_groups_in_graphs_captured_one_after_another_and_eager_on_the_capture_stream():
     """A capture records a group's decode but runs nothing: a second capture, or an eager run on
     the capture's stream before any replay, must not take the group as decoded."""
-    _cuda()
-    model = linears()
-    forward = list(range(len(model)))
-    expected = outputs(model, forward)
-    ecf8.torch.compress_module(model, group_bytes=1 << 30)
+    model, forward, expected, _ = compressed_linears(group_bytes=1 << 30)
     torch.manual_seed(3)
     xs = {k: torch.randn(8, k, device="cuda").to(torch.bfloat16) for k in (256, 1024)}
 
@@ -421,13 +419,9 @@ def test_cuda_groups_in_graphs_captured_one_after_another_and_eager_on_the_captu
 
 @pytest.mark.gpu
 def test_cuda_unpickled_groups_capture_and_dropped_models_free_their_frames():
-    _cuda()
     import gc
 
-    model = linears()
-    forward = list(range(len(model)))
-    expected = outputs(model, forward)
-    ecf8.torch.compress_module(model, group_bytes=1 << 30)
+    model, forward, expected, _ = compressed_linears(group_bytes=1 << 30)
     f = io.BytesIO()
     torch.save(model, f)
     f.seek(0)
