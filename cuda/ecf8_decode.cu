@@ -86,6 +86,12 @@ __device__ __forceinline__ u32 top_bits(u32 x) {
     u32 r; asm("shf.r.clamp.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(0u), "n"(32 - ECF8_LUT_BITS)); return r;
 }
 
+// The bits of b where mask is set and of a elsewhere: one LOP3 (inline, as the compiler splits
+// the C form in two when the mask is a constant).
+__device__ __forceinline__ u32 bitsel(u32 a, u32 b, u32 mask) {
+    u32 r; asm("lop3.b32 %0, %1, %2, %3, 0xd8;" : "=r"(r) : "r"(a), "r"(b), "r"(mask)); return r;
+}
+
 struct LaneStream {
     u32 hi, lo;       // next stream bits, most significant first
     u32 nbits;        // valid bits in hi:lo
@@ -194,17 +200,17 @@ __device__ __forceinline__ void decode_group(LaneStream& s, u32 lut, const RawRu
     if (e >= span) return;
     u32 o[4 * ELEM_BYTES];   // the run's 16 * ELEM_BYTES output bytes as words
     if (EXP_BITS == 4) {
-        // E4M3: byte = sign << 7 | exp << 3 | mantissa, and with raw nibble r = sign << 3 |
-        // mantissa, byte = r + 15 * (r & 8) + (exp << 3). Even elements sit in the low nibbles of
-        // the nibble words, odd ones in the high nibbles; byte permutes interleave them.
+        // E4M3: byte = sign << 7 | exp << 3 | mantissa from the raw nibble sign << 3 | mantissa:
+        // bits 0-2 and 7 from the nibble, bits 3-6 from the exponent, as two bit-selects a word.
+        // Even elements sit in the low nibbles of the nibble words, odd ones in the high nibbles;
+        // byte permutes interleave them.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const u32 nib = rr.v[h];
             const u32 exps = __byte_perm(__byte_perm(sym[4 * h], sym[4 * h + 1], 0x0051),
                                          __byte_perm(sym[4 * h + 2], sym[4 * h + 3], 0x0051), 0x5410);
-            const u32 ra = nib & 0x0f0f0f0fu, rb = (nib >> 4) & 0x0f0f0f0fu;
-            const u32 va = ra + 15u * (ra & 0x08080808u) + ((exps & 0x0f0f0f0fu) << 3);
-            const u32 vb = rb + 15u * (rb & 0x08080808u) + ((exps >> 1) & 0x78787878u);
+            const u32 va = bitsel(bitsel(nib << 4, nib, 0x07070707u), exps << 3, 0x78787878u);
+            const u32 vb = bitsel(bitsel(nib, nib >> 4, 0x07070707u), exps >> 1, 0x78787878u);
             o[2 * h] = __byte_perm(va, vb, 0x5140);
             o[2 * h + 1] = __byte_perm(va, vb, 0x7362);
         }
@@ -244,22 +250,21 @@ __device__ __forceinline__ void decode_chunk(const TensorDesc& d, u32 lut, u64 c
     const u64 first = chunk << d.chunk_log2;
     const u64 left = d.n - first;
     const u32 span = (u32)(left < (1ull << d.chunk_log2) ? left : (1ull << d.chunk_log2));
-    const u32 groups = (span + 511) >> 9;
     const u32* chunk_words = (const u32*)d.chunk_words;
     // This lane's first raw run and output bytes; each group advances them by 32 runs.
     const u8* raw = (const u8*)d.raw + ((first + (lane << 4)) >> 4) * (2 * R);
     u8* dst = out + (first + (lane << 4)) * ELEM_BYTES;
     LaneStream s;
     s.start((const u32*)d.words, __ldg(chunk_words + chunk), __ldg(chunk_words + chunk + 1), lane, ring);
-    // Groups in pairs, raw runs loaded one group ahead into alternating registers.
+    // Groups in pairs, raw runs loaded one group ahead into alternating registers. `base` (the
+    // group's first element, warp-uniform) bounds the loop; e = base + 16 * lane.
     u32 e = lane << 4;
     RawRun<R> a = load_raw<R>(raw, e < span), b;
-    for (u32 g = 0; g < groups; g += 2) {
-        const bool has1 = g + 1 < groups;
-        b = load_raw<R>(raw + 64 * R, has1 && e + 512 < span);
+    for (u32 base = 0; base < span; base += 1024) {
+        b = load_raw<R>(raw + 64 * R, e + 512 < span);
         decode_group<ELEM_BYTES, EXP_BITS, MAN_BITS>(s, lut, a, e, span, dst, lanemask_lt);
-        if (!has1) break;
-        a = load_raw<R>(raw + 128 * R, g + 2 < groups && e + 1024 < span);
+        if (base + 512 >= span) break;
+        a = load_raw<R>(raw + 128 * R, e + 1024 < span);
         decode_group<ELEM_BYTES, EXP_BITS, MAN_BITS>(s, lut, b, e + 512, span, dst + 512 * ELEM_BYTES,
                                                      lanemask_lt);
         e += 1024;
@@ -269,8 +274,8 @@ __device__ __forceinline__ void decode_chunk(const TensorDesc& d, u32 lut, u64 c
 }
 
 // Blocks per SM the register allocation must allow for 8-warp blocks (E4M3: 48 registers, E5M2:
-// 64, 16-bit kinds: 80). The decoder is bound by the issue rate of each lane's serial decode
-// chain, yet E4M3 at 40 registers (6 blocks) ran 4-6% slower than at 48 (bench/NOTES.md, v7).
+// 64, 16-bit kinds: 80). The decoder is bound by its integer instruction issue (ALU and IMAD
+// together, bench/NOTES.md), yet E4M3 at 40 registers (6 blocks) ran 4-6% slower than at 48.
 template <int ELEM_BYTES, int EXP_BITS> struct MinBlocks {
     static constexpr int value = ELEM_BYTES == 2 ? 3 : (EXP_BITS == 4 ? 5 : 4);
 };
