@@ -15,8 +15,8 @@ down: 218 M weights a layer), one decode step with every GEMM captured in one CU
   default (q k v o in one launch, ``GroupDecoder``, into the shared weight-sized buffer; the MLP
   weights one launch each); one decode launch per layer (``BatchDecoder``, the layer's 7 weights
   into a layer-sized buffer); and the same with the decode of layer i + 1 on a second stream, into
-  the other of two layer buffers, while layer i's GEMMs run ("overlap").  A last row bounds any
-  overlap: every decode on a second stream beside the GEMMs on the raw weights, with no dependency
+  the other of two layer buffers, while layer i's GEMMs run ("overlap").  A further layered row
+  bounds any overlap: every decode on a second stream beside the GEMMs on the raw weights, with no dependency
   between them (if the GPU ran the two side by side, its time would approach the longer of
   "decode alone" and "base"; it is their sum when they take turns).
 
@@ -194,7 +194,8 @@ def run_case(label: str, layers: Layers, batches, reps: int, gemm, make_inputs, 
 
 
 def run_layered(label: str, layers: Layers, batches, reps: int, gemm, make_inputs, rows: list) -> None:
-    """FP8 GEMMs fed by one decode launch per layer, serial and overlapped with the GEMMs."""
+    """FP8 GEMMs fed by compress_module's groups, by one decode launch per layer (serial, and
+    overlapped with the GEMMs), and the overlap bound (decodes beside raw-weight GEMMs)."""
     layers.batched()
     side = torch.cuda.Stream()
     done = [torch.cuda.Event() for _ in range(layers.layers)]
