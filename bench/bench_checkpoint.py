@@ -77,7 +77,7 @@ def main() -> None:
     out = subprocess.run([sys.executable, "-m", "ecf8.cli", "analyze", str(src), "--json"],
                          check=True, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
-    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    rows = {r["name"]: r for r in json.loads(out.stdout)["tensors"]}
     worst = 0.0
     for name, x in tensors.items():
         if x.dtype.name == "float8_e4m3fn":

@@ -6,8 +6,8 @@ Data: real all-MiniLM-L6-v2 linear weights (bench/minilm.py), E4M3 with 128x128 
 tiled to --elements; BF16 from the same model (or the layer-0 sample when only that is at hand).
 Every decoded byte is compared with the original before anything is timed.  Times are CUDA-event
 medians over --reps runs after warm-up, each behind a spin kernel (no host launch latency); "out
-GB/s" = decoded bytes / median time (for the copy: bytes copied / time), the convention of
-DESIGN.md §2.
+GB/s" = decoded bytes / median time (for the copy: bytes copied / time), so both count output
+bytes.
 """
 
 from __future__ import annotations

