@@ -128,8 +128,6 @@ def _device(device: str | torch.device) -> tuple[torch.device, str]:
         return dev, "cpu"
     if dev.type != "cuda":
         raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
-    if not torch.cuda.is_available():
-        raise UnsupportedError("device='cuda' needs a CUDA build of PyTorch and a GPU")
     index = et._cuda_index(dev)
     et._check_device(torch.device("cuda", index), "the target device")
     return torch.device("cuda", index), f"cuda:{index}"

@@ -174,6 +174,10 @@ def torch_memory():
 
 
 def _cuda_index(device: torch.device) -> int:
+    """The index of CUDA `device` (the current device if it names none); UnsupportedError where
+    PyTorch has no CUDA or sees no GPU (torch itself would raise a bare AssertionError)."""
+    if not torch.cuda.is_available():
+        raise UnsupportedError("device='cuda' needs a CUDA build of PyTorch and a GPU")
     return device.index if device.index is not None else torch.cuda.current_device()
 
 

@@ -161,6 +161,20 @@ def test_load_model_shard_folder(tmp_path, threads):
     assert same(empty(ids), model(ids))
 
 
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    """device="cuda" where PyTorch sees no GPU: ECF8Error, not torch's bare AssertionError."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    ecf8.torch.save_file({"w": torch.ones(4, dtype=torch.bfloat16)}, tmp_path / "t.safetensors")
+    blob = ecf8.encode(np.ones(4, np.float16))
+    calls = [lambda: ecf8.torch.load_file(tmp_path / "t.safetensors", device="cuda"),
+             lambda: ecf8.torch.decode(blob, device="cuda"),
+             lambda: ecf8.torch.load_model(TiedLM(), tmp_path / "t.safetensors", device="cuda")]
+    for call in calls:
+        with pytest.raises(ecf8.ECF8Error, match="CUDA build of PyTorch"):
+            call()
+
+
 # --- GPU ----------------------------------------------------------------------------------------
 
 def _cuda():
