@@ -407,11 +407,7 @@ class _Pool:
         the buffer holds it already."""
         local = self.state()
         key = (w.device, stream, local.depth.get(w.device, 0))
-        buf = local.buffers.get(key)
-        if buf is None or buf.numel() < self.sizes[w.device]:     # new, or a larger weight came
-            buf = local.buffers[key] = torch.empty(self.sizes[w.device], dtype=torch.uint8, device=w.device)
-            local.views.clear()
-            local.resident.pop(key, None)
+        buf = self._buffer(local, key)
         views = local.views.get(w)
         if views is None:
             views = local.views[w] = {}
@@ -430,19 +426,22 @@ class _Pool:
             local.resident[key] = (capture, group.stamp)
         return view
 
+    def _buffer(self, local: Any, key: tuple) -> torch.Tensor:
+        """This thread's buffer for key (device, stream, depth), (re)made when missing or smaller
+        than the device's size (a larger weight or group came)."""
+        device = key[0]
+        buf = local.buffers.get(key)
+        if buf is None or buf.numel() < self.sizes[device]:
+            buf = local.buffers[key] = torch.empty(self.sizes[device], dtype=torch.uint8, device=device)
+            local.views.clear()
+            local.resident.pop(key, None)
+        return buf
+
     def warm(self, weights: list) -> None:
         """Allocate this thread's buffers now (e.g. before a CUDA graph capture)."""
-        largest = {}
-        for w in weights:
-            if w.nbytes >= getattr(largest.get(w.device), "nbytes", -1):
-                largest[w.device] = w
         local = self.state()
-        for w in largest.values():
-            key = (w.device, w.stream_id(), 0)
-            if key not in local.buffers or local.buffers[key].numel() < self.sizes[w.device]:
-                local.buffers[key] = torch.empty(self.sizes[w.device], dtype=torch.uint8, device=w.device)
-                local.views.clear()
-                local.resident.pop(key, None)
+        for w in {w.device: w for w in weights}.values():   # one weight per device: its stream
+            self._buffer(local, (w.device, w.stream_id(), 0))
 
     def buffer_bytes(self) -> int:
         return sum(self.sizes.values())

@@ -146,18 +146,24 @@ def _cut_after_check(monkeypatch, victim: Path) -> None:
     monkeypatch.setattr(store, "_check_plain", check_then_cut)
 
 
-def test_a_shard_failing_in_a_worker_is_one_error_line_and_nothing_written(tmp_path, monkeypatch,
-                                                                           workers, capfd):
+def _one_error_line(tmp_path, monkeypatch, workers, capfd, devices, shard):
+    """A shard cut short in a worker (after the parent checked it): `ecf8 compress --device cuda`
+    exits 1 with one error line naming it, writes nothing and leaves no worker behind."""
     src = _model(tmp_path / "model")
-    victim = src / "model-01.safetensors"
+    victim = src / shard
     _cut_after_check(monkeypatch, victim)
-    workers(["cpu", "cpu"])
+    workers(devices)
     assert main(["compress", str(src), "-o", str(tmp_path / "out"), "--device", "cuda"]) == 1
     out, err = capfd.readouterr()
     assert out == "" and len(err.splitlines()) == 1, err
     assert err.startswith("ecf8: error: ") and str(victim) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert multiprocessing.active_children() == []
+
+
+def test_a_shard_failing_in_a_worker_is_one_error_line_and_nothing_written(tmp_path, monkeypatch,
+                                                                           workers, capfd):
+    _one_error_line(tmp_path, monkeypatch, workers, capfd, ["cpu", "cpu"], "model-01.safetensors")
 
 
 def test_a_worker_that_dies_is_an_ecf8_error_naming_its_shard(tmp_path, workers):
@@ -239,15 +245,7 @@ def test_gpu_two_workers_on_one_gpu_are_the_cpu_bytes(tmp_path, workers):
 
 @pytest.mark.gpu
 def test_gpu_a_shard_failing_in_a_worker_is_one_error_line(tmp_path, monkeypatch, workers, capfd):
-    src = _model(tmp_path / "model")
-    victim = src / "model-03.safetensors"
-    _cut_after_check(monkeypatch, victim)
-    workers(["cuda:0", "cuda:0"])
-    assert main(["compress", str(src), "-o", str(tmp_path / "out"), "--device", "cuda"]) == 1
-    out, err = capfd.readouterr()
-    assert out == "" and len(err.splitlines()) == 1 and str(victim) in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    assert multiprocessing.active_children() == []
+    _one_error_line(tmp_path, monkeypatch, workers, capfd, ["cuda:0", "cuda:0"], "model-03.safetensors")
 
 
 @pytest.mark.gpu
