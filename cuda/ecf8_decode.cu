@@ -185,20 +185,24 @@ __device__ __forceinline__ RawRun<R> load_raw(const u8* p, bool active) {
     return r;
 }
 
-// Decode one 16-element lane run whose first element is the chunk's element e (e < span: the
-// chunk's element count) and store it at dst (the run's first output byte).
+// The symbols of one 16-element lane run (every lane of the warp takes part: refills are
+// warp-collective), as swapped table entries: the symbol is byte 1.
 template <int ELEM_BYTES, int EXP_BITS, int MAN_BITS>
-__device__ __forceinline__ void decode_group(LaneStream& s, u32 lut, const RawRun<MAN_BITS + 1>& rr,
-                                             u32 e, u32 span, u8* dst, u32 lanemask_lt) {
+__device__ __forceinline__ void decode_symbols(LaneStream& s, u32 lut, u32 lanemask_lt,
+                                               u32 (&sym)[Kind<ELEM_BYTES, EXP_BITS, MAN_BITS>::SYMBOLS]) {
     typedef Kind<ELEM_BYTES, EXP_BITS, MAN_BITS> K;
-    u32 sym[K::SYMBOLS];            // swapped entries: the symbol is byte 1
 #pragma unroll
     for (int i = 0; i < K::SYMBOLS; i += 2) {
         s.refill(lanemask_lt);
         s.decode2(lut, sym[i], sym[i + 1]);
     }
-    if (e >= span) return;
-    u32 o[4 * ELEM_BYTES];   // the run's 16 * ELEM_BYTES output bytes as words
+}
+
+// A run's 16 * ELEM_BYTES element bytes, as little-endian words o, from its symbols and raw bits.
+template <int ELEM_BYTES, int EXP_BITS, int MAN_BITS>
+__device__ __forceinline__ void assemble(const u32 (&sym)[Kind<ELEM_BYTES, EXP_BITS, MAN_BITS>::SYMBOLS],
+                                         const RawRun<MAN_BITS + 1>& rr, u32 (&o)[4 * ELEM_BYTES]) {
+    typedef Kind<ELEM_BYTES, EXP_BITS, MAN_BITS> K;
     if (EXP_BITS == 4) {
         // E4M3: byte = sign << 7 | exp << 3 | mantissa from the raw nibble sign << 3 | mantissa:
         // bits 0-2 and 7 from the nibble, bits 3-6 from the exponent, as two bit-selects a word.
@@ -230,6 +234,18 @@ __device__ __forceinline__ void decode_group(LaneStream& s, u32 lut, const RawRu
             if (sh == 0) o[i / per_word] = v; else o[i / per_word] |= v << sh;
         }
     }
+}
+
+// Decode one 16-element lane run whose first element is the chunk's element e (e < span: the
+// chunk's element count) and store it at dst (the run's first output byte).
+template <int ELEM_BYTES, int EXP_BITS, int MAN_BITS>
+__device__ __forceinline__ void decode_group(LaneStream& s, u32 lut, const RawRun<MAN_BITS + 1>& rr,
+                                             u32 e, u32 span, u8* dst, u32 lanemask_lt) {
+    u32 sym[Kind<ELEM_BYTES, EXP_BITS, MAN_BITS>::SYMBOLS];
+    decode_symbols<ELEM_BYTES, EXP_BITS, MAN_BITS>(s, lut, lanemask_lt, sym);
+    if (e >= span) return;
+    u32 o[4 * ELEM_BYTES];   // the run's 16 * ELEM_BYTES output bytes as words
+    assemble<ELEM_BYTES, EXP_BITS, MAN_BITS>(sym, rr, o);
     if (e + 16 <= span) {
 #pragma unroll
         for (int k = 0; k < ELEM_BYTES; ++k)
@@ -273,6 +289,18 @@ __device__ __forceinline__ void decode_chunk(const TensorDesc& d, u32 lut, u64 c
     }
 }
 
+// The block's copy of a tensor's decode tables in shared memory, entries swapped to
+// symbol << 8 | length (the block synchronizes).
+__device__ __forceinline__ void load_tables(const TensorDesc& d, u16* luts) {
+    const uint4* src = (const uint4*)d.luts;
+    for (u32 i = threadIdx.x; i < d.ntables * (ECF8_LUT_SIZE / 8); i += blockDim.x) {
+        const uint4 q = src[i];
+        ((uint4*)luts)[i] = make_uint4(__byte_perm(q.x, 0, 0x2301), __byte_perm(q.y, 0, 0x2301),
+                                       __byte_perm(q.z, 0, 0x2301), __byte_perm(q.w, 0, 0x2301));
+    }
+    __syncthreads();
+}
+
 // Blocks per SM the register allocation must allow for 8-warp blocks (E4M3: 48 registers, E5M2:
 // 64, 16-bit kinds: 80). The decoder is bound by its integer instruction issue (ALU and IMAD
 // together, bench/NOTES.md), yet E4M3 at 40 registers (6 blocks) ran 4-6% slower than at 48.
@@ -292,13 +320,7 @@ ecf8_decode(const TensorDesc* __restrict__ descs, const u32* __restrict__ block_
         if (block_starts[mid] <= blockIdx.x) lo = mid; else hi = mid - 1;
     }
     const TensorDesc d = descs[lo];
-    const uint4* src = (const uint4*)d.luts;
-    for (u32 i = threadIdx.x; i < d.ntables * (ECF8_LUT_SIZE / 8); i += blockDim.x) {
-        const uint4 q = src[i];       // entries swapped to symbol << 8 | length
-        ((uint4*)luts)[i] = make_uint4(__byte_perm(q.x, 0, 0x2301), __byte_perm(q.y, 0, 0x2301),
-                                       __byte_perm(q.z, 0, 0x2301), __byte_perm(q.w, 0, 0x2301));
-    }
-    __syncthreads();
+    load_tables(d, luts);
     u8* out = (u8*)(d.out + out_base);
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u64 base = (u64)(blockIdx.x - block_starts[lo]) * ECF8_WARPS * chunks_per_warp;
@@ -313,8 +335,10 @@ ecf8_decode(const TensorDesc* __restrict__ descs, const u32* __restrict__ block_
     cp_async_wait<0>();       // no copy into this block's shared memory outlives the block
 }
 
+#ifndef ECF8_DEVICE_CODE_ONLY    // set by sources that include this one for its device code
 // Instantiations, named by ecf8.decoder_cuda: E4M3FN, E5M2, BF16, FP16.
 template __global__ void ecf8_decode<1, 4, 3>(const TensorDesc*, const u32*, int, u32, u64);
 template __global__ void ecf8_decode<1, 5, 2>(const TensorDesc*, const u32*, int, u32, u64);
 template __global__ void ecf8_decode<2, 8, 7>(const TensorDesc*, const u32*, int, u32, u64);
 template __global__ void ecf8_decode<2, 5, 10>(const TensorDesc*, const u32*, int, u32, u64);
+#endif

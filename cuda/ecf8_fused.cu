@@ -1,0 +1,191 @@
+// Fused decode + matrix product for FP8 E4M3FN weights held as ECF8 frames (FORMAT.md is
+// normative), and its uncompressed twin: the same kernel reading the weight's bytes directly.
+//
+//     Y[b, n] = scale * sum_k W[n, k] * X[b, k]                 (per-tensor scale)
+//     Y[b, n] = sum_kb S[n / 128, kb] * sum_{k in kb} W * X     (128 x 128 block scales)
+//
+// Layout assumptions
+// - W is N x K in C order, K a multiple of 512: every 512-element group (FORMAT.md §3) of every
+//   chunk lies in one row, and lane l's 16-element run of a group holds W[n, k .. k + 15] with
+//   k = (group's first column) + 16 l. Each 128-column scale block holds 8 whole runs.
+// - One warp handles one chunk, exactly as the decoder (ecf8_decode.cu) does: the weights are
+//   decoded into registers and never written to memory.
+// - X is B x K float32, row-major, 16-byte aligned (the caller converts bf16/fp8/fp16 activations
+//   exactly). S is float32 [ceil(N / 128), ceil(K / 128)], row-major.
+// - Arithmetic is float32: each weight is converted exactly (E4M3 -> f16 -> f32), each lane
+//   accumulates its runs of one row in order (k ascending within a run, runs in group order), the
+//   warp adds its lanes by a fixed butterfly, and the chunks' row partials are added in chunk order
+//   by ecf8_fused_reduce. The order depends only on (N, K, chunk size), never on timing, so the
+//   result is deterministic and the decoding kernel equals its twin bit for bit.
+// - P (partials, a caller's workspace) holds B x nchunks x J floats, J = rows one chunk can touch
+//   (host-computed). Y is B x N float32.
+
+#define ECF8_DEVICE_CODE_ONLY
+#include "ecf8_decode.cu"
+
+#ifndef ECF8_FUSED_WARPS
+#define ECF8_FUSED_WARPS 8
+#endif
+
+// Mirrors ecf8.fused.FUSED_DESC_DTYPE: the decoder's TensorDesc fields plus the product's. It is
+// fixed per weight (uploaded once); X, P and Y are launch arguments, so a CUDA graph can capture
+// launches without uploading anything.
+struct FusedDesc {
+    TensorDesc t;      // t.out unused; t.words/raw/... unused by the twin, which reads `weights`
+    u64 weights;       // const u8*: the uncompressed weight bytes (twin only)
+    u64 scales;        // const float*: block scales (block mode only)
+    u64 rows;          // N
+    u64 cols;          // K
+    u64 rows_per_chunk;// J
+    u64 scale_cols;    // ceil(K / 128)
+};
+
+// Four E4M3 bytes of w as floats (exact: E4M3 -> f16 by the hardware converter, then f16 -> f32).
+__device__ __forceinline__ void e4m3x4_to_f32(u32 w, float (&f)[4]) {
+    u32 lo, hi;
+    asm("{\n\t.reg .b16 a, b;\n\tmov.b32 {a, b}, %2;\n\t"
+        "cvt.rn.f16x2.e4m3x2 %0, a;\n\tcvt.rn.f16x2.e4m3x2 %1, b;\n\t}"
+        : "=r"(lo), "=r"(hi) : "r"(w));
+    asm("{\n\t.reg .f16 a, b;\n\tmov.b32 {a, b}, %2;\n\tcvt.f32.f16 %0, a;\n\tcvt.f32.f16 %1, b;\n\t}"
+        : "=f"(f[0]), "=f"(f[1]) : "r"(lo));
+    asm("{\n\t.reg .f16 a, b;\n\tmov.b32 {a, b}, %2;\n\tcvt.f32.f16 %0, a;\n\tcvt.f32.f16 %1, b;\n\t}"
+        : "=f"(f[2]), "=f"(f[3]) : "r"(hi));
+}
+
+// dot[b] = sum over the run's 16 weights (bytes in o, element order) of w * X[b, k + j], j ascending.
+template <int B>
+__device__ __forceinline__ void run_dot(const u32 (&o)[4], const float* __restrict__ x, u64 cols, u64 k,
+                                        float (&dot)[B]) {
+    float w[16];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        float f[4];
+        e4m3x4_to_f32(o[q], f);
+        w[4 * q] = f[0]; w[4 * q + 1] = f[1]; w[4 * q + 2] = f[2]; w[4 * q + 3] = f[3];
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        const float4* xv = (const float4*)(x + b * cols + k);
+        float s = 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float4 v = __ldg(xv + q);
+            s = fmaf(w[4 * q], v.x, s);
+            s = fmaf(w[4 * q + 1], v.y, s);
+            s = fmaf(w[4 * q + 2], v.z, s);
+            s = fmaf(w[4 * q + 3], v.w, s);
+        }
+        dot[b] = s;
+    }
+}
+
+// The warp's sum of acc[b] (fixed butterfly), written by lane 0 to the chunk's partial slot j.
+template <int B>
+__device__ __forceinline__ void flush_row(float (&acc)[B], const FusedDesc& d, float* __restrict__ partials,
+                                          u64 chunk, u64 j, u32 lane) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        float v = acc[b];
+#pragma unroll
+        for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+        if (lane == 0)
+            partials[((u64)b * d.t.nchunks + chunk) * d.rows_per_chunk + j] = v;
+        acc[b] = 0.f;
+    }
+}
+
+// One chunk: its weights (decoded when DECODE, else read from d.weights) times X, row partials
+// to P. BLOCK_SCALES: 128 x 128 scales applied per run.
+template <int B, bool DECODE, bool BLOCK_SCALES>
+__device__ __forceinline__ void fused_chunk(const FusedDesc& d, const float* __restrict__ x,
+                                            float* __restrict__ partials, u32 lut, u64 chunk, u32 lane, u32 ring) {
+    const u32 lanemask_lt = (1u << lane) - 1u;
+    const u64 first = chunk << d.t.chunk_log2;
+    const u64 left = d.t.n - first;
+    const u32 span = (u32)(left < (1ull << d.t.chunk_log2) ? left : (1ull << d.t.chunk_log2));
+    const u64 row0 = first / d.cols;
+    u64 row = row0, col = first - row0 * d.cols;       // the current group's row and first column
+    float acc[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[b] = 0.f;
+    LaneStream s;
+    const u8* raw = (const u8*)d.t.raw + ((first + (lane << 4)) >> 4) * 8;
+    const u8* plain = (const u8*)d.weights + first + (lane << 4);
+    if (DECODE) {
+        const u32* chunk_words = (const u32*)d.t.chunk_words;
+        s.start((const u32*)d.t.words, __ldg(chunk_words + chunk), __ldg(chunk_words + chunk + 1), lane, ring);
+    }
+    for (u32 base = 0; base < span; base += 512) {
+        u32 o[4];
+        if (DECODE) {
+            const RawRun<4> rr = load_raw<4>(raw, true);
+            u32 sym[Kind<1, 4, 3>::SYMBOLS];
+            decode_symbols<1, 4, 3>(s, lut, lanemask_lt, sym);
+            assemble<1, 4, 3>(sym, rr, o);
+            raw += 256;
+        } else {
+            const uint4 q = __ldg((const uint4*)plain);
+            o[0] = q.x; o[1] = q.y; o[2] = q.z; o[3] = q.w;
+            plain += 512;
+        }
+        const u64 k = col + (lane << 4);
+        float dot[B];
+        run_dot<B>(o, x, d.cols, k, dot);
+        if (BLOCK_SCALES) {
+            const float sc = __ldg((const float*)d.scales + (row >> 7) * d.scale_cols + (k >> 7));
+#pragma unroll
+            for (int b = 0; b < B; ++b) acc[b] = fmaf(sc, dot[b], acc[b]);
+        } else {
+#pragma unroll
+            for (int b = 0; b < B; ++b) acc[b] += dot[b];
+        }
+        col += 512;
+        if (col == d.cols) {                      // warp-uniform: the row ends with this group
+            flush_row<B>(acc, d, partials, chunk, row - row0, lane);
+            ++row;
+            col = 0;
+        }
+    }
+    if (col != 0) flush_row<B>(acc, d, partials, chunk, row - row0, lane);   // the chunk ends mid-row
+}
+
+template <int B, bool DECODE, bool BLOCK_SCALES>
+__global__ void __launch_bounds__(ECF8_FUSED_WARPS * 32)
+ecf8_fused(const FusedDesc* __restrict__ desc, const float* __restrict__ x, float* __restrict__ partials) {
+    extern __shared__ __align__(16) u16 luts[];
+    __shared__ __align__(512) u32 rings[ECF8_FUSED_WARPS][ECF8_RING];
+    const FusedDesc d = *desc;
+    if (DECODE) load_tables(d.t, luts);
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u64 chunk = (u64)blockIdx.x * ECF8_FUSED_WARPS + warp;
+    if (chunk < d.t.nchunks) {
+        const u32 lut = DECODE ? smem_addr(luts) + ((const u8*)d.t.chunk_tables)[chunk] * (2 * ECF8_LUT_SIZE) : 0;
+        fused_chunk<B, DECODE, BLOCK_SCALES>(d, x, partials, lut, chunk, lane, smem_addr(rings[warp]));
+    }
+    if (DECODE) cp_async_wait<0>();
+}
+
+// Y[b, n] = scale * (chunk partials of row n, in chunk order); one thread per (b, n).
+__global__ void ecf8_fused_reduce(const FusedDesc* __restrict__ desc, const float* __restrict__ partials,
+                                  int batch, float scale, float* __restrict__ y) {
+    const FusedDesc d = *desc;
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)batch * d.rows) return;
+    const u64 b = i / d.rows, n = i - b * d.rows;
+    const u64 c0 = (n * d.cols) >> d.t.chunk_log2, c1 = ((n + 1) * d.cols - 1) >> d.t.chunk_log2;
+    const float* p = partials + b * d.t.nchunks * d.rows_per_chunk;
+    float sum = 0.f;
+    for (u64 c = c0; c <= c1; ++c) sum += p[c * d.rows_per_chunk + (n - ((c << d.t.chunk_log2) / d.cols))];
+    y[i] = sum * scale;
+}
+
+// Instantiations, named by ecf8.fused: batch 1, 2, 4, 8; decoded and twin; per-tensor and block scales.
+#define ECF8_FUSED_INSTANCES(B)                                                     \
+    template __global__ void ecf8_fused<B, true, false>(const FusedDesc*, const float*, float*);  \
+    template __global__ void ecf8_fused<B, false, false>(const FusedDesc*, const float*, float*); \
+    template __global__ void ecf8_fused<B, true, true>(const FusedDesc*, const float*, float*);   \
+    template __global__ void ecf8_fused<B, false, true>(const FusedDesc*, const float*, float*);
+ECF8_FUSED_INSTANCES(1)
+ECF8_FUSED_INSTANCES(2)
+ECF8_FUSED_INSTANCES(4)
+ECF8_FUSED_INSTANCES(8)

@@ -1,0 +1,248 @@
+"""Fused decode + matrix product on a GPU for FP8 E4M3 weights (``cuda/ecf8_fused.cu``).
+
+    fw = ecf8.fused.FusedWeight(blob, device="cuda")        # an N x K E4M3 frame, K % 512 == 0
+    y = fw.matmul(x)                                          # x: B x K float32 -> B x N float32
+    twin = ecf8.fused.PlainWeight(bits, fw.shape, fw.chunk_size)   # the same kernel, uncompressed
+    assert (twin.matmul(x) == y).all()                         # bit for bit
+
+The weights are decoded into registers inside the product and never written to memory, so the
+compressed bytes cross device memory once.  The arithmetic is float32 in an order fixed by
+(N, K, chunk size) alone (the kernel's header says which), so a ``FusedWeight`` and the
+``PlainWeight`` of the same bytes and chunk size give identical bits; neither is claimed equal to
+cuBLAS (``bench/bench_fused.py`` measures the difference).  It is an opt-in path: ``ecf8.decode``
+followed by the framework's own matmul stays the default.
+
+Scales: ``scale`` (a float, per tensor) multiplies each output; ``block_scales`` (float32,
+``ceil(N/128) x ceil(K/128)``, DeepSeek's 128 x 128 recipe) weighs each block's partial sums.
+Batches of any size run as slabs of 8, 4, 2 and 1 rows.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import decoder_cuda as dc
+from . import format as fmt
+from .errors import UnsupportedError
+
+__all__ = ["FusedWeight", "PlainWeight", "supports"]
+
+WARPS = 8                      # warps per block (ECF8_FUSED_WARPS in the kernel)
+SLABS = (8, 4, 2, 1)           # batch sizes the kernel is instantiated for
+GROUP = 512                    # elements per group (FORMAT.md §3): K must be a multiple
+FUSED_DESC_DTYPE = np.dtype([(f, "<u8") for f in dc.DESC_FIELDS] +
+                            [(f, "<u8") for f in ("weights", "scales", "rows", "cols", "rows_per_chunk",
+                                                  "scale_cols")])
+
+_modules: dict[int, Any] = {}
+_lock = threading.Lock()
+_workspaces: dict[tuple[int, int], Any] = {}
+
+
+def supports(shape: tuple[int, ...], dtype_name: str) -> str | None:
+    """None if the fused kernel covers an N x K weight of this dtype, else the reason it does not."""
+    if dtype_name != "float8_e4m3fn":
+        return f"the fused kernel multiplies float8_e4m3fn weights, not {dtype_name}"
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+        return f"the fused kernel needs a 2-D N x K weight, not shape {shape}"
+    if shape[1] % GROUP:
+        return f"the fused kernel needs K (columns) a multiple of {GROUP}, not {shape[1]}"
+    return None
+
+
+def _module(device_id: int):
+    module = _modules.get(device_id)
+    if module is None:
+        with _lock:
+            module = _modules.get(device_id)
+            if module is None:
+                cupy = dc._cupy()
+                cuda_dir = _cuda_dir()
+                names = [f"ecf8_fused<{b}, {d}, {s}>" for b in SLABS for d in ("true", "false")
+                         for s in ("true", "false")] + ["ecf8_fused_reduce"]
+                with cupy.cuda.Device(device_id):
+                    module = cupy.RawModule(code=dc.kernel_source("ecf8_fused.cu"),
+                                            options=("-std=c++17", f"-I{cuda_dir}", f"-DECF8_FUSED_WARPS={WARPS}"),
+                                            name_expressions=names)
+                    module.compile()
+                _modules[device_id] = module
+    return module
+
+
+_functions: dict[tuple, Any] = {}
+
+
+def _kernel(device_id: int, batch: int, decode: bool, block: bool):
+    key = (device_id, batch, decode, block)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = _module(device_id).get_function(f"ecf8_fused<{batch}, {str(decode).lower()}, {str(block).lower()}>")
+        if decode:
+            fn.max_dynamic_shared_size_bytes = fmt.MAX_TABLES * dc.LUT_BYTES
+            fn.preferred_shared_memory_carveout = 100
+        _functions[key] = fn
+    return fn
+
+
+def _workspace(device_id: int, stream_ptr: int, floats: int):
+    """The row-partials scratch of one device and stream (float32, grown on demand)."""
+    cupy = dc._cupy()
+    key = (device_id, stream_ptr)
+    buf = _workspaces.get(key)
+    if buf is None or buf.size < floats:
+        if len(_workspaces) > 64:
+            _workspaces.clear()
+        buf = _workspaces[key] = cupy.empty(max(floats, 1 << 16), np.float32)
+    return buf
+
+
+class _Product:
+    """What FusedWeight and PlainWeight share: the shape, the chunking and the launches."""
+
+    decode = False
+
+    def _setup(self, shape: tuple[int, int], chunk_log2: int, device_id: int, weights_ptr: int,
+               base_desc: np.ndarray | None, block_scales: Any) -> None:
+        cupy = dc._cupy()
+        self.shape, self.device_id = (int(shape[0]), int(shape[1])), device_id
+        n, k = self.shape
+        self.chunk_size = 1 << chunk_log2
+        self.nchunks = -(-(n * k) // self.chunk_size)
+        self.rows_per_chunk = -(-self.chunk_size // k) + 1
+        d = np.zeros((), FUSED_DESC_DTYPE)
+        if base_desc is not None:
+            for f in dc.DESC_FIELDS:
+                d[f] = base_desc[f]
+        d["n"], d["nchunks"], d["chunk_log2"] = n * k, self.nchunks, chunk_log2
+        d["weights"], d["rows"], d["cols"] = weights_ptr, n, k
+        d["rows_per_chunk"], d["scale_cols"] = self.rows_per_chunk, -(-k // 128)
+        self.block = block_scales is not None
+        if self.block:
+            scales = cupy.asarray(block_scales, dtype=np.float32)
+            want = (-(-n // 128), -(-k // 128))
+            if scales.shape != want:
+                raise UnsupportedError(f"block_scales must have shape {want}, not {tuple(scales.shape)}")
+            self._scales = cupy.ascontiguousarray(scales)
+            d["scales"] = self._scales.data.ptr
+        self._desc = cupy.asarray(d.reshape(1).view(np.uint8))     # fixed: uploaded once
+
+    def workspace_floats(self, batch: int) -> int:
+        """float32 elements of the scratch a ``matmul`` of `batch` rows needs (its largest slab)."""
+        return next(s for s in SLABS if s <= max(batch, 1)) * self.nchunks * self.rows_per_chunk
+
+    def matmul(self, x: Any, *, scale: float = 1.0, out: Any = None, workspace: Any = None,
+               stream: Any = None):
+        """``scale * x @ W.T`` (or its block-scaled form), float32.
+
+        x: B x K float32 on this GPU (CuPy, DLPack or ``__cuda_array_interface__``), C-contiguous.
+        Returns B x N float32 (CuPy; ``out`` if given).  Launch only: enqueued on ``stream``
+        (default: CuPy's current), no synchronization.  ``workspace``: float32 scratch of at least
+        ``workspace_floats(B)`` elements, by default one kept per device and stream; give one
+        (and ``out``) to capture the call in a CUDA graph, which then allocates and uploads nothing.
+        Raises UnsupportedError for a wrong shape, dtype, layout or workspace.
+        """
+        cupy = dc._cupy()
+        n, k = self.shape
+        with cupy.cuda.Device(self.device_id):
+            st = dc._stream(stream)
+            x = _as_cupy(x)
+            if x.ndim != 2 or x.shape[1] != k or x.dtype != np.float32 or not x.flags.c_contiguous:
+                raise UnsupportedError(f"x must be a C-contiguous B x {k} float32 array, not "
+                                       f"{x.dtype} {tuple(x.shape)}")
+            rows = x.shape[0]
+            y = cupy.empty((rows, n), np.float32) if out is None else _as_cupy(out)
+            if y.shape != (rows, n) or y.dtype != np.float32 or not y.flags.c_contiguous:
+                raise UnsupportedError(f"out must be a C-contiguous {rows} x {n} float32 array")
+            need = self.workspace_floats(rows)
+            work = _workspace(self.device_id, st.ptr, need) if workspace is None else _as_cupy(workspace)
+            if work.dtype != np.float32 or work.size < need:
+                raise UnsupportedError(f"workspace must hold at least {need} float32 elements")
+            reduce = _module(self.device_id).get_function("ecf8_fused_reduce")
+            blocks = -(-self.nchunks // WARPS)
+            done = 0
+            with st:
+                while done < rows:
+                    slab = next(s for s in SLABS if s <= rows - done)
+                    _kernel(self.device_id, slab, self.decode, self.block)(
+                        (blocks,), (WARPS * 32,), (self._desc, np.uint64(x.data.ptr + done * k * 4), work),
+                        shared_mem=self._shared)
+                    reduce((-(-(slab * n) // 256),), (256,),
+                           (self._desc, work, np.int32(slab), np.float32(1.0 if self.block else scale),
+                            np.uint64(y.data.ptr + done * n * 4)))
+                    done += slab
+        return y
+
+
+def _cuda_dir() -> Path:
+    """The folder of ecf8's CUDA sources (installed package or source tree)."""
+    here = Path(__file__).resolve().parent
+    for path in (here / "cuda", here.parent / "cuda"):
+        if (path / "ecf8_fused.cu").exists():
+            return path
+    raise UnsupportedError("ecf8's CUDA sources (ecf8_fused.cu) are missing from the installation")
+
+
+def _as_cupy(x: Any):
+    cupy = dc._cupy()
+    if isinstance(x, cupy.ndarray):
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        return cupy.asarray(x)
+    if hasattr(x, "__dlpack__"):
+        return cupy.from_dlpack(x)
+    raise UnsupportedError("x must be a CUDA array (CuPy, DLPack or __cuda_array_interface__)")
+
+
+class FusedWeight(_Product):
+    """An N x K FP8 E4M3 weight held on a GPU as an ECF8 frame, multiplied without decoding it to
+    memory.  ``blob``: frame bytes (validated on the host, then uploaded) or an
+    ``ecf8.to_device`` DeviceTensor.  Raises UnsupportedError for frames the kernel does not cover
+    (see ``supports``; stored frames too) and CorruptDataError for invalid frames."""
+
+    decode = True
+
+    def __init__(self, blob: Any, device: str = "cuda", *, block_scales: Any = None):
+        dt = blob if isinstance(blob, dc.DeviceTensor) else dc.to_device(blob, device)
+        f = dt.frame
+        why = supports(f.shape, f.spec.dtype.name)
+        if why is None and f.mode != fmt.MODE_CODED:
+            why = "a stored (uncoded) frame has nothing to decode: multiply it with PlainWeight"
+        if why:
+            raise UnsupportedError(why)
+        self.tensor = dt
+        with dc._cupy().cuda.Device(dt.device_id):
+            self._setup(f.shape, f.chunk_log2, dt.device_id, 0, dt.descriptor(0), block_scales)
+        self._shared = f.ntables * dc.LUT_BYTES
+
+    def twin(self) -> "PlainWeight":
+        """The uncompressed twin: this weight decoded once and multiplied by the same kernel."""
+        return PlainWeight(dc.decode(self.tensor).bits, self.shape, self.chunk_size,
+                           block_scales=self._scales if self.block else None)
+
+
+class PlainWeight(_Product):
+    """The fused kernel's twin: an N x K E4M3 weight's bytes (a uint8/float8 CUDA array of N*K
+    elements, C order, on the current device) multiplied exactly as a FusedWeight with the same
+    chunk_size multiplies its frame."""
+
+    def __init__(self, weights: Any, shape: tuple[int, int], chunk_size: int, *, block_scales: Any = None):
+        cupy = dc._cupy()
+        why = supports(tuple(shape), "float8_e4m3fn")
+        if why:
+            raise UnsupportedError(why)
+        if chunk_size < GROUP or chunk_size & (chunk_size - 1):
+            raise UnsupportedError(f"chunk_size must be a power of two >= {GROUP}, not {chunk_size}")
+        w = _as_cupy(weights)
+        if w.size != shape[0] * shape[1] or w.dtype.itemsize != 1 or not w.flags.c_contiguous:
+            raise UnsupportedError(f"weights must be {shape[0] * shape[1]} contiguous one-byte elements")
+        self._weights = w.view(np.uint8)
+        if self._weights.data.ptr % 16:
+            raise UnsupportedError("weights must be 16-byte aligned")
+        with cupy.cuda.Device(w.device.id):
+            self._setup(tuple(shape), chunk_size.bit_length() - 1, w.device.id, self._weights.data.ptr,
+                        None, block_scales)
+        self._shared = 0

@@ -1,0 +1,144 @@
+"""The fused decode + matrix product (``ecf8.fused``): bit-identical to its uncompressed twin (the
+same kernel reading the weight's bytes), close to a float64 reference, on real and arbitrary
+weights; what it does not cover is refused.
+
+The GPU tests are marked ``gpu`` (run ``pytest -m gpu`` on a GPU machine).
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ecf8
+from ecf8 import fused
+from helpers import weights_like
+
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def test_supports_names_what_it_does_not_cover():
+    assert fused.supports((4096, 14336), "float8_e4m3fn") is None
+    assert "512" in fused.supports((384, 384), "float8_e4m3fn")
+    assert "bfloat16" in fused.supports((512, 512), "bfloat16")
+    assert "2-D" in fused.supports((512,), "float8_e4m3fn")
+
+
+def reference(w: np.ndarray, x: np.ndarray, scale: float, block) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 product, float64 bound on float32 rounding: |W| |x| summed, times 2^-20)."""
+    wf = w.astype(np.float64)
+    if block is not None:
+        wf = wf * np.repeat(np.repeat(block.astype(np.float64), 128, 0), 128, 1)[: w.shape[0], : w.shape[1]]
+    xf = x.astype(np.float64)
+    return xf @ wf.T * scale, np.abs(xf) @ np.abs(wf).T * abs(scale) * 2.0 ** -20
+
+
+def check(w: np.ndarray, x: np.ndarray, chunk_size: int, scale: float = 1.0, block=None,
+          max_tables: int = 8) -> None:
+    """Fused == twin bit for bit; both within float32 rounding of the float64 reference where finite."""
+    import cupy as cp
+
+    blob = ecf8.encode(w, chunk_size=chunk_size, max_tables=max_tables, allow_stored=False)
+    fw = fused.FusedWeight(blob, block_scales=None if block is None else cp.asarray(block))
+    twin = fw.twin()
+    assert fw.chunk_size == twin.chunk_size == chunk_size
+    xd = cp.asarray(x)
+    out = cp.full((x.shape[0], w.shape[0]), np.nan, cp.float32)    # poisoned: every output written
+    y = fw.matmul(xd, scale=scale, out=out).get()
+    y_twin = twin.matmul(xd, scale=scale).get()
+    np.testing.assert_array_equal(y.view(np.uint32), y_twin.view(np.uint32))
+    ref, tol = reference(w, x, scale, block)
+    finite = np.isfinite(ref)
+    np.testing.assert_array_less(np.abs(y[finite] - ref[finite]), tol[finite] + 1e-30)
+    assert not np.isfinite(y[~finite]).any()
+
+
+def real_e4m3(real_weights) -> np.ndarray:
+    return np.concatenate([w.reshape(-1) for w in real_weights["e4m3"].values()])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("shape,chunk", [((384, 1536), 4096), ((1024, 4096), 8192), ((512, 3584), 4096),
+                                         ((256, 14336), 8192), ((96, 2560), 32768)])
+def test_real_weights_equal_twin_and_reference(real_weights, batch, shape, chunk):
+    """Real MiniLM E4M3 bytes (tiled) in Llama-like shapes: chunks holding several rows, chunks
+    inside one row, and chunks that end mid-row (14336 = 3.5 x 4096)."""
+    src = real_e4m3(real_weights)
+    n = shape[0] * shape[1]
+    w = np.resize(src, n).reshape(shape)
+    x = np.random.default_rng(batch).standard_normal((batch, shape[1])).astype(np.float32)
+    check(w, x, chunk, scale=0.0123)
+
+
+@pytest.mark.gpu
+def test_bundled_real_linear_unchanged(real_weights):
+    """The one bundled weight whose K is a multiple of 512 (384 x 1536), as it is, block-scaled."""
+    (w,) = [w for w in real_weights["e4m3"].values() if w.shape[1] % 512 == 0]
+    block = np.random.default_rng(1).uniform(1e-3, 1e-2, (-(-w.shape[0] // 128), w.shape[1] // 128))
+    x = np.random.default_rng(2).standard_normal((4, w.shape[1])).astype(np.float32)
+    check(w, x, 4096, block=block.astype(np.float32))
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_arbitrary_bit_patterns(data):
+    """Every byte pattern (NaN, subnormals, zeros of both signs), shapes, chunk sizes, batches, scales."""
+    rows = data.draw(st.integers(1, 300))
+    cols = 512 * data.draw(st.integers(1, 6))
+    chunk = data.draw(st.sampled_from([512, 1024, 4096, 16384]))
+    batch = data.draw(st.integers(1, 17))
+    seed = data.draw(st.integers(0, 2 ** 32 - 1))
+    rng = np.random.default_rng(seed)
+    w = rng.integers(0, 256, (rows, cols), dtype=np.uint8).view(E4M3)
+    x = rng.standard_normal((batch, cols)).astype(np.float32) * data.draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    block = None
+    if data.draw(st.booleans()):
+        block = rng.uniform(-2, 2, (-(-rows // 128), cols // 128)).astype(np.float32)
+    check(w, x, chunk, scale=data.draw(st.sampled_from([1.0, 0.5, 3e-4])), block=block,
+          max_tables=data.draw(st.integers(1, 8)))
+
+
+@pytest.mark.gpu
+def test_gaussian_weights_many_tables():
+    w = weights_like(2048 * 4096, E4M3, seed=5).reshape(2048, 4096)
+    x = np.random.default_rng(6).standard_normal((5, 4096)).astype(np.float32)
+    check(w, x, 2048, max_tables=8)
+
+
+@pytest.mark.gpu
+def test_garbage_payload_runs_in_bounds():
+    """A frame whose payload is random bytes (checksums off) multiplies without an error or an
+    out-of-bounds access (compute-sanitizer: bench/garbage_decode.py); its result is the twin's
+    on the same garbage's CPU decode."""
+    import cupy as cp
+    from helpers import garbage_payload
+
+    w = weights_like(512 * 2048, E4M3, seed=7).reshape(512, 2048)
+    bad = garbage_payload(ecf8.encode(w, chunk_size=4096, max_tables=4, allow_stored=False), seed=3)
+    fw = fused.FusedWeight(ecf8.to_device(bad, verify=False))
+    x = cp.asarray(np.random.default_rng(8).standard_normal((3, 2048)).astype(np.float32))
+    y = fw.matmul(x).get()
+    plain = cp.asarray(ecf8.decode(bad, verify=False).view(np.uint8).reshape(-1))
+    y_twin = fused.PlainWeight(plain, (512, 2048), 4096).matmul(x).get()
+    np.testing.assert_array_equal(y.view(np.uint32), y_twin.view(np.uint32))
+
+
+@pytest.mark.gpu
+def test_refusals():
+    import cupy as cp
+
+    with pytest.raises(ecf8.UnsupportedError, match="multiple of 512"):
+        fused.FusedWeight(ecf8.encode(weights_like(384 * 384, E4M3).reshape(384, 384)))
+    with pytest.raises(ecf8.UnsupportedError, match="float8_e4m3fn"):
+        fused.FusedWeight(ecf8.encode(weights_like(512 * 512, np.dtype(ml_dtypes.bfloat16)).reshape(512, 512)))
+    fw = fused.FusedWeight(ecf8.encode(weights_like(64 * 1024, E4M3).reshape(64, 1024), allow_stored=False))
+    with pytest.raises(ecf8.UnsupportedError, match="float32"):
+        fw.matmul(cp.zeros((2, 1024), cp.float16))
+    with pytest.raises(ecf8.UnsupportedError, match="1024"):
+        fw.matmul(cp.zeros((2, 512), cp.float32))
+    with pytest.raises(ecf8.UnsupportedError, match="block_scales"):
+        fused.FusedWeight(ecf8.encode(weights_like(64 * 1024, E4M3).reshape(64, 1024), allow_stored=False),
+                          block_scales=cp.ones((2, 2), cp.float32))
