@@ -241,7 +241,8 @@ def figure(reports: list[TensorReport], tensor: str | None = None):
                             wspace=0.2)
     ax1, ax2 = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
     x = np.arange(len(coded))
-    colors = {"F8_E4M3": "tab:blue", "F8_E5M2": "tab:purple", "BF16": "tab:orange", "F16": "tab:green"}
+    palette = ("tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:red", "tab:brown")
+    colors = {spec.name: palette[(code - 1) % len(palette)] for code, spec in fmt.DTYPES.items()}
     for dtype in [d for d in colors if any(r.dtype == d for r in coded)]:
         idx = np.array([i for i, r in enumerate(coded) if r.dtype == dtype])
         rs = [coded[i] for i in idx]

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-import ml_dtypes
 import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
+from .format import DTYPES
 from .signals import held
 
 __all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of", "load_json",
@@ -29,9 +29,8 @@ __all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of"
            "file_mode", "model_files", "check_names", "read_header", "read_header_text",
            "iter_tensors", "tensor_files", "write_safetensors"]
 
-DTYPE_NAMES = {
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
+DTYPE_NAMES = {                # safetensors dtype name -> NumPy dtype: the coded ones, then the rest
+    **{spec.name: spec.dtype for spec in DTYPES.values()},
     "F32": np.dtype(np.float32), "F64": np.dtype(np.float64), "BOOL": np.dtype(np.bool_),
     "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "I16": np.dtype(np.int16),
     "U16": np.dtype(np.uint16), "I32": np.dtype(np.int32), "U32": np.dtype(np.uint32),

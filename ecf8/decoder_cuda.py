@@ -29,8 +29,7 @@ __all__ = ["to_device", "decode", "decode_batch", "DeviceTensor", "CudaArray", "
 WARPS = 8                  # warps per block (ECF8_WARPS in the kernel)
 CHUNKS_PER_WARP = 1
 LUT_BYTES = 2 << fmt.MAX_CODE_LEN
-KERNEL_NAMES = {1: "ecf8_decode<1, 4, 3>", 2: "ecf8_decode<1, 5, 2>",
-                3: "ecf8_decode<2, 8, 7>", 4: "ecf8_decode<2, 5, 10>"}
+KERNEL_NAMES = {code: f"ecf8_decode<{spec.kernel_args}>" for code, spec in fmt.DTYPES.items()}
 DESC_FIELDS = ["words", "raw", "chunk_words", "chunk_tables", "luts", "out", "n", "nchunks",
                "ntables", "chunk_log2"]
 DESC_DTYPE = np.dtype([(f, "<u8") for f in DESC_FIELDS])
@@ -134,9 +133,9 @@ def _new_external(handle: int):
     return cupy.cuda.ExternalStream(handle)
 
 
-# DLPack DLDataTypeCode of each element type (kDLFloat 2, kDLBfloat 4, kDLFloat8_e4m3fn 10,
-# kDLFloat8_e5m2 12); the bit width is unchanged, so only the dtype code of the tensor changes.
-DLPACK_CODES = {"float8_e4m3fn": 10, "float8_e5m2": 12, "bfloat16": 4, "float16": 2}
+# DLPack DLDataTypeCode of each element type (format.DTYPES); the bit width is unchanged, so only
+# the dtype code of the tensor changes.
+DLPACK_CODES = {spec.dtype.name: spec.dlpack for spec in fmt.DTYPES.values()}
 
 
 def _retype_capsule(capsule, code: int) -> None:

@@ -42,7 +42,7 @@ __all__ = ["EncodedTensor", "encode"]
 TILE_LOG2 = 14                  # elements per histogram block (ECF8_TILE_LOG2 in the kernel)
 CODE_WARPS = 8                  # chunks (warps) per coding block at most
 CRC_PIECE, CRC_WARP = 256, 256 * 32
-_KINDS = {1: "1, 4, 3", 2: "1, 5, 2", 3: "2, 8, 7", 4: "2, 5, 10"}
+_KINDS = {code: spec.kernel_args for code, spec in fmt.DTYPES.items()}
 KERNEL_NAMES = ([f"ecf8_hist<{k}>" for k in _KINDS.values()]
                 + [f"ecf8_code<{k}, {w}>" for k in _KINDS.values() for w in ("false", "true")]
                 + ["ecf8_crc", "ecf8_crc_final"])

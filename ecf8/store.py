@@ -59,7 +59,7 @@ __all__ = ["choose_codec", "save_file", "load_file", "safe_open", "CompressedFil
            "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
            "decompress_path", "iter_decoded", "TensorInfo"]
 
-CODED = {"F8_E4M3", "F8_E5M2", "BF16", "F16"}
+CODED = fmt.CODED_NAMES       # dtype names stored as ECF8 frames
 CODECS = ("ecf8", "zstd", "none")
 META_KEY = "ecf8"
 FORMAT = "ecf8.safetensors"
