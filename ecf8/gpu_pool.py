@@ -31,9 +31,9 @@ __all__ = ["gpus", "compress_shards"]
 def gpus() -> list[str]:
     """'cuda:N' for every GPU this process sees (CUDA_VISIBLE_DEVICES applies); UnsupportedError
     without CuPy or a GPU."""
-    from .decoder_cuda import _cupy
+    from . import gpu
 
-    cupy = _cupy()
+    cupy = gpu.cupy()
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except cupy.cuda.runtime.CUDARuntimeError:           # no driver, no device

@@ -109,12 +109,12 @@ def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
 def _encode_on_gpu(x: np.ndarray, device: str, options: dict) -> bytes:
     """The frame ``encoder.encode(x)`` makes, encoded by the CUDA encoder on `device`."""
     from . import encoder_cuda
-    from .decoder_cuda import _cupy, _device_id
+    from . import gpu
 
-    cupy = _cupy()
+    cupy = gpu.cupy()
     bits = x.view(np.uint8 if x.itemsize == 1 else np.uint16)
     try:
-        with cupy.cuda.Device(_device_id(device)):
+        with cupy.cuda.Device(gpu.device_id(device)):
             return encoder_cuda.encode(cupy.asarray(bits), dtype=x.dtype, **options).tobytes()
     except cupy.cuda.memory.OutOfMemoryError as e:
         raise ECF8Error(f"out of GPU memory on {device} ({e})") from None
@@ -256,9 +256,9 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
                                f"{MAX_HEADER:,} safetensors reads")
     jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
     if options.get("device", "cpu") != "cpu":
-        from .decoder_cuda import _cupy, _device_id
+        from . import gpu
 
-        if _device_id(options["device"]) >= _cupy().cuda.runtime.getDeviceCount():
+        if gpu.device_id(options["device"]) >= gpu.cupy().cuda.runtime.getDeviceCount():
             raise UnsupportedError(f"{options['device']}: no such GPU")
     bar = _Progress(layout.data_size, f"compress {src.name}", progress)
     results = _results(src, layout, jobs, options)
@@ -559,10 +559,11 @@ def iter_decoded(path: Path, device: str = "cpu", compressed: bool = False
 
 
 def _to_device(x: np.ndarray, device: str):
-    from .decoder_cuda import CudaArray, _cupy, _device_id
+    from . import gpu
+    from .decoder_cuda import CudaArray
 
-    cupy = _cupy()
-    with cupy.cuda.Device(_device_id(device)):
+    cupy = gpu.cupy()
+    with cupy.cuda.Device(gpu.device_id(device)):
         bits = cupy.asarray(x.reshape(-1).view(np.uint8)).view(f"u{x.dtype.itemsize}") if x.size else \
             cupy.empty(0, np.uint8)
     return CudaArray(bits, x.dtype, x.shape)

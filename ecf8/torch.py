@@ -167,9 +167,9 @@ def _torch_allocator(size: int):
 @contextlib.contextmanager
 def torch_memory():
     """Within this block (this thread), CuPy allocations made by ecf8 come from torch's allocator."""
-    from .decoder_cuda import _cupy
+    from . import gpu
 
-    with _cupy().cuda.using_allocator(_torch_allocator):
+    with gpu.cupy().cuda.using_allocator(_torch_allocator):
         yield
 
 
@@ -813,9 +813,9 @@ def _check_device(device: torch.device, what: str) -> None:
     if device.type not in ("cpu", "cuda"):
         raise UnsupportedError(f"{what} is on {device}: ecf8 holds weights on cpu or cuda only")
     if device.type == "cuda":
-        from .decoder_cuda import _cupy
+        from . import gpu
 
-        _cupy()
+        gpu.cupy()
 
 
 def _check_sharded(p: torch.Tensor, holders: list, what: str) -> None:
