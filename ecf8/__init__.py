@@ -11,7 +11,7 @@ import importlib
 
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 
-_HOME = {"encode": "encoder", "decode": "api", "info": "api", "Info": "api",
+_HOME = {"encode": "api", "decode": "api", "info": "api", "Info": "api",
          "to_device": "decoder_cuda", "decode_batch": "decoder_cuda", "BatchDecoder": "decoder_cuda",
          "DeviceTensor": "decoder_cuda", "CudaArray": "decoder_cuda",
          "save_file": "store", "load_file": "store", "safe_open": "store"}
