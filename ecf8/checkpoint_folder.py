@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from .checkpoint import tensor_files
+from .safetensors_io import tensor_files
 from .errors import CorruptDataError
 
 __all__ = ["index", "read_file", "read_files"]
@@ -22,7 +22,7 @@ def index(path: str | Path) -> tuple[list[Path], dict[str, tuple[str, tuple[int,
     """(files, {name: (dtype name, shape, file)}) of an ecf8 checkpoint file or shard folder, from
     the headers alone.  Raises CorruptDataError for a damaged file or a tensor in two files,
     UnsupportedError for a path that is no checkpoint."""
-    from .store import inspect_file
+    from .compressed import inspect_file
 
     files = tensor_files(Path(path))
     found: dict[str, tuple[str, tuple[int, ...], Path]] = {}
@@ -38,7 +38,7 @@ def read_file(path: Path, device: str) -> Iterator[tuple[str, Any]]:
     """(name, value) of each tensor of one ecf8 checkpoint file, in data order, one at a time.
     device "cpu": every value a decoded NumPy array; "cuda:N": ECF8 frames stay compressed there
     (a ``DeviceTensor``), other tensors are decoded there (a ``CudaArray``)."""
-    from .store import iter_decoded
+    from .compressed import iter_decoded
 
     for name, _, x in iter_decoded(path, device, compressed=device != "cpu"):
         yield name, x

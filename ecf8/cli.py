@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import api, encoder, store
+from . import api, encoder, compressed
 from . import format as fmt
-from .checkpoint import atomic_file, iter_tensors, model_files, read_layout, tensor_files  # noqa: F401
+from .safetensors_io import atomic_file, iter_tensors, model_files, read_layout, tensor_files  # noqa: F401
 from .errors import ECF8Error, UnsupportedError
 from .names import short_name
 from .numpy import load_npy
 from .progress import job as progress_job
-from .store import ZSTD_LEVEL
+from .tensor_codecs import ZSTD_LEVEL
 
 
 
@@ -53,7 +53,7 @@ def _frame_line(path: Path) -> str:
 
 
 def _checkpoint_table(path: Path) -> str:
-    rows = store.inspect_file(path)
+    rows = compressed.inspect_file(path)
     width = max([len(r.name) for r in rows] + [6])
     lines = [f"{path}", f"{'tensor':{width}} {'dtype':7} {'shape':>18} {'codec':5} {'original':>12} "
              f"{'stored':>12} {'bits/w':>7} {'saving':>7}"]
@@ -245,7 +245,7 @@ def _job(args):
         else:
             paths = [p for p, e in _inputs(args.inputs) if not e] if args.command == "verify" \
                 else tensor_files(args.input)
-            total = sum(r.original_bytes for p in paths if not fmt.is_frame_file(p) for r in store.inspect_file(p))
+            total = sum(r.original_bytes for p in paths if not fmt.is_frame_file(p) for r in compressed.inspect_file(p))
     except (ECF8Error, OSError, ValueError, KeyError):
         pass            # the command itself reports the problem
     return progress_job(total, args.command, enabled)
@@ -260,7 +260,7 @@ def _compress_summary(src: Path, before: int, outs: list[Path], zstd_level: int)
     after = sum(f.stat().st_size for f in outs)
     line = f"{src}: {before:,} -> {after:,} bytes ({1 - after / max(before, 1):.1%} saved) in {len(outs)} file" \
         + "s" * (len(outs) != 1)
-    codecs = {r.codec for f in outs for r in store.inspect_file(f)}
+    codecs = {r.codec for f in outs for r in compressed.inspect_file(f)}
     if "ecf8" not in codecs:
         line += (f"\nnothing was entropy-coded (no FP8/BF16/FP16 tensor gained): only zstandard "
                  f"(level {zstd_level}) acted{'' if 'zstd' in codecs else ', and it saved nothing'}")
@@ -326,11 +326,11 @@ def _run(args) -> int:
         with _job(args):
             if cmd == "compress":
                 before = _input_bytes(args.input)      # (the output may replace the input)
-                outs = store.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
+                outs = compressed.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
                                            chunk_size=args.chunk_size, max_tables=args.max_tables,
                                            zstd_level=args.zstd_level, device=args.device)
             else:
-                outs = store.decompress_path(args.input, args.output, progress=progress)
+                outs = compressed.decompress_path(args.input, args.output, progress=progress)
         if args.quiet:
             pass
         elif cmd == "compress":
@@ -360,7 +360,7 @@ def _run(args) -> int:
                         api.decode(path.read_bytes())
                         n, problems, what = 1, [], "frame"
                     else:
-                        n, problems = store.check_file(path, progress=False if args.quiet else None)
+                        n, problems = compressed.check_file(path, progress=False if args.quiet else None)
                         what = "tensors"
                 except (ECF8Error, OSError) as e:
                     n, problems = 0, [str(e) if str(path) in str(e) else f"{path}: {e}"]

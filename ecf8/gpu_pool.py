@@ -2,7 +2,7 @@
 
 ``compress_path(folder, out, device="cuda")`` uses this when more than one GPU is visible.  The
 shards go largest first to whichever worker is free (a work queue: unequal shards balance); each
-worker runs the function it is given (``store.compress_file``, passed in by store, which imports
+worker runs the function it is given (``compressed.compress_file``, passed in by compressed, which imports
 this module and not the other way round) on its own GPU, so every file is the same bytes as from
 the CPU or one GPU.  Workers are started with "spawn" (CUDA cannot be forked; a script calling this must
 guard its top level with ``if __name__ == "__main__":``, as for any spawned worker), talk to the
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import progress as _progress
-from .checkpoint import read_layout
+from .safetensors_io import read_layout
 from .errors import ECF8Error, UnsupportedError
 from .signals import held, worker_init
 
@@ -45,7 +45,7 @@ def gpus() -> list[str]:
 
 def _serve(conn: Connection, device: str, relay: bool, one_file: Callable[..., None],
            parent: int | None = None) -> None:
-    """A worker: one_file (store.compress_file) on each (src, dst, options) it is sent, on
+    """A worker: one_file (compressed.compress_file) on each (src, dst, options) it is sent, on
     `device`, until sent None; sends
     ("advance", bytes, tensor) while working (relay), then ("done",) or ("error", ECF8Error).
     It dies with `parent` (the pid that started it; see signals.worker_init)."""

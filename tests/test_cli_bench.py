@@ -12,7 +12,7 @@ import pytest
 
 from ecf8 import bench_cli
 from ecf8.analysis import analyze_tensor
-from ecf8.checkpoint import iter_tensors, write_safetensors
+from ecf8.safetensors_io import iter_tensors, write_safetensors
 from ecf8.cli import main
 from helpers import weights_like
 

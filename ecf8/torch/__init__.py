@@ -34,7 +34,8 @@ from .loading import from_pretrained, load_model
 from .modules import compress_module, decompress_module, is_compressed, rebuild
 from .parallel import Layout, is_dtensor
 from .runtime import CompressionStats, Group, Pool, Weight
-from .tensors import TORCH_DTYPES, decode, encode, from_numpy, load_file, save_file, to_numpy, torch_memory
+from .tensors import (TORCH_DTYPES, decode, encode, from_numpy, load_file, save_file,  # noqa: F401
+                      to_numpy, torch_memory)
 
 __all__ = ["encode", "decode", "save_file", "load_file", "compress_module", "decompress_module",
            "load_model", "from_pretrained", "CompressionStats", "is_compressed", "is_dtensor"]

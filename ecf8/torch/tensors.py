@@ -183,7 +183,7 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
     zstd-packed or raw (see ``ecf8.save_file``).  options go to ``ecf8.encode``.
     Raises UnsupportedError for a non-tensor value or a dtype safetensors has no name for.
     """
-    from .. import store
+    from .. import compressed
 
     arrays = {}
     for name, t in tensors.items():
@@ -199,7 +199,7 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
             arrays[name] = to_numpy(t) if t.dtype in FROM_TORCH else t.cpu().contiguous().numpy()
         except TypeError:
             raise UnsupportedError(f"tensor {name!r}: {t.dtype} has no safetensors name") from None
-    store.save_file(arrays, Path(path), metadata, **options)
+    compressed.save_file(arrays, Path(path), metadata, **options)
 
 
 def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -208,14 +208,14 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     Like ``safetensors.torch.load_file``; on a GPU the frames are decoded there.  Raises
     CorruptDataError / UnsupportedError for a damaged or non-ecf8 file.
     """
-    from .. import store
+    from .. import compressed
 
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
     target = "cpu" if dev.type == "cpu" else f"cuda:{cuda_index(dev)}"
     with torch_memory() if dev.type == "cuda" else contextlib.nullcontext():
-        return {name: to_torch(x) for name, _, x in store.iter_decoded(Path(path), target)}
+        return {name: to_torch(x) for name, _, x in compressed.iter_decoded(Path(path), target)}
 
 
 def check_device(device: torch.device, what: str) -> None:
