@@ -14,8 +14,8 @@ import numpy as np
 from . import api
 from . import format as fmt
 from .analysis import TensorReport, analyze_tensor, fit_alpha, model_probabilities
-from .safetensors_io import DTYPE_NAMES, iter_tensors, read_layout, tensor_files
 from .errors import ECF8Error
+from .safetensors_io import DTYPE_NAMES, iter_tensors, read_layout, tensor_files
 
 __all__ = ["sources", "tensors_of", "totals", "run_analyze", "figure", "short_label"]
 

@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from .safetensors_io import tensor_files
 from .errors import CorruptDataError
+from .safetensors_io import tensor_files
 
 __all__ = ["index", "read_file", "read_files"]
 

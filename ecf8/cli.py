@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import api, encoder, compressed
+from . import api, compressed, encoder
 from . import format as fmt
-from .safetensors_io import atomic_file, iter_tensors, model_files, read_layout, tensor_files  # noqa: F401
 from .errors import ECF8Error, UnsupportedError
 from .names import short_name
 from .numpy import load_npy
 from .progress import job as progress_job
+from .safetensors_io import atomic_file, iter_tensors, model_files, read_layout, tensor_files  # noqa: F401
 from .tensor_codecs import ZSTD_LEVEL
 
 

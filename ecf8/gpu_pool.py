@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import progress as _progress
-from .safetensors_io import read_layout
 from .errors import ECF8Error, UnsupportedError
+from .safetensors_io import read_layout
 from .signals import held, worker_init
 
 __all__ = ["gpus", "compress_shards"]

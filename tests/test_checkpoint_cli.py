@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from ecf8 import compressed, signals, tensor_codecs
-from ecf8.safetensors_io import atomic_dir, atomic_file, write_safetensors
 from ecf8.cli import main
+from ecf8.safetensors_io import atomic_dir, atomic_file, write_safetensors
 from checkpoint_helpers import header_of, patch, processes, still_running, weights
 
 

@@ -7,8 +7,8 @@ import pytest
 import ecf8
 from conftest import cuda_available
 from ecf8 import compressed
-from ecf8.safetensors_io import write_safetensors
 from ecf8.cli import main
+from ecf8.safetensors_io import write_safetensors
 from helpers import weights_like
 
 

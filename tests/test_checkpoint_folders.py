@@ -9,8 +9,8 @@ import pytest
 
 import ecf8
 from ecf8 import compressed
-from ecf8.safetensors_io import write_safetensors
 from ecf8.cli import main
+from ecf8.safetensors_io import write_safetensors
 from checkpoint_helpers import weights
 
 

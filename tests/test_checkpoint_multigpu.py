@@ -23,8 +23,8 @@ import pytest
 import ecf8
 from conftest import cuda_available
 from ecf8 import gpu_pool, progress, compressed
-from ecf8.safetensors_io import read_layout, write_safetensors
 from ecf8.cli import main
+from ecf8.safetensors_io import read_layout, write_safetensors
 from helpers import weights_like
 from checkpoint_helpers import alive, interrupt, processes, still_running
 

@@ -9,8 +9,8 @@ import pytest
 
 import ecf8
 from ecf8 import compressed, tensor_codecs
-from ecf8.safetensors_io import iter_tensors, write_safetensors
 from ecf8.cli import main
+from ecf8.safetensors_io import iter_tensors, write_safetensors
 from helpers import assert_bit_exact, weights_like
 
 
