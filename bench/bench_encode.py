@@ -1,4 +1,4 @@
-"""GPU encoder speed (issue #12): 256 M real E4M3 weights, GPU vs the CPU encoder, one run.
+"""GPU encoder speed: 256 M real E4M3 weights, GPU vs the CPU encoder, one run.
 
     python bench/bench_encode.py [--weights 268435456] [--reps 10] [--cpu-slice 16777216] [--layers 9]
 

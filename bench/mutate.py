@@ -1,4 +1,4 @@
-"""Mutation campaign against ECF8 frames, compressed checkpoints and the commands (issue #9; not
+"""Mutation campaign against ECF8 frames, compressed checkpoints and the commands (not
 run in CI).
 
     python bench/mutate.py --frames 100000 --checkpoints 5000 --inputs 2000 --checkpoints-v1 1000 \\

@@ -1,5 +1,5 @@
 """Interrupted runs for bench/mutate.py --signals N: ``ecf8 compress`` / ``decompress`` stopped by
-SIGINT or SIGTERM at a random moment (issue #9, class 6).
+SIGINT or SIGTERM at a random moment.
 
 Each trial starts the command in its own process group, sends the signal to the process (as
 ``kill``) or to the whole group (as Ctrl-C in a terminal) after a random delay, and checks:

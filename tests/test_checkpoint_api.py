@@ -1,5 +1,5 @@
-"""save_file checks names and metadata as safetensors does (issue 9, class 4); safe_open reads the
-metadata and one tensor at a time (issue 13, item 4)."""
+"""save_file checks names and metadata as safetensors does; safe_open reads the
+metadata and one tensor at a time."""
 
 import ml_dtypes
 import numpy as np

@@ -1,5 +1,5 @@
 """ecf8 info / verify: every input checked, every problem reported with its file and tensor, exit 1
-on any; compressed folders accepted (issue 9, class 7).  Interrupts (issue 9, class 6, the
+on any; compressed folders accepted.  Interrupts (the
 folder-compress hang): Ctrl-C / SIGINT to the pid while a folder's worker processes start gives
 one line, 130, nothing written and no worker left; workers die with the command; Ctrl-C the
 instant a temporary output appears, or again during the clean-up, leaves nothing; Ctrl-C that an

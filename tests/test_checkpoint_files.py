@@ -1,5 +1,5 @@
 """Files on disk: modes as cp/zstd give them; SIGINT/SIGTERM leave no output, no temp file and no
-worker process, print one line and exit 130/143 (issue 9, class 6)."""
+worker process, print one line and exit 130/143."""
 
 import os
 import signal

@@ -1,5 +1,5 @@
 """Model folders: subfolders kept, every other file copied, a bad index or shard refused before
-anything is written, the output folder complete or absent (issue 9, class 5)."""
+anything is written, the output folder complete or absent."""
 
 import json
 

@@ -1,5 +1,5 @@
 """Every byte of a compressed checkpoint is checked: edits are an ECF8Error naming the file (and the
-tensor), never a silently different restore, a traceback or a memory blow-up (issue 9, class 9);
+tensor), never a silently different restore, a traceback or a memory blow-up;
 version-1 files stay readable."""
 
 import json

@@ -1,5 +1,5 @@
 """Checkpoint layouts as real files have them: the round trip is byte for byte, or compress refuses
-before writing anything (issue 9, classes 1-3)."""
+before writing anything."""
 
 
 import ml_dtypes

@@ -1,4 +1,4 @@
-"""Multi-GPU compression (issue 14): `--device cuda` spreads a folder's shards over one worker
+"""Multi-GPU compression: `--device cuda` spreads a folder's shards over one worker
 process per visible GPU, largest first to whichever worker is free, under one progress bar; the
 files are the bytes the CPU writes; a failing shard, a dead worker, Ctrl-C or SIGTERM stop every
 worker and leave nothing.

@@ -1,4 +1,4 @@
-"""Property tests of the checkpoint round trip (issue #9).
+"""Property tests of the checkpoint round trip.
 
 Hypothesis builds safetensors files byte by byte, so the layout is ours to choose: any mix of
 dtypes (ECF8-coded, other known ones, sub-byte and unknown strings), shapes incl. zero-size and

@@ -28,7 +28,7 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-# --- conventions shared by every command (issue 13) ---------------------------------------------
+# --- conventions shared by every command ---------------------------------------------
 
 import argparse
 import os

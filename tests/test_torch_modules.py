@@ -1,5 +1,5 @@
 """Compressed modules behave like modules: state_dict, .weight, threads, pickling, tied weights,
-meta devices (issue 10, classes 1-5)."""
+meta devices."""
 
 import concurrent.futures as cf
 import copy
@@ -293,7 +293,7 @@ def test_cuda_to_moves_the_frames():
     assert same(model(ids.cuda()), expected)
 
 
-# --- weights decoded in groups, one launch each (issue 11) --------------------------------------
+# --- weights decoded in groups, one launch each --------------------------------------
 
 LLAMA_LIKE = [(256, 256), (64, 256), (64, 256), (256, 256), (1024, 256), (1024, 256), (256, 1024)] * 2
 
@@ -457,7 +457,7 @@ def test_cuda_unpickled_groups_capture_and_dropped_models_free_their_frames():
     assert held > before and freed >= 0.9 * (held - before)
 
 
-# --- chunk size: decode speed by default (issue 11) ---------------------------------------------
+# --- chunk size: decode speed by default ---------------------------------------------
 
 def test_decode_chunk_size_follows_the_tensor_size():
     from ecf8.encoder import decode_chunk_size
