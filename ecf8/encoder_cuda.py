@@ -23,9 +23,10 @@ the exact rule) and after 2; the frame is complete once ``stream`` reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from . import gpu, names, table_choice
 from .errors import UnsupportedError
 from .tables import canonical_codes
 
-__all__ = ["EncodedTensor", "encode"]
+__all__ = ["EncodedTensor", "encode", "encode_to_bytes"]
 
 TILE_LOG2 = 14                  # elements per histogram block (ECF8_TILE_LOG2 in the kernel)
 CODE_WARPS = 8                  # chunks (warps) per coding block at most
@@ -205,11 +206,8 @@ def code_entries(lengths: np.ndarray) -> np.ndarray:
 
 
 def parse_header(head: bytes, size: int) -> fmt.Frame:
-    """fmt.parse of a frame whose payload is not on the host: a lazily zeroed stand-in buffer
-    (never touched past the header) carries the header and the frame's length."""
-    stand_in = np.zeros(size, np.uint8)
-    stand_in[: len(head)] = np.frombuffer(head, np.uint8)
-    return fmt.parse(memoryview(stand_in), verify=False)
+    """fmt.parse of a frame of `size` bytes whose payload is not on the host, from its header."""
+    return fmt.parse(memoryview(head), verify=False, size=size)
 
 
 # --- the result ----------------------------------------------------------------------------------
@@ -284,6 +282,25 @@ def encode(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tab
     histograms (nchunks x alphabet u32; with the exact rule two float64 copies besides).
     Raises UnsupportedError for other inputs or options.
     """
+    with _encoding(x, dtype, chunk_size, max_tables, allow_stored, stream) as (frame_d, head, dev, st):
+        result = dc.resident(parse_header(head, frame_d.size), dev, frame_d, EncodedTensor, stream=st)
+        _mark("host: frame object")
+        return result
+
+
+def encode_to_bytes(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tables: int = 4,
+                    allow_stored: bool = True, stream: Any = None) -> bytes:
+    """``encode(x, ...).tobytes()`` (the same arguments and errors), without building the decoder's
+    index and tables on the GPU: for callers that only store the frame.  Waits for the encode."""
+    with _encoding(x, dtype, chunk_size, max_tables, allow_stored, stream) as (frame_d, _, _, st):
+        return frame_d.get(stream=st).tobytes()
+
+
+@contextlib.contextmanager
+def _encoding(x: Any, dtype: Any, chunk_size: int | None, max_tables: int, allow_stored: bool,
+              stream: Any) -> Iterator[tuple]:
+    """(frame bytes on the GPU (CuPy uint8, complete once the stream reaches them), header bytes,
+    device id, CuPy stream) of x's frame, inside that device's and stream's context."""
     cupy = gpu.cupy()
     arr, spec, shape = _as_cupy(x, dtype)
     n = math.prod(shape)
@@ -300,12 +317,13 @@ def encode(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tab
                 if u.data.ptr % 16:
                     u = u.copy()
             u = u.reshape(-1)
+            made = None
             if n:
-                result = _encode_coded(u, spec, shape, n, chunk_size.bit_length() - 1, max_tables,
-                                       allow_stored, dev, st)
-                if result is not None:
-                    return result
-            return _encode_stored(u, spec, shape, n, dev, st)
+                made = _encode_coded(u, spec, shape, n, chunk_size.bit_length() - 1, max_tables,
+                                     allow_stored, dev, st)
+            if made is None:
+                made = _encode_stored(u, spec, shape, n, dev, st)
+            yield made + (dev, st)
 
 
 def _alloc_frame(size: int):
@@ -314,8 +332,8 @@ def _alloc_frame(size: int):
     return cupy.empty(fmt.align16(size) + 16, np.uint8)
 
 
-def _finish(buf, head: bytes, size: int, dev: int, st) -> EncodedTensor:
-    """Write the header, the payload CRC, and wrap the frame."""
+def _finish(buf, head: bytes, size: int, dev: int, st) -> tuple:
+    """Write the header and the payload CRC; (the frame's bytes on the GPU, head)."""
     cupy = gpu.cupy()
     buf[: len(head)].set(np.frombuffer(head, np.uint8), stream=st)
     consts = _consts.get(dev)
@@ -330,13 +348,10 @@ def _finish(buf, head: bytes, size: int, dev: int, st) -> EncodedTensor:
     KERNELS.function(dev, "ecf8_crc_final")((1,), (32,), (buf, np.uint64(begin), np.uint64(end), consts,
                                                      acc, np.uint32(fmt.header_crc(head))))
     _mark("crc")
-    frame = parse_header(head, size)
-    result = dc.resident(frame, dev, buf[:size], EncodedTensor, stream=st)
-    _mark("host: frame object")
-    return result
+    return buf[:size], head
 
 
-def _encode_stored(u, spec: fmt.DtypeSpec, shape: tuple, n: int, dev: int, st) -> EncodedTensor:
+def _encode_stored(u, spec: fmt.DtypeSpec, shape: tuple, n: int, dev: int, st) -> tuple:
     head = fmt.build_header(spec, fmt.MODE_STORED, shape, 0, None, None, None, 0)
     raw_at = fmt.align16(len(head))
     size = raw_at + n * spec.bits // 8 + 4
@@ -348,8 +363,9 @@ def _encode_stored(u, spec: fmt.DtypeSpec, shape: tuple, n: int, dev: int, st) -
 
 
 def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int, max_tables: int,
-                  allow_stored: bool, dev: int, st) -> EncodedTensor | None:
-    """The coded frame, or None when allow_stored and it would not be smaller than the input."""
+                  allow_stored: bool, dev: int, st) -> tuple | None:
+    """The coded frame (as _finish), or None when allow_stored and it would not be smaller than
+    the input."""
     cupy = gpu.cupy()
     _mark("start")
     kind = _KINDS[spec.code]

@@ -206,15 +206,20 @@ def header_crc(head: bytes) -> int:
     return struct.unpack_from("<I", head, len(head) - 4)[0]
 
 
-def parse(blob: memoryview, verify: bool = True) -> Frame:
+def parse(blob: memoryview, verify: bool = True, size: int | None = None) -> Frame:
     """Parse and validate a frame; CorruptDataError on any inconsistency.
 
-    Every size is checked against len(blob) before anything is allocated.  With verify, the
-    payload CRC is checked too (the header CRC always is).
+    Every size is checked against the frame's length before anything is allocated.  With verify,
+    the payload CRC is checked too (the header CRC always is).  size: the frame's length when blob
+    holds its header only (the payload lies elsewhere, e.g. on a GPU); verify must then be False.
     """
-    size = len(blob)
-    if size < HEADER.size:
-        raise CorruptDataError(f"blob of {size} bytes is shorter than the {HEADER.size}-byte header")
+    have = len(blob)
+    if size is None:
+        size = have
+    elif verify:
+        raise UnsupportedError("a frame given by its header alone cannot have its payload verified")
+    if have < HEADER.size:
+        raise CorruptDataError(f"blob of {have} bytes is shorter than the {HEADER.size}-byte header")
     magic, version, dcode, mode, ndim, chunk_log2, ntables, rsv, exp_words, n = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise CorruptDataError("not an ECF8 frame (bad magic)")
@@ -227,7 +232,7 @@ def parse(blob: memoryview, verify: bool = True) -> Frame:
     if mode not in (MODE_CODED, MODE_STORED) or rsv != 0 or ndim > MAX_NDIM:
         raise CorruptDataError("invalid mode, reserved field or ndim in header")
     pos = HEADER.size
-    if size < pos + 8 * ndim + 4:
+    if have < pos + 8 * ndim + 4:
         raise CorruptDataError("blob truncated inside the header")
     shape = tuple(int(d) for d in np.frombuffer(blob, "<u8", ndim, pos))
     pos += 8 * ndim
@@ -248,7 +253,7 @@ def parse(blob: memoryview, verify: bool = True) -> Frame:
         if chunk_log2 or ntables or exp_words:
             raise CorruptDataError("stored frame with coded-frame fields set")
         nchunks, meta = 0, 0
-    if size < pos + meta + 4:
+    if have < pos + meta + 4:
         raise CorruptDataError("blob truncated inside the header")
     crc_at = pos + meta
     (head_crc,) = struct.unpack_from("<I", blob, crc_at)

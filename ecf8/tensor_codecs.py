@@ -58,14 +58,13 @@ def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
 
 def _encode_on_gpu(x: np.ndarray, device: str, options: dict) -> bytes:
     """The frame ``encoder.encode(x)`` makes, encoded by the CUDA encoder on `device`."""
-    from . import encoder_cuda
-    from . import gpu
+    from . import encoder_cuda, gpu
 
     cupy = gpu.cupy()
     bits = x.view(np.uint8 if x.itemsize == 1 else np.uint16)
     try:
         with cupy.cuda.Device(gpu.device_id(device)):
-            return encoder_cuda.encode(cupy.asarray(bits), dtype=x.dtype, **options).tobytes()
+            return encoder_cuda.encode_to_bytes(cupy.asarray(bits), dtype=x.dtype, **options)
     except cupy.cuda.memory.OutOfMemoryError as e:
         raise ECF8Error(f"out of GPU memory on {device} ({e})") from None
 
