@@ -9,6 +9,7 @@ spaces as the safetensors format allows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -30,7 +31,7 @@ from .names import device_name
 from .progress import _Progress
 from .safetensors_io import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
                              file_mode, load_json, model_files,
-                             parse_header, read_layout, tensor_files, write_safetensors)
+                             parse_header, plain_header, read_layout, tensor_files)
 from .tensor_codecs import CODED, checksum, compress_tensors, stored_checksum
 
 __all__ = ["save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
@@ -86,7 +87,13 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
     one, or one whose compressed header would exceed safetensors' 100 MB limit.
     """
     src, dst = Path(src), Path(dst)
-    layout = read_layout(src)
+    _pack(read_layout(src), dst, file_mode(src), src, None, jobs, progress, options)
+
+
+def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray] | None,
+          jobs: int | None, progress: bool | None, options: dict) -> None:
+    """compress_file of the plain file `layout` describes: the file src, or (raws given: each
+    tensor's bytes, uint8, in data order) the file src would be, never written."""
     if _is_packed(layout.metadata):
         raise UnsupportedError(f"{src} is already an ecf8-compressed checkpoint")
     names = {t.name for t in layout.tensors}
@@ -109,13 +116,16 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
         if gpu.device_id(options["device"]) >= gpu.cupy().cuda.runtime.getDeviceCount():
             raise UnsupportedError(f"{options['device']}: no such GPU")
     bar = _Progress(layout.data_size, f"compress {src.name}", progress)
-    results = compress_tensors(src, layout, jobs, options)
+    results = compress_tensors(src, layout, jobs, options, raws)
     try:
-        with open(src, "rb") as fin, atomic_file(dst, file_mode(src), _check_packed) as f:
+        with open(src, "rb") if raws is None else contextlib.nullcontext() as fin, \
+                atomic_file(dst, mode, _check_packed) as f:
             f.write(bytes(8 + reserved))
             sizes, table = [], {}
-            for (codec, payload, crc, stored_crc), t in zip(results, layout.tensors):
-                if payload is None:
+            for i, ((codec, payload, crc, stored_crc), t) in enumerate(zip(results, layout.tensors)):
+                if payload is None and raws is not None:
+                    f.write(raws[i].data)
+                elif payload is None:
                     _copy_range(fin, f, layout.data_start + t.begin, t.nbytes)
                 else:
                     f.write(payload)
@@ -162,14 +172,11 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
     path = Path(path)
     for name, x in tensors.items():
         encoder.reject_framework_tensor(x, name)
-    tmp = path.with_name(f".{path.name}.plain.tmp")
-    try:
-        write_safetensors(tensors, tmp, metadata)
-        compress_file(tmp, path, jobs=1, progress=False, **options)
-    except ECF8Error as e:          # name the user's file, not the temporary one
-        raise type(e)(str(e).replace(str(tmp), str(path))) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    text, arrays = plain_header(tensors, metadata)          # (no plain file is written)
+    layout = parse_header(text, str(path))
+    by_name = dict(zip(tensors, arrays))
+    raws = [by_name[t.name].reshape(-1).view(np.uint8) for t in layout.tensors]
+    _pack(layout, path, file_mode(), path, raws, 1, False, options)
 
 
 # ------------------------------------------------------------------------------------- reading

@@ -111,12 +111,19 @@ def _stop(pool: cf.ProcessPoolExecutor) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def compress_tensors(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple]:
-    """_compress_one of each tensor of the file src, in data order.  With jobs > 1, tensors of INLINE bytes or more
-    go to worker processes, at most 2 * jobs in flight (on a GPU: 4, whatever jobs); if the consumer
-    stops early (an error, Ctrl-C, SIGTERM), the workers are killed at once."""
-    data = np.memmap(src, np.uint8, "r", layout.data_start, (layout.data_size,)) if layout.data_size \
-        else np.empty(0, np.uint8)
+def compress_tensors(src: Path, layout: Layout, jobs: int, options: dict,
+                     raws: list[np.ndarray] | None = None) -> Iterator[tuple]:
+    """_compress_one of each tensor of the file src, in data order; raws: the tensors' bytes (uint8,
+    one array per tensor of layout, in data order) instead of the file's, compressed in this
+    process.  With jobs > 1, tensors of INLINE bytes or more go to worker processes, at most
+    2 * jobs in flight (on a GPU: 4, whatever jobs); if the consumer stops early (an error, Ctrl-C,
+    SIGTERM), the workers are killed at once."""
+    if raws is None:
+        data = np.memmap(src, np.uint8, "r", layout.data_start, (layout.data_size,)) \
+            if layout.data_size else np.empty(0, np.uint8)
+        raws = [data[t.begin:t.end] for t in layout.tensors]
+    else:
+        jobs = 1
     on_gpu = options.get("device", "cpu") != "cpu"
     big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors)
     pool = cf.ProcessPoolExecutor(jobs, initializer=worker_init, initargs=(worker_parent(),)) \
@@ -126,15 +133,15 @@ def compress_tensors(src: Path, layout: Layout, jobs: int, options: dict) -> Ite
     depth = 4 if on_gpu else 2 * jobs
     window: collections.deque = collections.deque()
     try:
-        for t in layout.tensors:
+        for t, raw in zip(layout.tensors, raws):
             if threads is not None:
-                window.append(threads.submit(_compress_one, t, data[t.begin:t.end], options))
+                window.append(threads.submit(_compress_one, t, raw, options))
             elif pool is not None and t.nbytes >= INLINE:
                 with held():
                     window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
             else:
                 window.append(cf.Future())
-                window[-1].set_result(_compress_one(t, data[t.begin:t.end], options))
+                window[-1].set_result(_compress_one(t, raw, options))
             if len(window) >= depth:
                 yield window.popleft().result()
         while window:
