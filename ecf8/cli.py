@@ -240,8 +240,10 @@ def _job(args):
     enabled = False if args.quiet else None
     total = 0
     try:
-        if args.command == "compress":
-            total = sum(read_layout(f, check=False).data_size for f in tensor_files(args.input))
+        if args.command == "compress":     # (each input's header read here, once: see _run)
+            for f in tensor_files(args.input):
+                args.layouts[f] = read_layout(f)
+            total = sum(layout.data_size for layout in args.layouts.values())
         else:
             paths = [p for p, e in _inputs(args.inputs) if not e] if args.command == "verify" \
                 else tensor_files(args.input)
@@ -255,12 +257,15 @@ def _input_bytes(src: Path) -> int:
     return sum(f.stat().st_size for f in tensor_files(src))
 
 
-def _compress_summary(src: Path, before: int, outs: list[Path], zstd_level: int) -> str:
-    """'src: original -> compressed bytes (saving)', and a note when nothing was entropy-coded."""
+def _compress_summary(src: Path, before: int, outs: list[Path], zstd_level: int,
+                      chosen: dict[Path, dict[str, str] | None]) -> str:
+    """'src: original -> compressed bytes (saving)', and a note when nothing was entropy-coded
+    (chosen: each output's {tensor: codec}, as compress_path reports it)."""
     after = sum(f.stat().st_size for f in outs)
     line = f"{src}: {before:,} -> {after:,} bytes ({1 - after / max(before, 1):.1%} saved) in {len(outs)} file" \
         + "s" * (len(outs) != 1)
-    codecs = {r.codec for f in outs for r in compressed.inspect_file(f)}
+    codecs = {codec for f in outs for codec in (chosen.get(f) or {
+        r.name: r.codec for r in compressed.inspect_file(f)}).values()}
     if "ecf8" not in codecs:
         line += (f"\nnothing was entropy-coded (no FP8/BF16/FP16 tensor gained): only zstandard "
                  f"(level {zstd_level}) acted{'' if 'zstd' in codecs else ', and it saved nothing'}")
@@ -323,18 +328,20 @@ def _run(args) -> int:
     cmd = args.command
     if cmd in ("compress", "decompress"):
         progress = False if args.quiet else None
+        args.layouts, chosen = {}, {}
         with _job(args):
             if cmd == "compress":
                 before = _input_bytes(args.input)      # (the output may replace the input)
                 outs = compressed.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
-                                           chunk_size=args.chunk_size, max_tables=args.max_tables,
-                                           zstd_level=args.zstd_level, device=args.device)
+                                                chunk_size=args.chunk_size, max_tables=args.max_tables,
+                                                zstd_level=args.zstd_level, device=args.device,
+                                                layouts=args.layouts, codecs=chosen)
             else:
                 outs = compressed.decompress_path(args.input, args.output, progress=progress)
         if args.quiet:
             pass
         elif cmd == "compress":
-            print(_compress_summary(args.input, before, outs, args.zstd_level))
+            print(_compress_summary(args.input, before, outs, args.zstd_level, chosen))
         else:
             for out in outs:
                 print(f"{out}: {out.stat().st_size:,} bytes")

@@ -74,7 +74,7 @@ def _packed_header(layout: Layout, sizes: list[int], record: str, info: dict) ->
 
 
 def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bool | None = None,
-                  **options) -> None:
+                  layout: Layout | None = None, **options) -> dict[str, str]:
     """Compress one safetensors file into a compressed (still safetensors) file, which the safetensors
     library is asked to open before it replaces dst (its mode is src's).
 
@@ -83,15 +83,19 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
     encoded by the CUDA encoder (the same bytes) in two threads that overlap reading, encoding and
     writing.  jobs: worker processes on the CPU (default: the machine's cores; 1 compresses in
     this process), at most 2 * jobs tensors in flight; not used on a GPU.
+    layout: src's ``read_layout``, when the caller has read it (read again if the file's size no
+    longer matches).  Returns each tensor's codec ({name: "ecf8" | "zstd" | "none"}).
     Raises ECF8Error, before writing anything, for a file safetensors refuses, an already compressed
     one, or one whose compressed header would exceed safetensors' 100 MB limit.
     """
     src, dst = Path(src), Path(dst)
-    _pack(read_layout(src), dst, file_mode(src), src, None, jobs, progress, options)
+    if layout is None or src.stat().st_size != layout.data_start + layout.data_size:
+        layout = read_layout(src)
+    return _pack(layout, dst, file_mode(src), src, None, jobs, progress, options)
 
 
 def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray] | None,
-          jobs: int | None, progress: bool | None, options: dict) -> None:
+          jobs: int | None, progress: bool | None, options: dict) -> dict[str, str]:
     """compress_file of the plain file `layout` describes: the file src, or (raws given: each
     tensor's bytes, uint8, in data order) the file src would be, never written."""
     if _is_packed(layout.metadata):
@@ -148,6 +152,7 @@ def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray
     finally:
         results.close()
         bar.close()
+    return {name: row[0] for name, row in table.items()}
 
 
 def _copy_range(fin, fout, start: int, n: int) -> None:
@@ -506,21 +511,26 @@ def verify_file(path: Path, progress: bool | None = None) -> int:
 
 # -------------------------------------------------------------------------------- model folders
 
-def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callable[[Path], Any],
-              many: Callable[..., None] | None = None, **kwargs) -> list[Path]:
-    """one_file(src_file, dst_file, **kwargs) for a file, or for each safetensors file of a model
-    folder (subfolders kept; every other file copied; check(file) on each input first, so a bad
-    input writes nothing; the output folder appears complete or not at all).  many: instead of
-    one_file on each file of a folder, many([(src_file, dst_file), ...], **kwargs) on them all."""
+def _map_path(src: Path, dst: Path, one_file: Callable[..., Any], check: Callable[[Path], Any],
+              many: Callable[..., Any] | None = None, known: dict | None = None, **kwargs
+              ) -> dict[Path, Any]:
+    """{output file: what one_file returned} of one_file(src_file, dst_file, **kwargs) for a file,
+    or for each safetensors file of a model folder (subfolders kept; every other file copied;
+    check(file) on each input first, so a bad input writes nothing; the output folder appears
+    complete or not at all).  many: instead of one_file on each file of a folder,
+    many([(src_file, dst_file), ...], **kwargs) on them all, returning {dst_file: result}.
+    known: {input file: what the caller already read of it}, given to one_file as layout= (and
+    to check when it takes it) and filled with what check returns."""
     src, dst = Path(src), Path(dst)
+    known = {} if known is None else known
     if not src.is_dir():
         if not src.is_file():
             raise UnsupportedError(f"{src}: no such file")
-        one_file(src, dst, **kwargs)
-        return [dst]
+        extra = {"layout": known[src]} if known.get(src) is not None else {}
+        return {dst: one_file(src, dst, **extra, **kwargs)}
     tensors, others = model_files(src)
     for rel in tensors:
-        check(src / rel)
+        known[src / rel] = check(src / rel) if known.get(src / rel) is None else check(src / rel, known[src / rel])
     with atomic_dir(dst, file_mode(src)) as tmp:
         for root, dirs, _ in os.walk(src):                    # empty folders too
             for d in dirs:
@@ -532,23 +542,32 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callab
             os.chmod(tmp / rel, file_mode(src / rel))
         pairs = [(src / rel, tmp / rel) for rel in tensors]
         if many is not None:
-            many(pairs, **kwargs)
+            done = many(pairs, **kwargs) or {}
+            results = {dst / rel: done.get(tmp / rel) for rel in tensors}
         else:
-            for a, b in pairs:
-                one_file(a, b, **kwargs)
-    return [dst / rel for rel in tensors]
+            results = {}
+            for rel in tensors:
+                extra = {"layout": known[src / rel]} if known.get(src / rel) is not None else {}
+                results[dst / rel] = one_file(src / rel, tmp / rel, **extra, **kwargs)
+    return results
 
 
-def _check_plain(path: Path) -> None:
-    if _is_packed(read_layout(path).metadata):
+def _check_plain(path: Path, layout: Layout | None = None) -> Layout:
+    """path's Layout (layout: already read), unless it is not plain safetensors (ECF8Error)."""
+    layout = read_layout(path) if layout is None else layout
+    if _is_packed(layout.metadata):
         raise UnsupportedError(f"{path} is already an ecf8-compressed checkpoint")
+    return layout
 
 
-def compress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
+def compress_path(src: Path, dst: Path, *, layouts: dict[Path, Layout] | None = None,
+                  codecs: dict[Path, dict[str, str]] | None = None, **kwargs) -> list[Path]:
     """A safetensors file, or a model folder, compressed to dst (see compress_file); returns the
     compressed files.  device="cuda" on a folder of several shards with several GPUs visible spreads
     the shards over all of them, one worker process per GPU (``ecf8.gpu_pool``; jobs not used);
-    the files are the same bytes.  A single file is compressed on one GPU."""
+    the files are the same bytes.  A single file is compressed on one GPU.  layouts: {input file
+    (as ``tensor_files(src)`` names it): its ``read_layout``} where the caller has read them (not
+    read again); codecs: a dict to fill with {output file: {tensor: codec}}."""
     many = None
     if kwargs.get("device") == "cuda" and Path(src).is_dir():
         from . import gpu_pool
@@ -556,9 +575,12 @@ def compress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
         gpus = gpu_pool.gpus()          # (UnsupportedError without CuPy or a GPU: nothing written)
         if len(gpus) > 1 and len(tensor_files(src)) > 1:
             many = functools.partial(gpu_pool.compress_shards, devices=gpus, one_file=compress_file)
-    return _map_path(src, dst, compress_file, _check_plain, many, **kwargs)
+    results = _map_path(src, dst, compress_file, _check_plain, many, dict(layouts or {}), **kwargs)
+    if codecs is not None:
+        codecs.update(results)
+    return list(results)
 
 
 def decompress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
     """The original file or model folder restored from a compressed one; returns the restored files."""
-    return _map_path(src, dst, decompress_file, _check_packed, **kwargs)
+    return list(_map_path(src, dst, decompress_file, _check_packed, **kwargs))

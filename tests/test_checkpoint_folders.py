@@ -2,6 +2,7 @@
 anything is written, the output folder complete or absent."""
 
 import json
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -115,3 +116,28 @@ def test_dangling_links_are_refused_and_empty_folders_kept(tmp_path):
     compressed.compress_path(src, tmp_path / "c")
     compressed.decompress_path(tmp_path / "c", tmp_path / "r")
     assert (tmp_path / "r" / "empty" / "deeper").is_dir() and _tree(tmp_path / "r") == _tree(src)
+
+
+@pytest.mark.parametrize("folder", [True, False])
+def test_compress_reads_each_input_header_once_and_no_output_again(tmp_path, monkeypatch, capsys, folder):
+    """`ecf8 compress` reads an input's header once (for the progress total, the checks and the
+    compression), and learns the codecs it chose without reopening its outputs."""
+    from ecf8 import cli
+
+    src = _model(tmp_path / "model")
+    if not folder:
+        src = src / "text" / "model.safetensors"
+    reads, inspected = [], []
+    real_read, real_inspect = compressed.read_layout, compressed.inspect_file
+
+    def read(path, *args, **kwargs):
+        reads.append(Path(path))
+        return real_read(path, *args, **kwargs)
+    for module in (cli, compressed):
+        monkeypatch.setattr(module, "read_layout", read)
+    monkeypatch.setattr(compressed, "inspect_file", lambda p: inspected.append(p) or real_inspect(p))
+    assert main(["compress", str(src), "-o", str(tmp_path / "out"), "-j", "1"]) == 0
+    inputs = [src / "text/model.safetensors", src / "vision/model.safetensors"] if folder else [src]
+    read_inputs = [r for r in reads if r.is_relative_to(tmp_path / "model")]   # (not the outputs'
+    assert sorted(read_inputs) == sorted(inputs) and inspected == []             # check before renaming)
+    assert "saved" in capsys.readouterr().out

@@ -68,7 +68,7 @@ def workers(monkeypatch):
 
     def spread(pairs, devices, **kwargs):
         spreads.append(list(devices))
-        real(pairs, devices, **kwargs)
+        return real(pairs, devices, **kwargs)
 
     monkeypatch.setattr(gpu_pool, "compress_shards", spread)
 
@@ -139,10 +139,11 @@ def _cut_after_check(monkeypatch, victim: Path) -> None:
     """The shard changes after compress checked it (cut short), so the worker that takes it fails."""
     check = compressed._check_plain
 
-    def check_then_cut(path):
-        check(path)
+    def check_then_cut(path, *known):
+        layout = check(path, *known)
         if Path(path) == victim:
             victim.write_bytes(victim.read_bytes()[:1000])
+        return layout
     monkeypatch.setattr(compressed, "_check_plain", check_then_cut)
 
 
