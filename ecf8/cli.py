@@ -39,7 +39,6 @@ from .safetensors_io import atomic_file, iter_tensors, model_files, read_layout,
 from .tensor_codecs import ZSTD_LEVEL
 
 
-
 def write_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)

@@ -224,7 +224,6 @@ class DeviceTensor:
         return d
 
 
-
 def _aux_offsets(frame: fmt.Frame) -> tuple[int, int]:
     """Byte offsets of the table ids and the decode tables in a tensor's aux buffer, which
     starts with the nchunks + 1 chunk word offsets (u32)."""

@@ -48,14 +48,6 @@ KERNEL_NAMES = ([f"ecf8_hist<{k}>" for k in _KINDS.values()]
                 + ["ecf8_crc", "ecf8_crc_final"])
 
 _consts: dict[int, Any] = {}
-_trace: list | None = None      # bench/bench_encode.py sets a list: (phase, CUDA event) marks
-
-
-def _mark(name: str) -> None:
-    if _trace is not None:
-        event = gpu.cupy().cuda.Event()
-        event.record()
-        _trace.append((name, event))
 
 
 def _compile(device_id: int):
@@ -283,9 +275,7 @@ def encode(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tab
     Raises UnsupportedError for other inputs or options.
     """
     with _encoding(x, dtype, chunk_size, max_tables, allow_stored, stream) as (frame_d, head, dev, st):
-        result = dc.resident(parse_header(head, frame_d.size), dev, frame_d, EncodedTensor, stream=st)
-        _mark("host: frame object")
-        return result
+        return dc.resident(parse_header(head, frame_d.size), dev, frame_d, EncodedTensor, stream=st)
 
 
 def encode_to_bytes(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tables: int = 4,
@@ -347,7 +337,6 @@ def _finish(buf, head: bytes, size: int, dev: int, st) -> tuple:
                                      (buf, np.uint64(begin), np.uint64(end), consts, acc))
     KERNELS.function(dev, "ecf8_crc_final")((1,), (32,), (buf, np.uint64(begin), np.uint64(end), consts,
                                                      acc, np.uint32(fmt.header_crc(head))))
-    _mark("crc")
     return buf[:size], head
 
 
@@ -367,7 +356,6 @@ def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int,
     """The coded frame (as _finish), or None when allow_stored and it would not be smaller than
     the input."""
     cupy = gpu.cupy()
-    _mark("start")
     kind = _KINDS[spec.code]
     a = spec.alphabet
     nchunks = -(-n // (1 << chunk_log2))
@@ -377,7 +365,6 @@ def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int,
     KERNELS.function(dev, f"ecf8_hist<{kind}>")(
         (-(-n // (1 << TILE_LOG2)),), (256,),
         (u, np.uint64(n), np.uint32(chunk_log2), np.uint64(nchunks), hist_d), shared_mem=subs * a * 4)
-    _mark("histogram")
     field_mask = (1 << spec.exp_bits) - 1
     if cpu_encoder.assign_tables is table_choice.assign_tables:
         # The exact rule: histograms stay on the GPU, only small products come back.
@@ -395,7 +382,6 @@ def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int,
         lengths, chunk_tables = cpu_encoder.assign_tables(hist, max_tables, field_mask)
     entries = cupy.asarray(code_entries(lengths))
     tables_d = cupy.asarray(chunk_tables)
-    _mark("host: copy back, table choice, upload")
     # 2. word counts -> host -> header, size, coded or stored
     warps = max(1, min(CODE_WARPS, nchunks // 264))
     grid = (-(-nchunks // warps),)
@@ -403,7 +389,6 @@ def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int,
     common = (u, np.uint64(n), np.uint32(chunk_log2), np.uint64(nchunks), tables_d, entries,
               np.uint32(lengths.shape[0]), np.uint32(pad))
     KERNELS.function(dev, f"ecf8_code<{kind}, false>")(grid, (32 * warps,), common + (counts, counts, counts, counts))
-    _mark("word counts")
     words = counts[:nchunks].get(stream=st).astype(np.int64)
     starts = np.cumsum(words) - words
     exp_words = int(words.sum())
@@ -421,8 +406,6 @@ def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int,
     buf = _alloc_frame(size)
     buf[len(head) : raw_at] = 0                  # padding, and the empty loads inside the stream
     offsets = cupy.asarray(starts.astype(np.uint32))
-    _mark("host: copy back, header, allocation")
     KERNELS.function(dev, f"ecf8_code<{kind}, true>")(
         grid, (32 * warps,), common + (counts, offsets, buf[exp_at:], buf[raw_at:]))
-    _mark("words + raw plane")
     return _finish(buf, head, size, dev, st)

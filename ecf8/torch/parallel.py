@@ -72,7 +72,6 @@ def _shard_box(shape: tuple, mesh: Any, placements: tuple, what: str) -> tuple[s
     return tuple(slice(o, o + n) for o, n in zip(offset, local))
 
 
-
 def check_sharded(p: torch.Tensor, holders: list, what: str) -> None:
     """A DTensor weight is held compressed only on modules whose class forward runs: a forward
     replaced per instance (Transformers' own tp_plan layers, which also swap DTensor parameters for
