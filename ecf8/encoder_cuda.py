@@ -232,7 +232,7 @@ def _spec_of(arr: Any, dtype: Any) -> fmt.DtypeSpec:
     if dtype is not None:
         return names.dtype_spec(dtype)
     if np.dtype(arr.dtype) == np.float16:
-        return fmt.DTYPES[4]
+        return fmt.spec_for_dtype(np.float16)
     raise UnsupportedError(f"say which type the {arr.dtype} bits hold: dtype='e4m3', 'e5m2', 'bf16' "
                            "or 'fp16' (any spelling of ecf8.names)")
 
