@@ -518,7 +518,8 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., Any], check: Callabl
     or for each safetensors file of a model folder (subfolders kept; every other file copied;
     check(file) on each input first, so a bad input writes nothing; the output folder appears
     complete or not at all).  many: instead of one_file on each file of a folder,
-    many([(src_file, dst_file), ...], **kwargs) on them all, returning {dst_file: result}.
+    many([(src_file, dst_file), ...], known=known, **kwargs) on them all, returning
+    {dst_file: result}.
     known: {input file: what the caller already read of it}, given to one_file as layout= (and
     to check when it takes it) and filled with what check returns."""
     src, dst = Path(src), Path(dst)
@@ -542,7 +543,7 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., Any], check: Callabl
             os.chmod(tmp / rel, file_mode(src / rel))
         pairs = [(src / rel, tmp / rel) for rel in tensors]
         if many is not None:
-            done = many(pairs, **kwargs) or {}
+            done = many(pairs, known=known, **kwargs) or {}
             results = {dst / rel: done.get(tmp / rel) for rel in tensors}
         else:
             results = {}

@@ -84,16 +84,20 @@ def _give(conn: Connection, todo: list, busy: dict, options: dict) -> None:
 
 
 def compress_shards(pairs: list[tuple[Path, Path]], devices: list[str], *, one_file: Callable[..., object],
-                    progress: bool | None = None, jobs: int | None = None, **options) -> dict[Path, object]:
+                    progress: bool | None = None, jobs: int | None = None, known: dict | None = None,
+                    **options) -> dict[Path, object]:
     """one_file(src, dst, **options) for each (src, dst), spread over one worker process per
     entry of `devices` ('cuda:N'; the same one twice: two workers on that GPU), the largest src
     first to whichever worker is free; one progress bar over all the files' tensor bytes.  jobs is
-    not used.  Returns {dst: what one_file returned}.  Raises the first failing shard's ECF8Error,
+    not used; known: {src: its read_layout} already read (for the bar's total; each worker reads
+    its shard again, so that a shard changed since is caught).  Returns {dst: what one_file
+    returned}.  Raises the first failing shard's ECF8Error,
     or ECF8Error naming the shard of a worker that died, after killing every worker (on an
     interrupt too)."""
     options.pop("device", None)
     todo = sorted(pairs, key=lambda p: os.path.getsize(p[0]), reverse=True)     # (ties: path order)
-    total = sum(read_layout(src, check=False).data_size for src, _ in pairs)
+    known = known or {}
+    total = sum((known.get(src) or read_layout(src, check=False)).data_size for src, _ in pairs)
     bar = _progress._Progress(total, f"compress {len(pairs)} files on {len(devices)} GPU workers", progress)
     ctx = multiprocessing.get_context("spawn")
     workers: dict[Connection, multiprocessing.process.BaseProcess] = {}
