@@ -334,9 +334,9 @@ def _finish(buf, head: bytes, size: int, dev: int, st) -> tuple:
     vlen = -(-(end - begin) // CRC_WARP) * CRC_WARP
     if vlen:
         KERNELS.function(dev, "ecf8_crc")((-(-(vlen // CRC_PIECE) // 256),), (256,),
-                                     (buf, np.uint64(begin), np.uint64(end), consts, acc))
+                                          (buf, np.uint64(begin), np.uint64(end), consts, acc))
     KERNELS.function(dev, "ecf8_crc_final")((1,), (32,), (buf, np.uint64(begin), np.uint64(end), consts,
-                                                     acc, np.uint32(fmt.header_crc(head))))
+                                                           acc, np.uint32(fmt.header_crc(head))))
     return buf[:size], head
 
 

@@ -259,6 +259,7 @@ class Weight:
 
 
 def aligned(nbytes: int) -> int:
+    """nbytes rounded up to a multiple of 256 (where a group places each weight)."""
     return -(-nbytes // 256) * 256
 
 
