@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minilm  # noqa: E402
-from ecf8 import store  # noqa: E402
-from ecf8.checkpoint import write_safetensors  # noqa: E402
+from ecf8 import compressed  # noqa: E402
+from ecf8.safetensors_io import write_safetensors  # noqa: E402
 
 
 def frexp_entropy(x: np.ndarray, bias: int, min_normal_exp: int) -> float:
@@ -53,10 +53,10 @@ def main() -> None:
     size = src.stat().st_size
 
     t0 = time.perf_counter()
-    store.compress_file(src, packed, progress=False)
+    compressed.compress_file(src, packed, progress=False)
     t_comp = time.perf_counter() - t0
     t0 = time.perf_counter()
-    store.decompress_file(packed, restored, progress=False)
+    compressed.decompress_file(packed, restored, progress=False)
     t_dec = time.perf_counter() - t0
     assert restored.read_bytes() == src.read_bytes(), "restored checkpoint differs"
     raw = src.read_bytes()

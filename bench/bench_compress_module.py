@@ -1,4 +1,4 @@
-"""compress_module wall time on a CUDA model: the GPU encoder against the CPU path (issue #12).
+"""compress_module wall time on a CUDA model: the GPU encoder against the CPU path.
 
     python bench/bench_compress_module.py [--layers 9] [--cpu-layers 1]
 

@@ -1,4 +1,4 @@
-"""Greedy generation with a compressed model against the uncompressed one (issue #11): tokens/s end
+"""Greedy generation with a compressed model against the uncompressed one: tokens/s end
 to end, and the largest batch that fits a fixed GPU memory budget.
 
     python bench/bench_generate.py [--layers 8] [--batches 1 16 64 256] [--tokens 32] [--kv-gib 2]

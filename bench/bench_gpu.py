@@ -182,14 +182,13 @@ def compare_variants(dt, x, variants, stream, reps):
     dev = cp.cuda.Device().id
     src = cp.asarray(x.reshape(-1).view(np.uint8))
     out = cp.empty_like(src)
-    saved = decoder_cuda._modules.get(dev), decoder_cuda.WARPS
+    saved = decoder_cuda.KERNELS.replace(dev, None), decoder_cuda.WARPS
     for variant in variants:
         defines = [d for d in variant.split(",") if d]
         warps = [int(d.split("=")[1]) for d in defines if d.startswith("WARPS=")]
         decoder_cuda.WARPS = warps[0] if warps else saved[1]
         defines = [d for d in defines if not d.startswith("WARPS=")]
-        decoder_cuda._modules[dev] = decoder_cuda.compile_module(dev, defines)
-        decoder_cuda._kernels.clear()
+        decoder_cuda.KERNELS.replace(dev, decoder_cuda.compile_module(dev, defines))
         tensor = ecf8.to_device(dt.payload.get()) if warps else dt
         with stream:
             out.fill(0)
@@ -198,8 +197,8 @@ def compare_variants(dt, x, variants, stream, reps):
         ok = bool((out == src).all())
         ms = median_ms(lambda: ecf8.decode(tensor, device="cuda", out=out, stream=stream), stream, reps)
         print(f"variant {variant or 'default':30} exact={ok} {ms:.3f} ms {src.nbytes / ms / 1e6:.0f} GB/s")
-    decoder_cuda._modules[dev], decoder_cuda.WARPS = saved
-    decoder_cuda._kernels.clear()
+    decoder_cuda.KERNELS.replace(dev, saved[0])
+    decoder_cuda.WARPS = saved[1]
 
 
 def print_rows(dev, args, rows):

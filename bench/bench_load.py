@@ -102,7 +102,7 @@ def make(variant: str, layers: int, folder: Path, shards: int) -> None:
     ecf8 compression (skipped when present)."""
     from safetensors.torch import save_file
 
-    import ecf8.store
+    import ecf8.compressed
 
     plain, packed = folder / variant, folder / f"{variant}.ecf8"
     if (plain / INDEX).exists() and (packed / INDEX).exists():
@@ -139,7 +139,7 @@ def make(variant: str, layers: int, folder: Path, shards: int) -> None:
     (plain / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     del tensors, groups
     t = time.perf_counter()
-    ecf8.store.compress_path(plain, packed, progress=False)
+    ecf8.compressed.compress_path(plain, packed, progress=False)
     size = sum(f.stat().st_size for f in packed.glob("*.safetensors"))
     print(f"# compressed {variant}: {total / 1e9:.2f} GB -> {size / 1e9:.2f} GB in "
           f"{time.perf_counter() - t:.1f} s", flush=True)

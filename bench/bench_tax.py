@@ -1,8 +1,8 @@
-"""The decode tax: the weight path of a compressed model against the uncompressed one (issue #11).
+"""The decode tax: the weight path of a compressed model against the uncompressed one.
 
     python bench/bench_tax.py [--layers 8] [--batches 1 16 64 256] [--reps 20] [--chunk-size auto]
 
-Setup (issue #11): the linear layers of --layers Llama-3-8B-shaped layers (q k v o gate up
+Setup: the linear layers of --layers Llama-3-8B-shaped layers (q k v o gate up
 down: 218 M weights a layer), one decode step with every GEMM captured in one CUDA graph:
 
 - FP8 E4M3, per-tensor scales: base = ``torch._scaled_mm`` on the FP8 weights; ecf8 = decode

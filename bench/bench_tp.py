@@ -40,7 +40,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-import ecf8.store
+import ecf8.compressed
 import ecf8.torch
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -79,7 +79,7 @@ def write_checkpoint(args, folder: Path) -> None:
     plain = folder / "plain"
     model.save_pretrained(plain, max_shard_size="2GB")
     del model
-    ecf8.store.compress_path(plain, folder / "ecf8", progress=False)
+    ecf8.compressed.compress_path(plain, folder / "ecf8", progress=False)
     for f in ("config.json", "generation_config.json"):
         if (plain / f).exists():
             (folder / "ecf8" / f).write_bytes((plain / f).read_bytes())

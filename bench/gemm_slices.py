@@ -2,7 +2,7 @@
 
     python bench/gemm_slices.py
 
-Decoding a weight in slices that stay in L2 and running cuBLAS on each slice (issue #11) keeps a
+Decoding a weight in slices that stay in L2 and running cuBLAS on each slice keeps a
 compressed model's outputs bit-identical only if it does.  FP8 E4M3 per-tensor ``torch._scaled_mm``
 (scales 1, BF16 out; batches below 16 padded to 16) and BF16 ``matmul``, Llama-3-8B shapes (q, k,
 gate, down), batch 1/16/64/256, slices of 512-4096 rows; random data (the question is the

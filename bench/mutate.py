@@ -1,4 +1,4 @@
-"""Mutation campaign against ECF8 frames, compressed checkpoints and the commands (issue #9; not
+"""Mutation campaign against ECF8 frames, compressed checkpoints and the commands (not
 run in CI).
 
     python bench/mutate.py --frames 100000 --checkpoints 5000 --inputs 2000 --checkpoints-v1 1000 \\
@@ -9,7 +9,7 @@ Campaigns (each in its own module):
     frames          bench/mutate_frames.py: single frames, all four dtypes, coded and stored, v1 and
                     v2; ecf8.info + ecf8.decode (CPU)
     checkpoints     bench/mutate_checkpoints.py: a compressed FP8 checkpoint; verify_file,
-                    decompress_file and load_file (CPU and the GPU path's store checks), every
+                    decompress_file and load_file (CPU and the GPU path's checkpoint checks), every
                     --cli-every-th case also `ecf8 info / verify / decompress`
     inputs          bench/mutate_inputs.py: plain safetensors files, edited, given to compress:
                     refusal with nothing left behind, or an exact round trip

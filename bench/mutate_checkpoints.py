@@ -2,13 +2,13 @@
 
 The base is a small DeepSeek-style FP8 layer: E4M3 weights (MiniLM layer-0 samples from
 /work/shared/data, else synthetic) with F32 ``weight_scale_inv`` block scales, BF16 weights and
-norms, an I64 buffer, compressed with ``ecf8.store.compress_file``.  Each case edits the compressed
-file, then runs ``store.verify_file`` and ``store.decompress_file`` in-process (every
+norms, an I64 buffer, compressed with ``ecf8.compressed.compress_file``.  Each case edits the compressed
+file, then runs ``compressed.verify_file`` and ``compressed.decompress_file`` in-process (every
 ``--cli-every``-th case also ``ecf8 info``, ``verify`` and ``decompress`` as commands) and compares
 the restored bytes with the original file; where those refuse cleanly or restore exactly,
-``store.load_file`` must too (ECF8Error, or exactly the original tensors), on the CPU and on the
+``compressed.load_file`` must too (ECF8Error, or exactly the original tensors), on the CPU and on the
 GPU path (``device="cuda"``, with the GPU decoder and upload replaced by the CPU ones: every check
-of the store layer runs as on a GPU).
+of the compressed-checkpoint layer runs as on a GPU).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
-from ecf8 import store
-from ecf8.checkpoint import write_safetensors
+from ecf8 import compressed
+from ecf8.safetensors_io import write_safetensors
 from ecf8.errors import ECF8Error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def prepare(tmp, args) -> dict:
     tmp = Path(tmp)
     plain, packed = tmp / "base.safetensors", tmp / "base.ecf8.safetensors"
     write_safetensors(base_tensors(), plain, metadata={"format": "pt"})
-    store.compress_file(plain, packed, jobs=1, progress=False)
+    compressed.compress_file(plain, packed, jobs=1, progress=False)
     return {"plain": str(plain), "packed": str(packed), "cli_every": getattr(args, "cli_every", 0)}
 
 
@@ -547,8 +547,8 @@ def run_case(state, seed, case):
     _clean(workdir, "")
     path, out = workdir / "m.safetensors", workdir / "r.safetensors"
     path.write_bytes(mutated_input(state, seed, case))
-    v, vmsg = _call(lambda p: store.verify_file(p, progress=False), path)
-    d, dmsg = _call(lambda p, q: store.decompress_file(p, q, progress=False), path, out)
+    v, vmsg = _call(lambda p: compressed.verify_file(p, progress=False), path)
+    d, dmsg = _call(lambda p, q: compressed.decompress_file(p, q, progress=False), path, out)
     restored = out.read_bytes() if d == "ok" and out.exists() else None
     left = [x for x in _clean(workdir) if not (d == "ok" and x == out.name)]
     outcome, message = classify(state, v, vmsg, d, dmsg, restored, left)
@@ -576,27 +576,27 @@ def _original_tensors(state) -> dict[str, bytes]:
 
 
 def _load_gpu_standin(path: Path) -> dict:
-    """What ``store.load_file(path, "cuda")`` checks, with the GPU decoder and upload replaced by
-    their CPU equivalents (this machine has no GPU): every check of the store layer still runs."""
+    """What ``compressed.load_file(path, "cuda")`` checks, with the GPU decoder and upload replaced by
+    their CPU equivalents (this machine has no GPU): every check of the compressed-checkpoint layer still runs."""
     from ecf8 import api
 
-    decode, to_device = api.decode, getattr(store, "_to_device", None)
+    decode, to_device = api.decode, getattr(compressed, "_to_device", None)
     api.decode = lambda blob, device="cpu", **kw: decode(blob, "cpu", **kw)
-    store._to_device = lambda x, device: x
+    compressed._to_device = lambda x, device: x
     try:
-        return store.load_file(path, "cuda")
+        return compressed.load_file(path, "cuda")
     finally:
         api.decode = decode
         if to_device is not None:
-            store._to_device = to_device
+            compressed._to_device = to_device
 
 
 def check_load(state, path: Path, verified: str) -> tuple[str, str] | None:
     """``ecf8.load_file`` on the same input, on the CPU and (stand-in) GPU path: ECF8Error, or
     exactly the original tensors (None when that holds)."""
-    if not hasattr(store, "load_file"):
+    if not hasattr(compressed, "load_file"):
         return None
-    for where, load in (("", store.load_file), (" (GPU path)", _load_gpu_standin)):
+    for where, load in (("", compressed.load_file), (" (GPU path)", _load_gpu_standin)):
         problem = _check_loaded(state, load, path, verified, where)
         if problem:
             return problem

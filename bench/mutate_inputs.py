@@ -3,7 +3,7 @@
 The base is the plain checkpoint of mutate_checkpoints.py.  Each case edits it (bit flips and
 boundary bytes in the header, JSON values of the wrong type or at boundary values, deleted and
 duplicated entries, deep nesting, truncations, extensions, gaps, overlaps) and runs
-``store.compress_file``.  Acceptable outcomes: ECF8Error with nothing left in the folder, or a
+``compressed.compress_file``.  Acceptable outcomes: ECF8Error with nothing left in the folder, or a
 compressed file that verifies, opens with ``safetensors.safe_open`` and decompresses to the
 mutated input byte for byte ("identical").  Anything else is a problem: DIFFERENT (restored bytes
 differ), verify-missed (compress wrote a file that verify or decompress refuses), left-files,
@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import safe_open
 
 import mutate_checkpoints as mc
-from ecf8 import store
+from ecf8 import compressed
 
 KINDS = ["bitflip_header", "overwrite_header", "truncate", "extend", "header_value",
          "header_delete", "header_duplicate", "header_deep", "gap", "overlap", "reorder_data",
@@ -168,7 +168,7 @@ def run_case(state, seed, case):
     src, dst, back = workdir / "in.safetensors", workdir / "c.safetensors", workdir / "r.safetensors"
     blob = mutated_input(state, seed, case)
     src.write_bytes(blob)
-    c, cmsg = mc._call(lambda a, b: store.compress_file(a, b, jobs=1, progress=False), src, dst)
+    c, cmsg = mc._call(lambda a, b: compressed.compress_file(a, b, jobs=1, progress=False), src, dst)
     if c.startswith("other"):
         return c, f"compress: {cmsg}"[:400]
     if c == "ECF8Error":
@@ -177,8 +177,8 @@ def run_case(state, seed, case):
     problem = _opens(dst)
     if problem:
         return "DIFFERENT", f"compress wrote a file safetensors cannot open: {problem}"[:400]
-    v, vmsg = mc._call(lambda p: store.verify_file(p, progress=False), dst)
-    d, dmsg = mc._call(lambda a, b: store.decompress_file(a, b, progress=False), dst, back)
+    v, vmsg = mc._call(lambda p: compressed.verify_file(p, progress=False), dst)
+    d, dmsg = mc._call(lambda a, b: compressed.decompress_file(a, b, progress=False), dst, back)
     for r, m, what in ((v, vmsg, "verify"), (d, dmsg, "decompress")):
         if r.startswith("other"):
             return r, f"{what}: {m}"[:400]

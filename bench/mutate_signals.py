@@ -1,5 +1,5 @@
 """Interrupted runs for bench/mutate.py --signals N: ``ecf8 compress`` / ``decompress`` stopped by
-SIGINT or SIGTERM at a random moment (issue #9, class 6).
+SIGINT or SIGTERM at a random moment.
 
 Each trial starts the command in its own process group, sends the signal to the process (as
 ``kill``) or to the whole group (as Ctrl-C in a terminal) after a random delay, and checks:
@@ -50,8 +50,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ecf8 import store  # noqa: E402
-from ecf8.checkpoint import write_safetensors  # noqa: E402
+from ecf8 import compressed  # noqa: E402
+from ecf8.safetensors_io import write_safetensors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CMD = [sys.executable, "-m", "ecf8"]      # what the console script runs: ecf8.__main__.main()
@@ -81,8 +81,8 @@ def prepare(tmp: Path) -> dict:
         write_safetensors(_tensors(i + 1, 3), folder / ("text" if i else "") / f"model-{i}.safetensors")
     (folder / "config.json").write_text("{}")
     packed, packed_folder = tmp / "packed.safetensors", tmp / "packed-folder"
-    store.compress_file(plain, packed, jobs=1, progress=False)
-    store.compress_path(folder, packed_folder, jobs=1, progress=False)
+    compressed.compress_file(plain, packed, jobs=1, progress=False)
+    compressed.compress_path(folder, packed_folder, jobs=1, progress=False)
     base = {"file": plain, "folder": folder, "packed-file": packed, "packed-folder": packed_folder}
     for what in ("compress", "decompress"):       # how long each command takes, start-up included
         for target in ("file", "folder"):
@@ -184,7 +184,7 @@ def _valid(out: Path, what: str, target: str, complete: bool = False, base=None,
     try:
         if what == "compress":
             files = [out] if target == "file" else sorted(out.rglob("*.safetensors"))
-            return bool(files) and all(store.verify_file(f, progress=False) >= 0 for f in files)
+            return bool(files) and all(compressed.verify_file(f, progress=False) >= 0 for f in files)
         if base is None:
             return True
         orig = base[target_key]
@@ -295,7 +295,7 @@ def sweep(trials: int, seed: int, tmp: Path, jobs: tuple[str, ...] = ("1", "2", 
     folder = tmp / "folder"
     rng = np.random.default_rng(seed)
     (folder / "sub").mkdir(parents=True)
-    for k in range(5):                      # 5 shards of 4 FP8 tensors (past store.INLINE: to the workers)
+    for k in range(5):                      # 5 shards of 4 FP8 tensors (past tensor_codecs.INLINE: to the workers)
         write_safetensors({f"l{i}.w": (rng.standard_normal(tensor_kib << 10) * 16).astype(ml_dtypes.float8_e4m3fn)
                            for i in range(4)} | {"ids": np.arange(100, dtype=np.int64)},
                           folder / ("sub" if k % 2 else "") / f"m{k}.safetensors")

@@ -336,7 +336,8 @@ ecf8_decode(const TensorDesc* __restrict__ descs, const u32* __restrict__ block_
 }
 
 #ifndef ECF8_DEVICE_CODE_ONLY    // set by sources that include this one for its device code
-// Instantiations, named by ecf8.decoder_cuda: E4M3FN, E5M2, BF16, FP16.
+// Instantiations: one per entry of ecf8.format.DTYPES (E4M3FN, E5M2, BF16, FP16), in its order;
+// tests/test_dtype_registry.py checks that they agree.
 template __global__ void ecf8_decode<1, 4, 3>(const TensorDesc*, const u32*, int, u32, u64);
 template __global__ void ecf8_decode<1, 5, 2>(const TensorDesc*, const u32*, int, u32, u64);
 template __global__ void ecf8_decode<2, 8, 7>(const TensorDesc*, const u32*, int, u32, u64);

@@ -323,7 +323,8 @@ __global__ void ecf8_crc_final(u8* frame, u64 begin, u64 end, const u32* __restr
     for (int b = 0; b < 4; ++b) frame[end + b] = (u8)(crc >> (8 * b));
 }
 
-// Instantiations, named by ecf8.encoder_cuda: E4M3FN, E5M2, BF16, FP16.
+// Instantiations: one per entry of ecf8.format.DTYPES (E4M3FN, E5M2, BF16, FP16), in its order;
+// tests/test_dtype_registry.py checks that they agree.
 template __global__ void ecf8_hist<1, 4, 3>(const u8*, u64, u32, u64, u32*);
 template __global__ void ecf8_hist<1, 5, 2>(const u8*, u64, u32, u64, u32*);
 template __global__ void ecf8_hist<2, 8, 7>(const u8*, u64, u32, u64, u32*);

@@ -11,10 +11,10 @@ import importlib
 
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 
-_HOME = {"encode": "encoder", "decode": "api", "info": "api", "Info": "api",
+_HOME = {"encode": "api", "decode": "api", "info": "api", "Info": "api",
          "to_device": "decoder_cuda", "decode_batch": "decoder_cuda", "BatchDecoder": "decoder_cuda",
          "DeviceTensor": "decoder_cuda", "CudaArray": "decoder_cuda",
-         "save_file": "store", "load_file": "store", "safe_open": "store"}
+         "save_file": "compressed", "load_file": "compressed", "safe_open": "compressed"}
 
 __all__ = ["encode", "decode", "info", "Info", "to_device", "decode_batch", "BatchDecoder",
            "DeviceTensor", "CudaArray", "save_file", "load_file", "safe_open", "ECF8Error", "CorruptDataError",

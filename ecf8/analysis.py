@@ -115,7 +115,7 @@ def analyze_tensor(name: str, x: np.ndarray, dtype_name: str, options: dict | No
 
     options: as for ``ecf8 compress`` (chunk_size, max_tables, zstd_level).
     """
-    from .store import choose_codec
+    from .tensor_codecs import choose_codec
 
     report = TensorReport(name, dtype_name, int(x.size), list(x.shape), original_bytes=int(x.nbytes))
     raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)

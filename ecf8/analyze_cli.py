@@ -14,8 +14,8 @@ import numpy as np
 from . import api
 from . import format as fmt
 from .analysis import TensorReport, analyze_tensor, fit_alpha, model_probabilities
-from .checkpoint import DTYPE_NAMES, iter_tensors, read_layout, tensor_files
 from .errors import ECF8Error
+from .safetensors_io import DTYPE_NAMES, iter_tensors, read_layout, tensor_files
 
 __all__ = ["sources", "tensors_of", "totals", "run_analyze", "figure", "short_label"]
 
@@ -23,7 +23,7 @@ __all__ = ["sources", "tensors_of", "totals", "run_analyze", "figure", "short_la
 def sources(path: Path) -> list[tuple[Path, str]]:
     """(file, kind) of each input file; kind: 'safetensors', 'compressed' (an ecf8-compressed
     checkpoint), 'npy' or 'frame' (an ECF8 frame)."""
-    from .store import META_KEY
+    from .compressed import META_KEY
 
     path = Path(path)
     if path.suffix == ".npy" and path.is_file():
@@ -45,7 +45,7 @@ def tensors_of(path: Path, dtype: str | None = None) -> Iterator[tuple[str, str,
 def _tensors(srcs: list[tuple[Path, str]], dtype: str | None) -> Iterator[tuple[str, str, np.ndarray]]:
     """tensors_of over sources() already listed."""
     from .numpy import load_npy
-    from .store import CompressedFile
+    from .compressed import CompressedFile
 
     for file, kind in srcs:
         if kind == "npy":
@@ -207,7 +207,7 @@ def _plot(reports: list[TensorReport], path: Path, tensor: str | None) -> None:
     """Draw the figure (see figure) and write it as a PNG, atomically."""
     import io
 
-    from .checkpoint import atomic_file
+    from .safetensors_io import atomic_file
 
     fig = figure(reports, tensor)
     import matplotlib.pyplot as plt
@@ -241,7 +241,8 @@ def figure(reports: list[TensorReport], tensor: str | None = None):
                             wspace=0.2)
     ax1, ax2 = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
     x = np.arange(len(coded))
-    colors = {"F8_E4M3": "tab:blue", "F8_E5M2": "tab:purple", "BF16": "tab:orange", "F16": "tab:green"}
+    palette = ("tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:red", "tab:brown")
+    colors = {spec.name: palette[(code - 1) % len(palette)] for code, spec in fmt.DTYPES.items()}
     for dtype in [d for d in colors if any(r.dtype == d for r in coded)]:
         idx = np.array([i for i, r in enumerate(coded) if r.dtype == dtype])
         rs = [coded[i] for i in idx]

@@ -1,4 +1,4 @@
-"""The public entry points: decode and info (encode lives in encoder.py)."""
+"""The public entry points: encode, decode and info (each dispatching to the host or GPU codec)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,38 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from . import encoder
 from .decoder_cpu import decode_frame
 from .errors import UnsupportedError
 from .names import device_name
 
-__all__ = ["decode", "info", "Info"]
+__all__ = ["encode", "decode", "info", "Info", "copy_into"]
+
+
+def encode(x: Any, *, chunk_size: int | None = 32768, max_tables: int = 4, allow_stored: bool = True,
+           dtype: Any = None, stream: Any = None) -> Any:
+    """Compress an array losslessly into one ECF8 frame.
+
+    x: any shape (0-d and empty too), contiguous or not, of dtype float8_e4m3fn, float8_e5m2,
+    bfloat16 or float16.  chunk_size: elements per independently decodable chunk, a power of two
+    from 512 to 2**20, or None for ``ecf8.encoder.decode_chunk_size(x.size)`` (GPU decoding speed
+    over size).  max_tables: code tables the chunks may choose among, 1 to 8.
+    allow_stored: store the elements raw (mode 1) when coding would not make them smaller; with
+    False every non-empty tensor is entropy coded.
+
+    A CUDA array (CuPy, ecf8.CudaArray, or any __cuda_array_interface__ / DLPack CUDA array) is
+    encoded on its GPU by ``ecf8.encoder_cuda`` into the same frame, returned as a device-resident
+    ``EncodedTensor`` (decode it directly; ``.tobytes()`` gives the bytes); dtype then names the
+    element type of uint8/uint16 bit views, stream the CUDA stream.  Host arrays return bytes.
+    Raises UnsupportedError for another dtype, a torch/JAX tensor (use its adapter) or a bad option.
+    """
+    if encoder.on_cuda(x):
+        from . import encoder_cuda
+
+        return encoder_cuda.encode(x, dtype=dtype, chunk_size=chunk_size, max_tables=max_tables,
+                                   allow_stored=allow_stored, stream=stream)
+    return encoder.encode(x, chunk_size=chunk_size, max_tables=max_tables, allow_stored=allow_stored,
+                          dtype=dtype, stream=stream)
 
 
 def decode(blob: Any, device: Any = "cpu", *, out: Any = None, stream: Any = None,
@@ -36,14 +63,24 @@ def decode(blob: Any, device: Any = "cpu", *, out: Any = None, stream: Any = Non
             blob = blob.tobytes()
         view = fmt.as_buffer(blob)
         y = decode_frame(view, fmt.parse(view, verify=verify))
-        if out is None:
-            return y
-        from .numpy import copy_into
-
-        return copy_into(y, out)
+        return y if out is None else copy_into(y, out)
     from . import decoder_cuda
 
     return decoder_cuda.decode(blob, device, out=out, stream=stream, verify=verify)
+
+
+def copy_into(y: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Copy y's bytes into out (C-contiguous, writeable, same bytes, any dtype); returns out viewed
+    with y's dtype and shape.  UnsupportedError names what is wrong."""
+    if not isinstance(out, np.ndarray):
+        raise UnsupportedError(f"out must be a NumPy array on the CPU, not {type(out).__name__}")
+    if out.nbytes != y.nbytes or not out.flags.c_contiguous or not out.flags.writeable:
+        raise UnsupportedError(f"out must be a C-contiguous, writeable array of {y.nbytes} bytes "
+                               f"(got {out.nbytes} bytes{'' if out.flags.c_contiguous else ', not contiguous'}"
+                               f"{'' if out.flags.writeable else ', read-only'})")
+    view = out.reshape(-1).view(np.uint8).view(y.dtype)
+    view[...] = y.reshape(-1)
+    return view.reshape(y.shape)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,15 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import api, encoder, store
+from . import api, compressed, encoder
 from . import format as fmt
-from .checkpoint import atomic_file, iter_tensors, model_files, read_layout, tensor_files  # noqa: F401
 from .errors import ECF8Error, UnsupportedError
 from .names import short_name
 from .numpy import load_npy
 from .progress import job as progress_job
-from .store import ZSTD_LEVEL
-
+from .safetensors_io import atomic_file, iter_tensors, model_files, read_layout, tensor_files  # noqa: F401
+from .tensor_codecs import ZSTD_LEVEL
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -53,7 +52,7 @@ def _frame_line(path: Path) -> str:
 
 
 def _checkpoint_table(path: Path) -> str:
-    rows = store.inspect_file(path)
+    rows = compressed.inspect_file(path)
     width = max([len(r.name) for r in rows] + [6])
     lines = [f"{path}", f"{'tensor':{width}} {'dtype':7} {'shape':>18} {'codec':5} {'original':>12} "
              f"{'stored':>12} {'bits/w':>7} {'saving':>7}"]
@@ -240,12 +239,14 @@ def _job(args):
     enabled = False if args.quiet else None
     total = 0
     try:
-        if args.command == "compress":
-            total = sum(read_layout(f, check=False).data_size for f in tensor_files(args.input))
+        if args.command == "compress":     # (each input's header read here, once: see _run)
+            for f in tensor_files(args.input):
+                args.layouts[f] = read_layout(f)
+            total = sum(layout.data_size for layout in args.layouts.values())
         else:
             paths = [p for p, e in _inputs(args.inputs) if not e] if args.command == "verify" \
                 else tensor_files(args.input)
-            total = sum(r.original_bytes for p in paths if not fmt.is_frame_file(p) for r in store.inspect_file(p))
+            total = sum(r.original_bytes for p in paths if not fmt.is_frame_file(p) for r in compressed.inspect_file(p))
     except (ECF8Error, OSError, ValueError, KeyError):
         pass            # the command itself reports the problem
     return progress_job(total, args.command, enabled)
@@ -255,12 +256,15 @@ def _input_bytes(src: Path) -> int:
     return sum(f.stat().st_size for f in tensor_files(src))
 
 
-def _compress_summary(src: Path, before: int, outs: list[Path], zstd_level: int) -> str:
-    """'src: original -> compressed bytes (saving)', and a note when nothing was entropy-coded."""
+def _compress_summary(src: Path, before: int, outs: list[Path], zstd_level: int,
+                      chosen: dict[Path, dict[str, str] | None]) -> str:
+    """'src: original -> compressed bytes (saving)', and a note when nothing was entropy-coded
+    (chosen: each output's {tensor: codec}, as compress_path reports it)."""
     after = sum(f.stat().st_size for f in outs)
     line = f"{src}: {before:,} -> {after:,} bytes ({1 - after / max(before, 1):.1%} saved) in {len(outs)} file" \
         + "s" * (len(outs) != 1)
-    codecs = {r.codec for f in outs for r in store.inspect_file(f)}
+    codecs = {codec for f in outs for codec in (chosen.get(f) or {
+        r.name: r.codec for r in compressed.inspect_file(f)}).values()}
     if "ecf8" not in codecs:
         line += (f"\nnothing was entropy-coded (no FP8/BF16/FP16 tensor gained): only zstandard "
                  f"(level {zstd_level}) acted{'' if 'zstd' in codecs else ', and it saved nothing'}")
@@ -323,18 +327,20 @@ def _run(args) -> int:
     cmd = args.command
     if cmd in ("compress", "decompress"):
         progress = False if args.quiet else None
+        args.layouts, chosen = {}, {}
         with _job(args):
             if cmd == "compress":
                 before = _input_bytes(args.input)      # (the output may replace the input)
-                outs = store.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
-                                           chunk_size=args.chunk_size, max_tables=args.max_tables,
-                                           zstd_level=args.zstd_level, device=args.device)
+                outs = compressed.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
+                                                chunk_size=args.chunk_size, max_tables=args.max_tables,
+                                                zstd_level=args.zstd_level, device=args.device,
+                                                layouts=args.layouts, codecs=chosen)
             else:
-                outs = store.decompress_path(args.input, args.output, progress=progress)
+                outs = compressed.decompress_path(args.input, args.output, progress=progress)
         if args.quiet:
             pass
         elif cmd == "compress":
-            print(_compress_summary(args.input, before, outs, args.zstd_level))
+            print(_compress_summary(args.input, before, outs, args.zstd_level, chosen))
         else:
             for out in outs:
                 print(f"{out}: {out.stat().st_size:,} bytes")
@@ -360,7 +366,7 @@ def _run(args) -> int:
                         api.decode(path.read_bytes())
                         n, problems, what = 1, [], "frame"
                     else:
-                        n, problems = store.check_file(path, progress=False if args.quiet else None)
+                        n, problems = compressed.check_file(path, progress=False if args.quiet else None)
                         what = "tensors"
                 except (ECF8Error, OSError) as e:
                     n, problems = 0, [str(e) if str(path) in str(e) else f"{path}: {e}"]

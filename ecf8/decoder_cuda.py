@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import threading
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import format as fmt
+from . import gpu
 from .errors import UnsupportedError
 from .tables import decode_luts
 
@@ -29,114 +28,42 @@ __all__ = ["to_device", "decode", "decode_batch", "DeviceTensor", "CudaArray", "
 WARPS = 8                  # warps per block (ECF8_WARPS in the kernel)
 CHUNKS_PER_WARP = 1
 LUT_BYTES = 2 << fmt.MAX_CODE_LEN
-KERNEL_NAMES = {1: "ecf8_decode<1, 4, 3>", 2: "ecf8_decode<1, 5, 2>",
-                3: "ecf8_decode<2, 8, 7>", 4: "ecf8_decode<2, 5, 10>"}
+KERNEL_NAMES = {code: f"ecf8_decode<{spec.kernel_args}>" for code, spec in fmt.DTYPES.items()}
 DESC_FIELDS = ["words", "raw", "chunk_words", "chunk_tables", "luts", "out", "n", "nchunks",
                "ntables", "chunk_log2"]
 DESC_DTYPE = np.dtype([(f, "<u8") for f in DESC_FIELDS])
 
 _ONE, _CPW = np.int32(1), np.uint32(CHUNKS_PER_WARP)
-_modules: dict[int, Any] = {}
-_kernels: dict[tuple[int, int], Any] = {}
-_lock = threading.Lock()
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError:
-        raise UnsupportedError("GPU encoding and decoding need CuPy: pip install 'ecf8[cuda13]' "
-                               "(or cuda12)") from None
-    return cupy
-
-
-def kernel_source(name: str = "ecf8_decode.cu") -> str:
-    """A CUDA source of ecf8 (the decoder's by default), from the installed package or the
-    source tree."""
-    here = Path(__file__).resolve().parent
-    for path in (here / "cuda" / name, here.parent / "cuda" / name):
-        if path.exists():
-            return path.read_text()
-    raise UnsupportedError(f"ecf8's CUDA sources ({name}) are missing from the installation")
 
 
 def compile_module(device_id: int, defines: Sequence[str] = ()):
-    """Compile the decoder for a device (NVRTC, the device's own architecture)."""
-    cupy = _cupy()
+    """Compile the decoder for a device (NVRTC, the device's own architecture); defines: extra
+    ``-D`` macros (bench/bench_gpu.py builds variants this way, see ``KERNELS.replace``)."""
+    cupy = gpu.cupy()
     with cupy.cuda.Device(device_id):
         options = ("-std=c++17", f"-DECF8_WARPS={WARPS}") + tuple(f"-D{d}" for d in defines)
-        module = cupy.RawModule(code=kernel_source(), options=options,
+        module = cupy.RawModule(code=gpu.kernel_source("ecf8_decode.cu"), options=options,
                                 name_expressions=list(KERNEL_NAMES.values()))
         module.compile()
     return module
 
 
+def _launch_setup(kernel: Any) -> None:
+    kernel.max_dynamic_shared_size_bytes = fmt.MAX_TABLES * LUT_BYTES
+    kernel.preferred_shared_memory_carveout = 100    # decode tables want smem, not L1
+
+
+KERNELS = gpu.KernelCache(compile_module, _launch_setup)     # the decoder's, per device
+
+
 def _kernel(device_id: int, dtype_code: int):
     """The compiled kernel for a dtype on a device (compiled once per device, on first use)."""
-    key = (device_id, dtype_code)
-    kernel = _kernels.get(key)
-    if kernel is None:
-        with _lock:
-            module = _modules.get(device_id)
-            if module is None:
-                module = _modules[device_id] = compile_module(device_id)
-            kernel = module.get_function(KERNEL_NAMES[dtype_code])
-            kernel.max_dynamic_shared_size_bytes = fmt.MAX_TABLES * LUT_BYTES
-            kernel.preferred_shared_memory_carveout = 100    # decode tables want smem, not L1
-            _kernels[key] = kernel
-    return kernel
+    return KERNELS.function(device_id, KERNEL_NAMES[dtype_code])
 
 
-def _device_id(device: str) -> int:
-    if device == "cuda":
-        return _cupy().cuda.runtime.getDevice()
-    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    raise UnsupportedError(f"device must be 'cuda' or 'cuda:N', not {device!r}")
-
-
-def _stream(stream: Any):
-    """A CuPy stream for None (the current stream), a CuPy stream, an int handle or __cuda_stream__."""
-    cupy = _cupy()
-    if stream is None:
-        return cupy.cuda.get_current_stream()
-    if isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
-        return stream
-    if hasattr(stream, "__cuda_stream__"):
-        handle = stream.__cuda_stream__()
-        handle = handle[1] if isinstance(handle, tuple) else handle
-        return _external(int(handle))
-    if isinstance(stream, int):
-        return _external(stream)
-    raise UnsupportedError(f"stream must be None, an int handle or have __cuda_stream__, not {type(stream).__name__}")
-
-
-_external_streams: dict[int, Any] = {}
-
-
-def _external(handle: int):
-    """A CuPy stream object for a raw handle (cached: creating one per launch costs microseconds)."""
-    stream = _external_streams.get(handle)
-    if stream is None:
-        if len(_external_streams) > 64:
-            _external_streams.clear()
-        stream = _external_streams[handle] = _new_external(handle)
-    return stream
-
-
-def _new_external(handle: int):
-    cupy = _cupy()
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        class _Handle:
-            def __cuda_stream__(self):
-                return (0, handle)
-        return cupy.cuda.Stream.from_external(_Handle())
-    return cupy.cuda.ExternalStream(handle)
-
-
-# DLPack DLDataTypeCode of each element type (kDLFloat 2, kDLBfloat 4, kDLFloat8_e4m3fn 10,
-# kDLFloat8_e5m2 12); the bit width is unchanged, so only the dtype code of the tensor changes.
-DLPACK_CODES = {"float8_e4m3fn": 10, "float8_e5m2": 12, "bfloat16": 4, "float16": 2}
+# DLPack DLDataTypeCode of each element type (format.DTYPES); the bit width is unchanged, so only
+# the dtype code of the tensor changes.
+DLPACK_CODES = {spec.dtype.name: spec.dlpack for spec in fmt.DTYPES.values()}
 
 
 def _retype_capsule(capsule, code: int) -> None:
@@ -256,8 +183,8 @@ class DeviceTensor:
     def launch(self, out_ptr: int, stream: Any = None) -> None:
         """Enqueue this tensor's decode into device memory at out_ptr (n elements, 16-byte
         aligned, on this tensor's device: the caller's responsibility).  Launch only."""
-        cupy = _cupy()
-        st = _stream(stream)
+        cupy = gpu.cupy()
+        st = gpu.stream(stream)
         f = self.frame
         if f.n == 0:
             return
@@ -297,7 +224,6 @@ class DeviceTensor:
         return d
 
 
-
 def _aux_offsets(frame: fmt.Frame) -> tuple[int, int]:
     """Byte offsets of the table ids and the decode tables in a tensor's aux buffer, which
     starts with the nchunks + 1 chunk word offsets (u32)."""
@@ -307,10 +233,10 @@ def _aux_offsets(frame: fmt.Frame) -> tuple[int, int]:
 
 def to_device(blob: Any, device: str = "cuda", *, verify: bool = True) -> DeviceTensor:
     """Validate a frame on the host, upload it and its decode tables to a GPU once."""
-    cupy = _cupy()
+    cupy = gpu.cupy()
     view = fmt.as_buffer(blob)
     frame = fmt.parse(view, verify=verify)
-    dev = _device_id(device)
+    dev = gpu.device_id(device)
     with cupy.cuda.Device(dev):
         return resident(frame, dev, cupy.asarray(np.frombuffer(view, np.uint8)))
 
@@ -319,7 +245,7 @@ def resident(frame: fmt.Frame, dev: int, payload: Any, cls: type | None = None, 
     """The decoder's device state (index, decode tables, descriptor) of a validated frame whose
     bytes `payload` (CuPy uint8) already lie on GPU `dev`, the current device; cls: a DeviceTensor
     subclass taking the keyword arguments `extra` (the GPU encoder's EncodedTensor)."""
-    cupy = _cupy()
+    cupy = gpu.cupy()
     if frame.mode == fmt.MODE_CODED:
         tables_at, luts_at = _aux_offsets(frame)
         aux = np.zeros(luts_at + frame.ntables * LUT_BYTES, np.uint8)
@@ -338,7 +264,7 @@ def resident(frame: fmt.Frame, dev: int, payload: Any, cls: type | None = None, 
 
 def _out_buffer(out: Any, dt_shape_n: int, spec: fmt.DtypeSpec, device_id: int):
     """(CuPy uint view, pointer) of a caller's output, checked for size, device and alignment."""
-    cupy = _cupy()
+    cupy = gpu.cupy()
     itemsize = spec.dtype.itemsize
     if isinstance(out, CudaArray):
         out = out.bits
@@ -380,13 +306,13 @@ def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = No
     For a DeviceTensor with ``out`` given, this only enqueues the kernel on ``stream``: no
     allocation, no host-device copy, no synchronization.
     """
-    cupy = _cupy()
+    cupy = gpu.cupy()
     dt = blob if isinstance(blob, DeviceTensor) else to_device(blob, device, verify=verify)
-    if isinstance(blob, DeviceTensor) and device != "cuda" and _device_id(device) != dt.device_id:
+    if isinstance(blob, DeviceTensor) and device != "cuda" and gpu.device_id(device) != dt.device_id:
         raise UnsupportedError(f"tensor lives on cuda:{dt.device_id}, not {device}")
     spec, f = dt.frame.spec, dt.frame
     with cupy.cuda.Device(dt.device_id):
-        st = _stream(stream)
+        st = gpu.stream(stream)
         with st:
             if out is None:
                 bits = cupy.empty(f.n, spec.uint)
@@ -400,7 +326,7 @@ def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = No
 def _batch_state(tensors: Sequence[DeviceTensor], out_ptrs: Sequence[int]) -> tuple:
     """(descriptors, block starts, blocks, shared bytes, coded count, stored copies) of tensors of
     one dtype on the current device, tensor i written at out_ptrs[i] (an address or an offset)."""
-    cupy = _cupy()
+    cupy = gpu.cupy()
     coded = [(t, p) for t, p in zip(tensors, out_ptrs) if t.frame.mode == fmt.MODE_CODED]
     copies = [(p, t) for t, p in zip(tensors, out_ptrs) if t.frame.mode == fmt.MODE_STORED and t.frame.n]
     descs = starts = None
@@ -424,7 +350,7 @@ def _check_batch(tensors: Sequence[DeviceTensor]) -> int:
 
 def _run_batch(state: tuple, device_id: int, code: int, st: Any, base: int) -> None:
     """Enqueue a batch (see _batch_state) on CuPy stream st, outputs offset by base."""
-    cupy = _cupy()
+    cupy = gpu.cupy()
     descs, starts, blocks, smem, ncoded, copies = state
     with st:
         if ncoded:
@@ -444,7 +370,7 @@ class GroupDecoder:
     decodes consecutive weights of a model this way)."""
 
     def __init__(self, tensors: Sequence[DeviceTensor], offsets: Sequence[int]):
-        cupy = _cupy()
+        cupy = gpu.cupy()
         self.device_id = _check_batch(tensors)
         if len(offsets) != len(tensors) or any(o % 16 for o in offsets):
             raise UnsupportedError("one 16-byte aligned offset per tensor")
@@ -456,9 +382,9 @@ class GroupDecoder:
     def launch(self, base_ptr: int, stream: Any = None) -> None:
         """Enqueue the decode into the buffer at base_ptr (16-byte aligned, large enough, on this
         device: the caller's responsibility) on stream.  Launch only."""
-        cupy = _cupy()
+        cupy = gpu.cupy()
         with cupy.cuda.Device(self.device_id):
-            _run_batch(self._state, self.device_id, self.code, _stream(stream), base_ptr)
+            _run_batch(self._state, self.device_id, self.code, gpu.stream(stream), base_ptr)
 
 
 class BatchDecoder:
@@ -469,7 +395,7 @@ class BatchDecoder:
     """
 
     def __init__(self, tensors: Sequence[DeviceTensor], outs: Sequence[Any] | None = None):
-        cupy = _cupy()
+        cupy = gpu.cupy()
         dev = _check_batch(tensors)
         self.device_id, self.spec = dev, tensors[0].frame.spec
         with cupy.cuda.Device(dev):
@@ -485,9 +411,9 @@ class BatchDecoder:
 
     def run(self, stream: Any = None) -> list[CudaArray]:
         """Enqueue the batch on stream; returns the outputs (valid once the stream reaches them)."""
-        cupy = _cupy()
+        cupy = gpu.cupy()
         with cupy.cuda.Device(self.device_id):
-            st = _stream(stream)
+            st = gpu.stream(stream)
             for out in self.outputs:
                 out.stream = st
             _run_batch(self._state, self.device_id, self.spec.code, st, 0)

@@ -13,7 +13,7 @@ from .errors import UnsupportedError
 from .table_choice import assign_tables
 from .tables import canonical_codes
 
-__all__ = ["encode", "check_args", "reject_framework_tensor", "decode_chunk_size"]
+__all__ = ["encode", "check_args", "reject_framework_tensor", "decode_chunk_size", "on_cuda"]
 
 BATCH_ELEMENTS = 1 << 19   # elements coded per pass; bounds the encoder's working memory
 
@@ -61,26 +61,18 @@ def check_args(shape: tuple[int, ...], chunk_size: int, max_tables: int) -> None
 
 
 def encode(x: np.ndarray, *, chunk_size: int | None = 32768, max_tables: int = 4,
-           allow_stored: bool = True, dtype=None, stream=None):
-    """Compress an array losslessly into one ECF8 frame.
+           allow_stored: bool = True, dtype=None, stream=None) -> bytes:
+    """Compress a host array losslessly into one ECF8 frame (``ecf8.encode`` also takes CUDA
+    arrays, encoded on their GPU by ``ecf8.encoder_cuda``).
 
     x: any shape (0-d and empty too), contiguous or not, of dtype float8_e4m3fn, float8_e5m2,
     bfloat16 or float16.  chunk_size: elements per independently decodable chunk, a power of two
     from 512 to 2**20, or None for ``decode_chunk_size(x.size)`` (GPU decoding speed over size).
     max_tables: code tables the chunks may choose among, 1 to 8.
     allow_stored: store the elements raw (mode 1) when coding would not make them smaller; with
-    False every non-empty tensor is entropy coded.
-
-    A CUDA array (CuPy, ecf8.CudaArray, or any __cuda_array_interface__ / DLPack CUDA array) is
-    encoded on its GPU by ``ecf8.encoder_cuda`` into the same frame, returned as a device-resident
-    ``EncodedTensor`` (decode it directly; ``.tobytes()`` gives the bytes); dtype then names the
-    element type of uint8/uint16 bit views, stream the CUDA stream.  Host arrays return bytes.
+    False every non-empty tensor is entropy coded.  dtype, stream: CUDA arrays only.
+    Raises UnsupportedError for another dtype, a torch/JAX/CuPy array or a bad option.
     """
-    if _on_cuda(x):
-        from . import encoder_cuda
-
-        return encoder_cuda.encode(x, dtype=dtype, chunk_size=chunk_size, max_tables=max_tables,
-                                   allow_stored=allow_stored, stream=stream)
     reject_framework_tensor(x)
     if dtype is not None or stream is not None:
         raise UnsupportedError("dtype= and stream= apply to CUDA arrays only")
@@ -97,7 +89,7 @@ def encode(x: np.ndarray, *, chunk_size: int | None = 32768, max_tables: int = 4
     return _encode_stored(u, spec, tuple(x.shape))
 
 
-def _on_cuda(x) -> bool:
+def on_cuda(x) -> bool:
     """Whether x is an array in CUDA device memory (DLPack device kDLCUDA / kDLCUDAManaged, or
     __cuda_array_interface__), without importing any GPU library."""
     if isinstance(x, np.ndarray):

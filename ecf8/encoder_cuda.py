@@ -23,57 +23,44 @@ the exact rule) and after 2; the frame is complete once ``stream`` reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import threading
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from . import decoder_cuda as dc
 from . import encoder as cpu_encoder
 from . import format as fmt
-from . import names, table_choice
+from . import gpu, names, table_choice
 from .errors import UnsupportedError
 from .tables import canonical_codes
 
-__all__ = ["EncodedTensor", "encode"]
+__all__ = ["EncodedTensor", "encode", "encode_to_bytes"]
 
 TILE_LOG2 = 14                  # elements per histogram block (ECF8_TILE_LOG2 in the kernel)
 CODE_WARPS = 8                  # chunks (warps) per coding block at most
 CRC_PIECE, CRC_WARP = 256, 256 * 32
-_KINDS = {1: "1, 4, 3", 2: "1, 5, 2", 3: "2, 8, 7", 4: "2, 5, 10"}
+_KINDS = {code: spec.kernel_args for code, spec in fmt.DTYPES.items()}
 KERNEL_NAMES = ([f"ecf8_hist<{k}>" for k in _KINDS.values()]
                 + [f"ecf8_code<{k}, {w}>" for k in _KINDS.values() for w in ("false", "true")]
                 + ["ecf8_crc", "ecf8_crc_final"])
 
-_modules: dict[int, Any] = {}
 _consts: dict[int, Any] = {}
-_lock = threading.Lock()
-_trace: list | None = None      # bench/bench_encode.py sets a list: (phase, CUDA event) marks
 
 
-def _mark(name: str) -> None:
-    if _trace is not None:
-        event = dc._cupy().cuda.Event()
-        event.record()
-        _trace.append((name, event))
-
-
-def _module(device_id: int):
-    """The encoder's kernels for a device (NVRTC, compiled once per device on first use)."""
-    module = _modules.get(device_id)
-    if module is None:
-        with _lock:
-            module = _modules.get(device_id)
-            if module is None:
-                cupy = dc._cupy()
-                with cupy.cuda.Device(device_id):
-                    module = cupy.RawModule(code=dc.kernel_source("ecf8_encode.cu"), options=("-std=c++17",),
-                                            name_expressions=KERNEL_NAMES)
-                    module.compile()
-                _modules[device_id] = module
+def _compile(device_id: int):
+    """The encoder's kernels for a device (NVRTC)."""
+    cupy = gpu.cupy()
+    with cupy.cuda.Device(device_id):
+        module = cupy.RawModule(code=gpu.kernel_source("ecf8_encode.cu"), options=("-std=c++17",),
+                                name_expressions=KERNEL_NAMES)
+        module.compile()
     return module
+
+
+KERNELS = gpu.KernelCache(_compile)       # the encoder's, per device
 
 
 # --- host-side pieces (pure NumPy; tests/test_encoder_cuda.py checks them without a GPU) ---------
@@ -184,21 +171,21 @@ class DeviceProducts:
         self._present = None
 
     def mean_parts(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cupy = dc._cupy()
+        cupy = gpu.cupy()
         parts = cupy.stack([self.hist @ cupy.asarray(weights.astype(np.float64)), self.hist.sum(1)]).get()
         return parts[0].astype(np.int64), parts[1].astype(np.int64)
 
     def sums(self, assign: np.ndarray, k: int) -> np.ndarray:
-        cupy = dc._cupy()
+        cupy = gpu.cupy()
         a = cupy.asarray(assign.astype(np.int32))
         onehot = (a[None, :] == cupy.arange(k, dtype=np.int32)[:, None]).astype(np.float64)
         return (onehot @ self.hist).get().astype(np.int64)
 
     def costs(self, per_symbol: np.ndarray) -> np.ndarray:
-        return (self.hist @ dc._cupy().asarray(per_symbol).T).get()
+        return (self.hist @ gpu.cupy().asarray(per_symbol).T).get()
 
     def missing(self, absent: np.ndarray) -> np.ndarray:
-        cupy = dc._cupy()
+        cupy = gpu.cupy()
         if self._present is None:
             self._present = (self.hist > 0).astype(np.float64)
         return ((self._present @ cupy.asarray(absent).T) > 0).get()
@@ -211,11 +198,8 @@ def code_entries(lengths: np.ndarray) -> np.ndarray:
 
 
 def parse_header(head: bytes, size: int) -> fmt.Frame:
-    """fmt.parse of a frame whose payload is not on the host: a lazily zeroed stand-in buffer
-    (never touched past the header) carries the header and the frame's length."""
-    stand_in = np.zeros(size, np.uint8)
-    stand_in[: len(head)] = np.frombuffer(head, np.uint8)
-    return fmt.parse(memoryview(stand_in), verify=False)
+    """fmt.parse of a frame of `size` bytes whose payload is not on the host, from its header."""
+    return fmt.parse(memoryview(head), verify=False, size=size)
 
 
 # --- the result ----------------------------------------------------------------------------------
@@ -248,14 +232,14 @@ def _spec_of(arr: Any, dtype: Any) -> fmt.DtypeSpec:
     if dtype is not None:
         return names.dtype_spec(dtype)
     if np.dtype(arr.dtype) == np.float16:
-        return fmt.DTYPES[4]
+        return fmt.spec_for_dtype(np.float16)
     raise UnsupportedError(f"say which type the {arr.dtype} bits hold: dtype='e4m3', 'e5m2', 'bf16' "
                            "or 'fp16' (any spelling of ecf8.names)")
 
 
 def _as_cupy(x: Any, dtype: Any):
     """(CuPy array of x's elements, spec, logical shape) for a CUDA array of any kind."""
-    cupy = dc._cupy()
+    cupy = gpu.cupy()
     if isinstance(x, dc.CudaArray):
         return x.bits.reshape(x.shape), _spec_of(x, dtype if dtype is not None else x.dtype), x.shape
     if not isinstance(x, cupy.ndarray):
@@ -290,7 +274,24 @@ def encode(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tab
     histograms (nchunks x alphabet u32; with the exact rule two float64 copies besides).
     Raises UnsupportedError for other inputs or options.
     """
-    cupy = dc._cupy()
+    with _encoding(x, dtype, chunk_size, max_tables, allow_stored, stream) as (frame_d, head, dev, st):
+        return dc.resident(parse_header(head, frame_d.size), dev, frame_d, EncodedTensor, stream=st)
+
+
+def encode_to_bytes(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tables: int = 4,
+                    allow_stored: bool = True, stream: Any = None) -> bytes:
+    """``encode(x, ...).tobytes()`` (the same arguments and errors), without building the decoder's
+    index and tables on the GPU: for callers that only store the frame.  Waits for the encode."""
+    with _encoding(x, dtype, chunk_size, max_tables, allow_stored, stream) as (frame_d, _, _, st):
+        return frame_d.get(stream=st).tobytes()
+
+
+@contextlib.contextmanager
+def _encoding(x: Any, dtype: Any, chunk_size: int | None, max_tables: int, allow_stored: bool,
+              stream: Any) -> Iterator[tuple]:
+    """(frame bytes on the GPU (CuPy uint8, complete once the stream reaches them), header bytes,
+    device id, CuPy stream) of x's frame, inside that device's and stream's context."""
+    cupy = gpu.cupy()
     arr, spec, shape = _as_cupy(x, dtype)
     n = math.prod(shape)
     if chunk_size is None:
@@ -298,7 +299,7 @@ def encode(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tab
     cpu_encoder.check_args(shape, chunk_size, max_tables)
     dev = arr.device.id
     with cupy.cuda.Device(dev):
-        st = dc._stream(stream)
+        st = gpu.stream(stream)
         with st:
             u = arr.reshape(-1).view(spec.uint)
             if not u.flags.c_contiguous or u.data.ptr % 16:
@@ -306,24 +307,24 @@ def encode(x: Any, *, dtype: Any = None, chunk_size: int | None = 32768, max_tab
                 if u.data.ptr % 16:
                     u = u.copy()
             u = u.reshape(-1)
+            made = None
             if n:
-                result = _encode_coded(u, spec, shape, n, chunk_size.bit_length() - 1, max_tables,
-                                       allow_stored, dev, st)
-                if result is not None:
-                    return result
-            return _encode_stored(u, spec, shape, n, dev, st)
+                made = _encode_coded(u, spec, shape, n, chunk_size.bit_length() - 1, max_tables,
+                                     allow_stored, dev, st)
+            if made is None:
+                made = _encode_stored(u, spec, shape, n, dev, st)
+            yield made + (dev, st)
 
 
 def _alloc_frame(size: int):
     """Device bytes for a frame (readable a little past its end, as the CRC kernel needs)."""
-    cupy = dc._cupy()
+    cupy = gpu.cupy()
     return cupy.empty(fmt.align16(size) + 16, np.uint8)
 
 
-def _finish(buf, head: bytes, size: int, dev: int, st) -> EncodedTensor:
-    """Write the header, the payload CRC, and wrap the frame."""
-    cupy = dc._cupy()
-    mod = _module(dev)
+def _finish(buf, head: bytes, size: int, dev: int, st) -> tuple:
+    """Write the header and the payload CRC; (the frame's bytes on the GPU, head)."""
+    cupy = gpu.cupy()
     buf[: len(head)].set(np.frombuffer(head, np.uint8), stream=st)
     consts = _consts.get(dev)
     if consts is None:
@@ -332,18 +333,14 @@ def _finish(buf, head: bytes, size: int, dev: int, st) -> EncodedTensor:
     begin, end = len(head), size - 4
     vlen = -(-(end - begin) // CRC_WARP) * CRC_WARP
     if vlen:
-        mod.get_function("ecf8_crc")((-(-(vlen // CRC_PIECE) // 256),), (256,),
-                                     (buf, np.uint64(begin), np.uint64(end), consts, acc))
-    mod.get_function("ecf8_crc_final")((1,), (32,), (buf, np.uint64(begin), np.uint64(end), consts,
-                                                     acc, np.uint32(fmt.header_crc(head))))
-    _mark("crc")
-    frame = parse_header(head, size)
-    result = dc.resident(frame, dev, buf[:size], EncodedTensor, stream=st)
-    _mark("host: frame object")
-    return result
+        KERNELS.function(dev, "ecf8_crc")((-(-(vlen // CRC_PIECE) // 256),), (256,),
+                                          (buf, np.uint64(begin), np.uint64(end), consts, acc))
+    KERNELS.function(dev, "ecf8_crc_final")((1,), (32,), (buf, np.uint64(begin), np.uint64(end), consts,
+                                                           acc, np.uint32(fmt.header_crc(head))))
+    return buf[:size], head
 
 
-def _encode_stored(u, spec: fmt.DtypeSpec, shape: tuple, n: int, dev: int, st) -> EncodedTensor:
+def _encode_stored(u, spec: fmt.DtypeSpec, shape: tuple, n: int, dev: int, st) -> tuple:
     head = fmt.build_header(spec, fmt.MODE_STORED, shape, 0, None, None, None, 0)
     raw_at = fmt.align16(len(head))
     size = raw_at + n * spec.bits // 8 + 4
@@ -355,21 +352,19 @@ def _encode_stored(u, spec: fmt.DtypeSpec, shape: tuple, n: int, dev: int, st) -
 
 
 def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int, max_tables: int,
-                  allow_stored: bool, dev: int, st) -> EncodedTensor | None:
-    """The coded frame, or None when allow_stored and it would not be smaller than the input."""
-    cupy = dc._cupy()
-    mod = _module(dev)
-    _mark("start")
+                  allow_stored: bool, dev: int, st) -> tuple | None:
+    """The coded frame (as _finish), or None when allow_stored and it would not be smaller than
+    the input."""
+    cupy = gpu.cupy()
     kind = _KINDS[spec.code]
     a = spec.alphabet
     nchunks = -(-n // (1 << chunk_log2))
     # 1. histograms -> host -> tables (the CPU encoder's own choice)
     hist_d = cupy.zeros(nchunks * a + 1, np.uint32)
     subs = 1 if chunk_log2 >= TILE_LOG2 else 1 << (TILE_LOG2 - chunk_log2)
-    mod.get_function(f"ecf8_hist<{kind}>")(
+    KERNELS.function(dev, f"ecf8_hist<{kind}>")(
         (-(-n // (1 << TILE_LOG2)),), (256,),
         (u, np.uint64(n), np.uint32(chunk_log2), np.uint64(nchunks), hist_d), shared_mem=subs * a * 4)
-    _mark("histogram")
     field_mask = (1 << spec.exp_bits) - 1
     if cpu_encoder.assign_tables is table_choice.assign_tables:
         # The exact rule: histograms stay on the GPU, only small products come back.
@@ -387,15 +382,13 @@ def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int,
         lengths, chunk_tables = cpu_encoder.assign_tables(hist, max_tables, field_mask)
     entries = cupy.asarray(code_entries(lengths))
     tables_d = cupy.asarray(chunk_tables)
-    _mark("host: copy back, table choice, upload")
     # 2. word counts -> host -> header, size, coded or stored
     warps = max(1, min(CODE_WARPS, nchunks // 264))
     grid = (-(-nchunks // warps),)
     counts = cupy.zeros(nchunks + 1, np.uint32)
     common = (u, np.uint64(n), np.uint32(chunk_log2), np.uint64(nchunks), tables_d, entries,
               np.uint32(lengths.shape[0]), np.uint32(pad))
-    mod.get_function(f"ecf8_code<{kind}, false>")(grid, (32 * warps,), common + (counts, counts, counts, counts))
-    _mark("word counts")
+    KERNELS.function(dev, f"ecf8_code<{kind}, false>")(grid, (32 * warps,), common + (counts, counts, counts, counts))
     words = counts[:nchunks].get(stream=st).astype(np.int64)
     starts = np.cumsum(words) - words
     exp_words = int(words.sum())
@@ -413,8 +406,6 @@ def _encode_coded(u, spec: fmt.DtypeSpec, shape: tuple, n: int, chunk_log2: int,
     buf = _alloc_frame(size)
     buf[len(head) : raw_at] = 0                  # padding, and the empty loads inside the stream
     offsets = cupy.asarray(starts.astype(np.uint32))
-    _mark("host: copy back, header, allocation")
-    mod.get_function(f"ecf8_code<{kind}, true>")(
+    KERNELS.function(dev, f"ecf8_code<{kind}, true>")(
         grid, (32 * warps,), common + (counts, offsets, buf[exp_at:], buf[raw_at:]))
-    _mark("words + raw plane")
     return _finish(buf, head, size, dev, st)

@@ -43,14 +43,20 @@ MODE_CODED, MODE_STORED = 0, 1
 
 @dataclasses.dataclass(frozen=True)
 class DtypeSpec:
-    """How an element dtype splits into an exponent field and raw (sign + mantissa) bits."""
+    """One coded element dtype: how it splits into an exponent field and raw (sign + mantissa)
+    bits, and its names elsewhere.  ``DTYPES`` is the only list of them: every other table of
+    ecf8 (safetensors names, short names, torch dtypes, DLPack codes, CUDA kernel instantiations)
+    is derived from it."""
 
     code: int            # dtype byte of the header
     name: str            # safetensors-style name
-    dtype: np.dtype      # NumPy dtype of decoded arrays
+    dtype: np.dtype      # NumPy dtype of decoded arrays (its name is also the torch dtype's)
     bits: int            # element width: 8 or 16
     exp_bits: int        # E
     man_bits: int        # M; the raw value is sign << M | mantissa, R = M + 1 bits
+    short: str           # the command line's, the CuPy adapter's and the codecs' name
+    dlpack: int          # DLPack DLDataTypeCode of the element type
+    aliases: tuple[str, ...] = ()    # more spellings ecf8.names accepts (lower case)
 
     @property
     def raw_bits(self) -> int:
@@ -69,17 +75,25 @@ class DtypeSpec:
     def uint(self) -> type:
         return np.uint8 if self.bits == 8 else np.uint16
 
+    @property
+    def kernel_args(self) -> str:
+        """The CUDA kernels' template arguments for this dtype: "bytes, E, M" (cuda/*.cu
+        instantiate each kernel once per entry of DTYPES)."""
+        return f"{self.bits // 8}, {self.exp_bits}, {self.man_bits}"
 
-DTYPES = {
-    1: DtypeSpec(1, "F8_E4M3", np.dtype(ml_dtypes.float8_e4m3fn), 8, 4, 3),
-    2: DtypeSpec(2, "F8_E5M2", np.dtype(ml_dtypes.float8_e5m2), 8, 5, 2),
-    3: DtypeSpec(3, "BF16", np.dtype(ml_dtypes.bfloat16), 16, 8, 7),
-    4: DtypeSpec(4, "F16", np.dtype(np.float16), 16, 5, 10),
-}
+
+# DLPack codes: kDLFloat 2, kDLBfloat 4, kDLFloat8_e4m3fn 10, kDLFloat8_e5m2 12.
+DTYPES = {spec.code: spec for spec in (
+    DtypeSpec(1, "F8_E4M3", np.dtype(ml_dtypes.float8_e4m3fn), 8, 4, 3, "e4m3", 10, ("float8_e4m3", "f8_e4m3fn")),
+    DtypeSpec(2, "F8_E5M2", np.dtype(ml_dtypes.float8_e5m2), 8, 5, 2, "e5m2", 12),
+    DtypeSpec(3, "BF16", np.dtype(ml_dtypes.bfloat16), 16, 8, 7, "bf16", 4),
+    DtypeSpec(4, "F16", np.dtype(np.float16), 16, 5, 10, "fp16", 2),
+)}
+CODED_NAMES = frozenset(spec.name for spec in DTYPES.values())      # F8_E4M3, F8_E5M2, BF16, F16
 
 
 # Short names used by the command line, the CuPy adapter and the numcodecs codec.
-SHORT_NAMES = {"e4m3": DTYPES[1], "e5m2": DTYPES[2], "bf16": DTYPES[3], "fp16": DTYPES[4]}
+SHORT_NAMES = {spec.short: spec for spec in DTYPES.values()}
 
 
 def spec_for_name(name: str) -> DtypeSpec:
@@ -192,15 +206,20 @@ def header_crc(head: bytes) -> int:
     return struct.unpack_from("<I", head, len(head) - 4)[0]
 
 
-def parse(blob: memoryview, verify: bool = True) -> Frame:
+def parse(blob: memoryview, verify: bool = True, size: int | None = None) -> Frame:
     """Parse and validate a frame; CorruptDataError on any inconsistency.
 
-    Every size is checked against len(blob) before anything is allocated.  With verify, the
-    payload CRC is checked too (the header CRC always is).
+    Every size is checked against the frame's length before anything is allocated.  With verify,
+    the payload CRC is checked too (the header CRC always is).  size: the frame's length when blob
+    holds its header only (the payload lies elsewhere, e.g. on a GPU); verify must then be False.
     """
-    size = len(blob)
-    if size < HEADER.size:
-        raise CorruptDataError(f"blob of {size} bytes is shorter than the {HEADER.size}-byte header")
+    have = len(blob)
+    if size is None:
+        size = have
+    elif verify:
+        raise UnsupportedError("a frame given by its header alone cannot have its payload verified")
+    if have < HEADER.size:
+        raise CorruptDataError(f"blob of {have} bytes is shorter than the {HEADER.size}-byte header")
     magic, version, dcode, mode, ndim, chunk_log2, ntables, rsv, exp_words, n = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise CorruptDataError("not an ECF8 frame (bad magic)")
@@ -213,7 +232,7 @@ def parse(blob: memoryview, verify: bool = True) -> Frame:
     if mode not in (MODE_CODED, MODE_STORED) or rsv != 0 or ndim > MAX_NDIM:
         raise CorruptDataError("invalid mode, reserved field or ndim in header")
     pos = HEADER.size
-    if size < pos + 8 * ndim + 4:
+    if have < pos + 8 * ndim + 4:
         raise CorruptDataError("blob truncated inside the header")
     shape = tuple(int(d) for d in np.frombuffer(blob, "<u8", ndim, pos))
     pos += 8 * ndim
@@ -234,7 +253,7 @@ def parse(blob: memoryview, verify: bool = True) -> Frame:
         if chunk_log2 or ntables or exp_words:
             raise CorruptDataError("stored frame with coded-frame fields set")
         nchunks, meta = 0, 0
-    if size < pos + meta + 4:
+    if have < pos + meta + 4:
         raise CorruptDataError("blob truncated inside the header")
     crc_at = pos + meta
     (head_crc,) = struct.unpack_from("<I", blob, crc_at)

@@ -19,7 +19,6 @@ Batches of any size run as slabs of 8, 4, 2 and 1 rows.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from . import decoder_cuda as dc
 from . import format as fmt
+from . import gpu
 from .errors import UnsupportedError
 
 __all__ = ["FusedWeight", "PlainWeight", "supports"]
@@ -38,9 +38,8 @@ FUSED_DESC_DTYPE = np.dtype([(f, "<u8") for f in dc.DESC_FIELDS] +
                             [(f, "<u8") for f in ("weights", "scales", "rows", "cols", "rows_per_chunk",
                                                   "scale_cols")])
 
-_modules: dict[int, Any] = {}
-_lock = threading.Lock()
 _workspaces: dict[tuple[int, int], Any] = {}
+SLAB_NAMES = [f"ecf8_fused<{b}, {d}, {s}>" for b in SLABS for d in ("true", "false") for s in ("true", "false")]
 
 
 def supports(shape: tuple[int, ...], dtype_name: str) -> str | None:
@@ -54,43 +53,41 @@ def supports(shape: tuple[int, ...], dtype_name: str) -> str | None:
     return None
 
 
-def _module(device_id: int):
-    module = _modules.get(device_id)
-    if module is None:
-        with _lock:
-            module = _modules.get(device_id)
-            if module is None:
-                cupy = dc._cupy()
-                cuda_dir = _cuda_dir()
-                names = [f"ecf8_fused<{b}, {d}, {s}>" for b in SLABS for d in ("true", "false")
-                         for s in ("true", "false")] + ["ecf8_fused_reduce"]
-                with cupy.cuda.Device(device_id):
-                    module = cupy.RawModule(code=dc.kernel_source("ecf8_fused.cu"),
-                                            options=("-std=c++17", f"-I{cuda_dir}", f"-DECF8_FUSED_WARPS={WARPS}"),
-                                            name_expressions=names)
-                    module.compile()
-                _modules[device_id] = module
+def _cuda_dir() -> Path:
+    """The folder of ecf8's CUDA sources (installed package or source tree)."""
+    here = Path(__file__).resolve().parent
+    for path in (here / "cuda", here.parent / "cuda"):
+        if (path / "ecf8_fused.cu").exists():
+            return path
+    raise UnsupportedError("ecf8's CUDA sources (ecf8_fused.cu) are missing from the installation")
+
+
+def compile_module(device_id: int):
+    """The fused kernels for a device (NVRTC, the device's own architecture)."""
+    cupy = gpu.cupy()
+    with cupy.cuda.Device(device_id):
+        module = cupy.RawModule(code=gpu.kernel_source("ecf8_fused.cu"),
+                                options=("-std=c++17", f"-I{_cuda_dir()}", f"-DECF8_FUSED_WARPS={WARPS}"),
+                                name_expressions=SLAB_NAMES + ["ecf8_fused_reduce"])
+        module.compile()
     return module
 
 
-_functions: dict[tuple, Any] = {}
+def _launch_setup(kernel: Any) -> None:
+    kernel.max_dynamic_shared_size_bytes = fmt.MAX_TABLES * dc.LUT_BYTES   # decode tables
+    kernel.preferred_shared_memory_carveout = 100
+
+
+KERNELS = gpu.KernelCache(compile_module, _launch_setup)     # the fused kernels, per device
 
 
 def _kernel(device_id: int, batch: int, decode: bool, block: bool):
-    key = (device_id, batch, decode, block)
-    fn = _functions.get(key)
-    if fn is None:
-        fn = _module(device_id).get_function(f"ecf8_fused<{batch}, {str(decode).lower()}, {str(block).lower()}>")
-        if decode:
-            fn.max_dynamic_shared_size_bytes = fmt.MAX_TABLES * dc.LUT_BYTES
-            fn.preferred_shared_memory_carveout = 100
-        _functions[key] = fn
-    return fn
+    return KERNELS.function(device_id, f"ecf8_fused<{batch}, {str(decode).lower()}, {str(block).lower()}>")
 
 
 def _workspace(device_id: int, stream_ptr: int, floats: int):
     """The row-partials scratch of one device and stream (float32, grown on demand)."""
-    cupy = dc._cupy()
+    cupy = gpu.cupy()
     key = (device_id, stream_ptr)
     buf = _workspaces.get(key)
     if buf is None or buf.size < floats:
@@ -107,7 +104,7 @@ class _Product:
 
     def _setup(self, shape: tuple[int, int], chunk_log2: int, device_id: int, weights_ptr: int,
                base_desc: np.ndarray | None, block_scales: Any) -> None:
-        cupy = dc._cupy()
+        cupy = gpu.cupy()
         self.shape, self.device_id = (int(shape[0]), int(shape[1])), device_id
         n, k = self.shape
         self.chunk_size = 1 << chunk_log2
@@ -145,10 +142,10 @@ class _Product:
         (and ``out``) to capture the call in a CUDA graph, which then allocates and uploads nothing.
         Raises UnsupportedError for a wrong shape, dtype, layout or workspace.
         """
-        cupy = dc._cupy()
+        cupy = gpu.cupy()
         n, k = self.shape
         with cupy.cuda.Device(self.device_id):
-            st = dc._stream(stream)
+            st = gpu.stream(stream)
             x = _as_cupy(x)
             if x.ndim != 2 or x.shape[1] != k or x.dtype != np.float32 or not x.flags.c_contiguous:
                 raise UnsupportedError(f"x must be a C-contiguous B x {k} float32 array, not "
@@ -161,7 +158,7 @@ class _Product:
             work = _workspace(self.device_id, st.ptr, need) if workspace is None else _as_cupy(workspace)
             if work.dtype != np.float32 or work.size < need:
                 raise UnsupportedError(f"workspace must hold at least {need} float32 elements")
-            reduce = _module(self.device_id).get_function("ecf8_fused_reduce")
+            reduce = KERNELS.function(self.device_id, "ecf8_fused_reduce")
             blocks = -(-self.nchunks // WARPS)
             done = 0
             with st:
@@ -177,17 +174,8 @@ class _Product:
         return y
 
 
-def _cuda_dir() -> Path:
-    """The folder of ecf8's CUDA sources (installed package or source tree)."""
-    here = Path(__file__).resolve().parent
-    for path in (here / "cuda", here.parent / "cuda"):
-        if (path / "ecf8_fused.cu").exists():
-            return path
-    raise UnsupportedError("ecf8's CUDA sources (ecf8_fused.cu) are missing from the installation")
-
-
 def _as_cupy(x: Any):
-    cupy = dc._cupy()
+    cupy = gpu.cupy()
     if isinstance(x, cupy.ndarray):
         return x
     if hasattr(x, "__cuda_array_interface__"):
@@ -214,7 +202,7 @@ class FusedWeight(_Product):
         if why:
             raise UnsupportedError(why)
         self.tensor = dt
-        with dc._cupy().cuda.Device(dt.device_id):
+        with gpu.cupy().cuda.Device(dt.device_id):
             self._setup(f.shape, f.chunk_log2, dt.device_id, 0, dt.descriptor(0), block_scales)
         self._shared = f.ntables * dc.LUT_BYTES
 
@@ -230,7 +218,7 @@ class PlainWeight(_Product):
     chunk_size multiplies its frame."""
 
     def __init__(self, weights: Any, shape: tuple[int, int], chunk_size: int, *, block_scales: Any = None):
-        cupy = dc._cupy()
+        cupy = gpu.cupy()
         why = supports(tuple(shape), "float8_e4m3fn")
         if why:
             raise UnsupportedError(why)

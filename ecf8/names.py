@@ -32,10 +32,8 @@ SHORT_NAMES: dict[str, fmt.DtypeSpec] = dict(fmt.SHORT_NAMES)        # e4m3 e5m2
 _SHORT_OF = {spec.code: short for short, spec in SHORT_NAMES.items()}
 _ALIASES: dict[str, fmt.DtypeSpec] = {}
 for _short, _spec in SHORT_NAMES.items():
-    for _alias in (_short, _spec.name, _spec.dtype.name, f"torch.{_spec.dtype.name}"):
+    for _alias in (_short, _spec.name, _spec.dtype.name, f"torch.{_spec.dtype.name}", *_spec.aliases):
         _ALIASES[_alias.lower()] = _spec
-_ALIASES["float8_e4m3"] = SHORT_NAMES["e4m3"]      # the FN is often left out
-_ALIASES["f8_e4m3fn"] = SHORT_NAMES["e4m3"]
 
 
 def dtype_spec(dtype: Any) -> fmt.DtypeSpec:

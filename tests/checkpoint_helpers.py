@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ecf8 import store
+from ecf8 import compressed
 
 
 def raw_file(path: Path, header: bytes | dict, data: bytes) -> Path:
@@ -35,9 +35,9 @@ def header_of(path: Path) -> tuple[dict, int]:
 def round_trip(src: Path, tmp: Path, **kwargs) -> bytes:
     """compress, verify, decompress; the restored bytes."""
     packed, restored = tmp / "packed.safetensors", tmp / "restored.safetensors"
-    store.compress_file(src, packed, jobs=1, **kwargs)
-    store.verify_file(packed)
-    store.decompress_file(packed, restored)
+    compressed.compress_file(src, packed, jobs=1, **kwargs)
+    compressed.verify_file(packed)
+    compressed.decompress_file(packed, restored)
     return restored.read_bytes()
 
 

@@ -46,7 +46,7 @@ def real_weights() -> dict[str, dict[str, np.ndarray]]:
     arrays are read-only copies (copy before writing).  Never skips.
     """
     from ecf8.bench_cli import sample_paths
-    from ecf8.checkpoint import iter_tensors
+    from ecf8.safetensors_io import iter_tensors
     from ecf8.names import short_name
 
     out: dict[str, dict[str, np.ndarray]] = {}

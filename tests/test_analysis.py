@@ -10,8 +10,8 @@ import pytest
 
 from ecf8 import format as fmt
 from ecf8.analysis import analyze_tensor, entropy_bits, fit_alpha, model_probabilities
-from ecf8.checkpoint import write_safetensors
-from ecf8 import store
+from ecf8.safetensors_io import write_safetensors
+from ecf8 import compressed
 from ecf8.analyze_cli import tensors_of
 from ecf8.cli import main
 from helpers import weights_like
@@ -136,7 +136,7 @@ def test_verdicts_are_what_compress_does(tmp_path, capsys):
     src, dst = tmp_path / "m.safetensors", tmp_path / "c.safetensors"
     write_safetensors(tensors, src)
     assert main(["compress", str(src), "-o", str(dst), "-j", "1", "-q", "--zstd-level", "5"]) == 0
-    stored = {r.name: (r.codec, r.stored_bytes) for r in store.inspect_file(dst)}
+    stored = {r.name: (r.codec, r.stored_bytes) for r in compressed.inspect_file(dst)}
     assert main(["analyze", str(src), "--json", "--zstd-level", "5"]) == 0
     got = {r["name"]: (r["codec"], r["stored_bytes"]) for r in json.loads(capsys.readouterr().out)["tensors"]}
     assert got == stored
@@ -166,7 +166,7 @@ def test_fp32_checkpoint_says_only_zstd_acts(tmp_path, capsys):
 
 def test_compressed_input_is_recognised(checkpoint, tmp_path, capsys):
     path, _ = checkpoint
-    store.compress_file(path, tmp_path / "c.safetensors", jobs=1, progress=False)
+    compressed.compress_file(path, tmp_path / "c.safetensors", jobs=1, progress=False)
     assert main(["analyze", str(path), "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main(["analyze", str(tmp_path / "c.safetensors"), "--json"]) == 0
@@ -251,7 +251,7 @@ def test_analyze_passes_unknown_dtypes_through_like_compress(tmp_path):
     import json
     import struct
 
-    from ecf8 import store
+    from ecf8 import compressed
     from ecf8.analyze_cli import tensors_of
 
     h = {"odd": {"dtype": "F8_E8M0", "shape": [64, 4], "data_offsets": [0, 256]},
@@ -262,10 +262,10 @@ def test_analyze_passes_unknown_dtypes_through_like_compress(tmp_path):
     plain = tmp_path / "odd.safetensors"
     plain.write_bytes(struct.pack("<Q", len(text)) + text + data)
     packed = tmp_path / "odd.ecf8.safetensors"
-    store.compress_file(plain, packed, jobs=1)
+    compressed.compress_file(plain, packed, jobs=1)
     for path in (plain, packed):
         got = {name: (dtype, x) for name, dtype, x in tensors_of(path)}
         assert got["odd"][0] == "F8_E8M0" and bytes(got["odd"][1].reshape(-1)) == data[:256]
         assert got["foo"][0] == "FOO" and bytes(got["foo"][1].reshape(-1)) == data[256:]
-    codecs = {r.name: r.codec for r in store.inspect_file(packed)}
+    codecs = {r.name: r.codec for r in compressed.inspect_file(packed)}
     assert codecs == {"odd": "zstd", "foo": "none"}

@@ -1,5 +1,5 @@
-"""save_file checks names and metadata as safetensors does (issue 9, class 4); safe_open reads the
-metadata and one tensor at a time (issue 13, item 4)."""
+"""save_file checks names and metadata as safetensors does; safe_open reads the
+metadata and one tensor at a time."""
 
 import ml_dtypes
 import numpy as np
@@ -56,3 +56,26 @@ def test_safe_open_reads_one_tensor_without_the_others(tmp_path):
     torch = pytest.importorskip("torch")
     with ecf8.safe_open(path, device=torch.device("cpu")) as f:         # device objects, as decode
         assert f.get_tensor("b").dtype == ml_dtypes.float8_e4m3fn
+
+
+def test_save_file_writes_what_compressing_the_plain_file_writes(tmp_path, monkeypatch):
+    """save_file compresses the arrays where they are: the same bytes as write_safetensors then
+    compress_file, and no plain file on the way."""
+    from ecf8 import compressed, safetensors_io
+
+    rng = np.random.default_rng(3)
+    tensors = {"e4m3": (rng.standard_normal((64, 96)) * 8).astype(ml_dtypes.float8_e4m3fn),
+               "empty": np.zeros((0, 3), ml_dtypes.bfloat16), "scalar": np.float32(2.5),
+               "bf16": rng.standard_normal((80, 64)).astype(ml_dtypes.bfloat16)[:, ::2],
+               "ids": np.arange(1000, dtype=np.int64), "e5m2": np.zeros(0, ml_dtypes.float8_e5m2)}
+    safetensors_io.write_safetensors(tensors, tmp_path / "plain.safetensors", {"k": "v"})
+    compressed.compress_file(tmp_path / "plain.safetensors", tmp_path / "a.safetensors", jobs=1,
+                             progress=False)
+    made = []
+    real = safetensors_io.atomic_file
+    monkeypatch.setattr(safetensors_io, "atomic_file", lambda *a, **k: made.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(compressed, "atomic_file", lambda *a, **k: made.append(a[0]) or real(*a, **k))
+    ecf8.save_file(tensors, tmp_path / "b.safetensors", {"k": "v"})
+    assert made == [tmp_path / "b.safetensors"]
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "plain.safetensors"]

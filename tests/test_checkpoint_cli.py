@@ -1,5 +1,5 @@
 """ecf8 info / verify: every input checked, every problem reported with its file and tensor, exit 1
-on any; compressed folders accepted (issue 9, class 7).  Interrupts (issue 9, class 6, the
+on any; compressed folders accepted.  Interrupts (the
 folder-compress hang): Ctrl-C / SIGINT to the pid while a folder's worker processes start gives
 one line, 130, nothing written and no worker left; workers die with the command; Ctrl-C the
 instant a temporary output appears, or again during the clean-up, leaves nothing; Ctrl-C that an
@@ -21,9 +21,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ecf8 import signals, store
-from ecf8.checkpoint import atomic_dir, atomic_file, write_safetensors
+from ecf8 import compressed, signals, tensor_codecs
 from ecf8.cli import main
+from ecf8.safetensors_io import atomic_dir, atomic_file, write_safetensors
 from checkpoint_helpers import header_of, patch, processes, still_running, weights
 
 
@@ -31,7 +31,7 @@ def _packed(path, seed=0):
     plain = path.with_suffix(".plain")
     write_safetensors({"a": weights(4096, ml_dtypes.bfloat16, seed), "s": np.float32([1, 2, 3, 4]),
                        "t": np.float32([5, 6, 7, 8])}, plain)
-    store.compress_file(plain, path, jobs=1)
+    compressed.compress_file(plain, path, jobs=1)
     plain.unlink()
     return path
 
@@ -123,7 +123,7 @@ def _gone(sid: int, within: float = 10.0) -> list[int]:
 def _folder(root: Path, shards: int = 2) -> Path:
     root.mkdir()
     rng = np.random.default_rng(0)
-    for k in range(shards):     # tensors of 128 kB: past store.INLINE, so they go to the workers
+    for k in range(shards):     # tensors of 128 kB: past tensor_codecs.INLINE, so they go to the workers
         write_safetensors({f"w{i}": (rng.standard_normal(1 << 17) * 8).astype(ml_dtypes.float8_e4m3fn)
                            for i in range(3)}, root / f"m{k}.safetensors")
     (root / "config.json").write_text("{}")
@@ -197,12 +197,12 @@ def test_sigint_to_the_pid_while_workers_start_stops_them_all(tmp_path, kind, ar
 # A worker that kills the command (as the OOM killer or `kill -9` would) and carries on.
 _KILL_THE_PARENT = """
 import os, signal, sys, time
-from ecf8 import signals, store
+from ecf8 import compressed, signals, tensor_codecs
 def worker(*args):
     os.kill(os.getppid(), signal.SIGKILL)
     time.sleep(60)
-store._worker = worker
-store.compress_path(sys.argv[1], sys.argv[2], jobs=2, progress=False)
+tensor_codecs._worker = worker
+compressed.compress_path(sys.argv[1], sys.argv[2], jobs=2, progress=False)
 """
 
 
@@ -269,7 +269,7 @@ def test_a_second_ctrl_c_while_the_workers_are_stopped_still_kills_them_all(monk
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "kill", interrupted_kill)
     try:
         with pytest.raises(KeyboardInterrupt):
-            store._stop(pool)
+            tensor_codecs._stop(pool)
         deadline = time.monotonic() + 10       # (the pool's own thread may be reaping them)
         while (left := [p.pid for p in workers if _running(p.pid)]) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -6,9 +6,9 @@ import pytest
 
 import ecf8
 from conftest import cuda_available
-from ecf8 import store
-from ecf8.checkpoint import write_safetensors
+from ecf8 import compressed
 from ecf8.cli import main
+from ecf8.safetensors_io import write_safetensors
 from helpers import weights_like
 
 
@@ -29,8 +29,8 @@ def checkpoint(path):
 def test_gpu_encoding_writes_the_same_file(tmp_path, jobs):
     src = tmp_path / "m.safetensors"
     checkpoint(src)
-    store.compress_file(src, tmp_path / "cpu.safetensors", jobs=1, chunk_size=4096)
-    store.compress_file(src, tmp_path / "gpu.safetensors", jobs=jobs, chunk_size=4096, device="cuda")
+    compressed.compress_file(src, tmp_path / "cpu.safetensors", jobs=1, chunk_size=4096)
+    compressed.compress_file(src, tmp_path / "gpu.safetensors", jobs=jobs, chunk_size=4096, device="cuda")
     assert (tmp_path / "gpu.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
     assert main(["decompress", "-q", str(tmp_path / "gpu.safetensors"), "-o", str(tmp_path / "r.st")]) == 0
     assert (tmp_path / "r.st").read_bytes() == src.read_bytes()
@@ -42,7 +42,7 @@ def test_gpu_encoding_without_a_gpu_is_refused_before_writing(tmp_path, capsys, 
     src = tmp_path / "m.safetensors"
     checkpoint(src)
     with pytest.raises(ecf8.ECF8Error):
-        store.compress_file(src, tmp_path / "out.safetensors", device=device)
+        compressed.compress_file(src, tmp_path / "out.safetensors", device=device)
     assert main(["compress", str(src), "-o", str(tmp_path / "out.safetensors"), "--device", device]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ecf8: ")

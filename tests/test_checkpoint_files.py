@@ -1,5 +1,5 @@
 """Files on disk: modes as cp/zstd give them; SIGINT/SIGTERM leave no output, no temp file and no
-worker process, print one line and exit 130/143 (issue 9, class 6)."""
+worker process, print one line and exit 130/143."""
 
 import os
 import signal
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import ecf8
-from ecf8 import store
-from ecf8.checkpoint import write_safetensors
+from ecf8 import compressed, tensor_codecs
+from ecf8.safetensors_io import write_safetensors
 from checkpoint_helpers import alive, interrupt, processes, still_running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +32,15 @@ def test_output_modes_follow_the_input_or_the_umask(tmp_path, umask_022):
     src = tmp_path / "in.safetensors"
     write_safetensors({"w": np.zeros(100, ml_dtypes.bfloat16)}, src)
     os.chmod(src, 0o640)
-    store.compress_file(src, tmp_path / "c.safetensors", jobs=1)
-    store.decompress_file(tmp_path / "c.safetensors", tmp_path / "r.safetensors")
+    compressed.compress_file(src, tmp_path / "c.safetensors", jobs=1)
+    compressed.decompress_file(tmp_path / "c.safetensors", tmp_path / "r.safetensors")
     assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "r.safetensors").stat().st_mode & 0o777 == 0o640
     folder = tmp_path / "model"
     folder.mkdir()
     os.replace(src, folder / "model.safetensors")
     (folder / "config.json").write_text("{}")
-    store.compress_path(folder, tmp_path / "cdir", jobs=1)
+    compressed.compress_path(folder, tmp_path / "cdir", jobs=1)
     assert (tmp_path / "cdir").stat().st_mode & 0o777 == folder.stat().st_mode & 0o777
     assert (tmp_path / "cdir" / "config.json").stat().st_mode & 0o777 == 0o644
 
@@ -52,9 +52,9 @@ def _die(*args):
 def test_a_dead_worker_is_an_ecf8_error(tmp_path, monkeypatch):
     src = tmp_path / "in.safetensors"
     write_safetensors({f"w{k}": np.zeros(1 << 17, ml_dtypes.bfloat16) for k in range(4)}, src)
-    monkeypatch.setattr(store, "_worker", _die)
+    monkeypatch.setattr(tensor_codecs, "_worker", _die)
     with pytest.raises(ecf8.ECF8Error, match="worker process died"):
-        store.compress_file(src, tmp_path / "out.safetensors", jobs=2)
+        compressed.compress_file(src, tmp_path / "out.safetensors", jobs=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
 
 
@@ -62,10 +62,10 @@ def test_an_interrupt_without_workers_stays_an_interrupt(tmp_path):
     # a fresh interpreter: concurrent.futures.process is not imported when no pool was started
     src = tmp_path / "in.safetensors"
     write_safetensors({"w": np.ones(1000, np.float32)}, src)
-    script = ("import sys; from ecf8 import store\n"
+    script = ("import sys; from ecf8 import compressed, tensor_codecs\n"
               "def stop(*a, **k): raise KeyboardInterrupt\n"
-              "store.choose_codec = stop\n"
-              "try: store.compress_file(sys.argv[1], sys.argv[2], jobs=1)\n"
+              "tensor_codecs.choose_codec = stop\n"
+              "try: compressed.compress_file(sys.argv[1], sys.argv[2], jobs=1)\n"
               "except KeyboardInterrupt: sys.exit(0)\n")
     done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "out.safetensors")],
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)

@@ -1,16 +1,17 @@
 """Model folders: subfolders kept, every other file copied, a bad index or shard refused before
-anything is written, the output folder complete or absent (issue 9, class 5)."""
+anything is written, the output folder complete or absent."""
 
 import json
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import ecf8
-from ecf8 import store
-from ecf8.checkpoint import write_safetensors
+from ecf8 import compressed
 from ecf8.cli import main
+from ecf8.safetensors_io import write_safetensors
 from checkpoint_helpers import weights
 
 
@@ -57,7 +58,7 @@ def test_a_bad_index_writes_nothing(tmp_path, bad):
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "outside.safetensors").write_bytes((src / "text" / "model.safetensors").read_bytes())
     with pytest.raises(ecf8.UnsupportedError, match="outside the model folder|missing"):
-        store.compress_path(src, tmp_path / "c")
+        compressed.compress_path(src, tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "outside.safetensors"]
 
 
@@ -65,13 +66,13 @@ def test_a_bad_shard_writes_nothing(tmp_path):
     src = _model(tmp_path / "model", index=False)
     (src / "vision" / "model.safetensors").write_bytes(b"\x10" + bytes(7) + b"{}")
     with pytest.raises(ecf8.ECF8Error, match="vision/model.safetensors"):
-        store.compress_path(src, tmp_path / "c")
+        compressed.compress_path(src, tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_a_failure_midway_leaves_no_folder(tmp_path, monkeypatch):
     src = _model(tmp_path / "model")
-    real = store.compress_file
+    real = compressed.compress_file
     calls = []
 
     def failing(a, b, **kwargs):
@@ -79,9 +80,9 @@ def test_a_failure_midway_leaves_no_folder(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise OSError("disk full")
         real(a, b, **kwargs)
-    monkeypatch.setattr(store, "compress_file", failing)
+    monkeypatch.setattr(compressed, "compress_file", failing)
     with pytest.raises(OSError):
-        store.compress_path(src, tmp_path / "c", jobs=1)
+        compressed.compress_path(src, tmp_path / "c", jobs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
@@ -90,7 +91,7 @@ def test_an_existing_output_folder_is_not_overwritten(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "keep.txt").write_text("mine")
     with pytest.raises(ecf8.UnsupportedError, match="already exists"):
-        store.compress_path(src, tmp_path / "c")
+        compressed.compress_path(src, tmp_path / "c")
     assert _tree(tmp_path / "c") == {"keep.txt": b"mine"}
 
 
@@ -100,7 +101,7 @@ def test_a_linked_subfolder_is_refused_not_skipped(tmp_path):
     (tmp_path / "elsewhere" / "vocab.txt").write_text("a b c")
     (src / "extra").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     with pytest.raises(ecf8.UnsupportedError, match="link to a folder"):
-        store.compress_path(src, tmp_path / "c")
+        compressed.compress_path(src, tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
 
@@ -108,10 +109,35 @@ def test_dangling_links_are_refused_and_empty_folders_kept(tmp_path):
     src = _model(tmp_path / "model")
     (src / "broken.json").symlink_to(tmp_path / "nowhere.json")
     with pytest.raises(ecf8.UnsupportedError, match="broken.json"):
-        store.compress_path(src, tmp_path / "c")
+        compressed.compress_path(src, tmp_path / "c")
     assert not (tmp_path / "c").exists()
     (src / "broken.json").unlink()
     (src / "empty" / "deeper").mkdir(parents=True)
-    store.compress_path(src, tmp_path / "c")
-    store.decompress_path(tmp_path / "c", tmp_path / "r")
+    compressed.compress_path(src, tmp_path / "c")
+    compressed.decompress_path(tmp_path / "c", tmp_path / "r")
     assert (tmp_path / "r" / "empty" / "deeper").is_dir() and _tree(tmp_path / "r") == _tree(src)
+
+
+@pytest.mark.parametrize("folder", [True, False])
+def test_compress_reads_each_input_header_once_and_no_output_again(tmp_path, monkeypatch, capsys, folder):
+    """`ecf8 compress` reads an input's header once (for the progress total, the checks and the
+    compression), and learns the codecs it chose without reopening its outputs."""
+    from ecf8 import cli
+
+    src = _model(tmp_path / "model")
+    if not folder:
+        src = src / "text" / "model.safetensors"
+    reads, inspected = [], []
+    real_read, real_inspect = compressed.read_layout, compressed.inspect_file
+
+    def read(path, *args, **kwargs):
+        reads.append(Path(path))
+        return real_read(path, *args, **kwargs)
+    for module in (cli, compressed):
+        monkeypatch.setattr(module, "read_layout", read)
+    monkeypatch.setattr(compressed, "inspect_file", lambda p: inspected.append(p) or real_inspect(p))
+    assert main(["compress", str(src), "-o", str(tmp_path / "out"), "-j", "1"]) == 0
+    inputs = [src / "text/model.safetensors", src / "vision/model.safetensors"] if folder else [src]
+    read_inputs = [r for r in reads if r.is_relative_to(tmp_path / "model")]   # (not the outputs'
+    assert sorted(read_inputs) == sorted(inputs) and inspected == []             # check before renaming)
+    assert "saved" in capsys.readouterr().out

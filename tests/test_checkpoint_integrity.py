@@ -1,5 +1,5 @@
 """Every byte of a compressed checkpoint is checked: edits are an ECF8Error naming the file (and the
-tensor), never a silently different restore, a traceback or a memory blow-up (issue 9, class 9);
+tensor), never a silently different restore, a traceback or a memory blow-up;
 version-1 files stay readable."""
 
 import json
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import ecf8
-from ecf8 import store
-from ecf8.checkpoint import write_safetensors
+from ecf8 import compressed
+from ecf8.safetensors_io import write_safetensors
 from checkpoint_helpers import header_of, patch, weights
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -31,8 +31,8 @@ def packed(tmp_path):
     src = tmp_path / "plain.safetensors"
     write_safetensors(tensors, src, {"format": "pt"})
     out = tmp_path / "packed.safetensors"
-    store.compress_file(src, out, jobs=1)
-    assert {r.name: r.codec for r in store.inspect_file(out)} == {
+    compressed.compress_file(src, out, jobs=1)
+    assert {r.name: r.codec for r in compressed.inspect_file(out)} == {
         "a": "ecf8", "b": "ecf8", "s1": "none", "s2": "none", "ids": "zstd", "w": "ecf8"}
     return src, out
 
@@ -48,8 +48,8 @@ def _rewrite(path: Path, edit) -> None:
 
 def _all_refuse(path: Path, tmp_path: Path, match: str = "") -> None:
     """verify, info, decompress, load_file and safe_open all raise ECF8Error; nothing is written."""
-    for call in (lambda: store.verify_file(path), lambda: store.inspect_file(path),
-                 lambda: store.decompress_file(path, tmp_path / "restored.safetensors"),
+    for call in (lambda: compressed.verify_file(path), lambda: compressed.inspect_file(path),
+                 lambda: compressed.decompress_file(path, tmp_path / "restored.safetensors"),
                  lambda: ecf8.load_file(path)):
         try:
             call()
@@ -72,10 +72,10 @@ def test_a_flipped_bit_in_a_raw_tensor_is_caught(packed, tmp_path):
     _, out = packed
     a, _ = _stored_range(out, "s1")
     patch(out, a + 5, bytes([out.read_bytes()[a + 5] ^ 0x01]))
-    count, problems = store.check_file(out)
+    count, problems = compressed.check_file(out)
     assert count == 6 and len(problems) == 1 and "'s1'" in problems[0] and "checksum" in problems[0]
     with pytest.raises(ecf8.CorruptDataError, match="'s1'.*checksum"):
-        store.decompress_file(out, tmp_path / "restored.safetensors")
+        compressed.decompress_file(out, tmp_path / "restored.safetensors")
     assert not (tmp_path / "restored.safetensors").exists()
 
 
@@ -88,7 +88,7 @@ def test_swapped_payloads_are_caught(packed, tmp_path, x, y):
         header[x], header[y] = header[y], header[x]
         return header, data
     _rewrite(out, swap)
-    count, problems = store.check_file(out)
+    count, problems = compressed.check_file(out)
     assert len(problems) == 2 and f"{x!r}" in problems[0] and f"{y!r}" in problems[1]
 
 
@@ -122,7 +122,7 @@ def test_equal_length_frames_swapped_are_caught_on_the_gpu_path(tmp_path, monkey
     x = weights(4096, ml_dtypes.float8_e4m3fn, 7)
     ecf8.save_file({"p": x, "n": -x}, tmp_path / "m.safetensors")
     out = tmp_path / "m.safetensors"
-    sizes = {r.name: r.stored_bytes for r in store.inspect_file(out)}
+    sizes = {r.name: r.stored_bytes for r in compressed.inspect_file(out)}
     assert sizes["p"] == sizes["n"]
 
     def swap(header, data):
@@ -226,7 +226,7 @@ def test_a_zstd_frame_claiming_a_huge_size_is_refused_before_allocating(packed, 
     # frame header: magic, descriptor "8-byte content size, single segment", size 2**40, then a block
     forged = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", 2 ** 40) + b"\x01\x00\x00"
     patch(out, a, forged + bytes(b - a - len(forged)))
-    _, problems = store.check_file(out)
+    _, problems = compressed.check_file(out)
     assert len(problems) == 1 and "'ids'" in problems[0]
 
 
@@ -245,10 +245,10 @@ def test_version_1_files_stay_readable(tmp_path):
     # from checkpoint-v1.plain.safetensors (see the golden-file commit).
     v1, plain = GOLDEN / "checkpoint-v1.safetensors", GOLDEN / "checkpoint-v1.plain.safetensors"
     assert json.loads(header_of(v1)[0]["__metadata__"]["ecf8"])["version"] == 1
-    store.decompress_file(v1, tmp_path / "r.safetensors")
+    compressed.decompress_file(v1, tmp_path / "r.safetensors")
     assert (tmp_path / "r.safetensors").read_bytes() == plain.read_bytes()
-    assert store.verify_file(v1) == 5
-    assert [r.codec for r in store.inspect_file(v1)] == ["ecf8", "ecf8", "zstd", "none", "none"]
+    assert compressed.verify_file(v1) == 5
+    assert [r.codec for r in compressed.inspect_file(v1)] == ["ecf8", "ecf8", "zstd", "none", "none"]
     with ecf8.safe_open(v1) as f:
         assert f.metadata() == {"format": "pt"}
         assert f.get_tensor("ids").tolist() == list(range(256))

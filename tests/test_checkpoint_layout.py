@@ -1,5 +1,5 @@
 """Checkpoint layouts as real files have them: the round trip is byte for byte, or compress refuses
-before writing anything (issue 9, classes 1-3)."""
+before writing anything."""
 
 
 import ml_dtypes
@@ -8,8 +8,8 @@ import pytest
 import safetensors
 
 import ecf8
-from ecf8 import store
-from ecf8.checkpoint import MAX_HEADER, write_safetensors
+from ecf8 import compressed
+from ecf8.safetensors_io import MAX_HEADER, write_safetensors
 from checkpoint_helpers import entry, header_of, raw_file, round_trip, weights
 
 BF16 = weights(64, ml_dtypes.bfloat16).tobytes()       # 128 bytes of codable weights
@@ -18,7 +18,7 @@ BF16 = weights(64, ml_dtypes.bfloat16).tobytes()       # 128 bytes of codable we
 def _refused(tmp_path, src, match):
     out = tmp_path / "out.safetensors"
     with pytest.raises(ecf8.ECF8Error, match=match):
-        store.compress_file(src, out, jobs=1)
+        compressed.compress_file(src, out, jobs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]      # no output, no temp file
 
 
@@ -74,7 +74,7 @@ def test_dtypes_ecf8_does_not_code_pass_through(tmp_path, dtype, shape, nbytes):
     src = raw_file(tmp_path / "in.safetensors", header,
                    weights(4096, ml_dtypes.float8_e4m3fn).tobytes() + scales + bytes(nbytes))
     assert round_trip(src, tmp_path) == src.read_bytes()
-    codecs = {r.name: r.codec for r in store.inspect_file(tmp_path / "packed.safetensors")}
+    codecs = {r.name: r.codec for r in compressed.inspect_file(tmp_path / "packed.safetensors")}
     assert codecs == {"w": "ecf8", "w_scale": "none", "zeros": "zstd"}
     with ecf8.safe_open(tmp_path / "packed.safetensors") as f:
         assert f.metadata() == {"quant": "mx"}
@@ -86,7 +86,7 @@ def test_dtypes_ecf8_does_not_code_pass_through(tmp_path, dtype, shape, nbytes):
 def test_coded_dtypes_with_more_dimensions_than_a_frame_holds(tmp_path):
     x = weights(4096, ml_dtypes.bfloat16).reshape((1,) * 9 + (4096,))
     ecf8.save_file({"w": x}, tmp_path / "m.safetensors")
-    assert store.inspect_file(tmp_path / "m.safetensors")[0].codec == "zstd"
+    assert compressed.inspect_file(tmp_path / "m.safetensors")[0].codec == "zstd"
     assert ecf8.load_file(tmp_path / "m.safetensors")["w"].tobytes() == x.tobytes()
 
 
@@ -97,8 +97,8 @@ def test_70000_tensors_keep_the_header_under_the_limit(tmp_path):
     header = {"__metadata__": {"format": "pt"}}
     header.update({name: entry("F32", [], 4 * i, 4 * i + 4) for i, name in enumerate(names)})
     src = raw_file(tmp_path / "in.safetensors", header, np.arange(70_000, dtype=np.float32).tobytes())
-    store.compress_file(src, tmp_path / "packed.safetensors", jobs=1)
-    store.decompress_file(tmp_path / "packed.safetensors", tmp_path / "restored.safetensors")
+    compressed.compress_file(src, tmp_path / "packed.safetensors", jobs=1)
+    compressed.decompress_file(tmp_path / "packed.safetensors", tmp_path / "restored.safetensors")
     assert (tmp_path / "restored.safetensors").read_bytes() == src.read_bytes()
     _, start = header_of(src)
     _, packed_start = header_of(tmp_path / "packed.safetensors")
@@ -110,6 +110,6 @@ def test_70000_tensors_keep_the_header_under_the_limit(tmp_path):
 def test_a_header_past_the_limit_is_refused_before_writing(tmp_path, monkeypatch):
     src = tmp_path / "in.safetensors"
     write_safetensors({f"t{i}": np.zeros(1, np.float32) for i in range(50)}, src)
-    monkeypatch.setattr(store, "MAX_HEADER", 2000)
+    monkeypatch.setattr(compressed, "MAX_HEADER", 2000)
     _refused(tmp_path, src, "compressed header would take")
     assert MAX_HEADER == 100_000_000         # what safetensors reads (its own limit)

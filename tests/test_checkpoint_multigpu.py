@@ -1,4 +1,4 @@
-"""Multi-GPU compression (issue 14): `--device cuda` spreads a folder's shards over one worker
+"""Multi-GPU compression: `--device cuda` spreads a folder's shards over one worker
 process per visible GPU, largest first to whichever worker is free, under one progress bar; the
 files are the bytes the CPU writes; a failing shard, a dead worker, Ctrl-C or SIGTERM stop every
 worker and leave nothing.
@@ -22,9 +22,9 @@ import pytest
 
 import ecf8
 from conftest import cuda_available
-from ecf8 import gpu_pool, progress, store
-from ecf8.checkpoint import read_layout, write_safetensors
+from ecf8 import gpu_pool, progress, compressed
 from ecf8.cli import main
+from ecf8.safetensors_io import read_layout, write_safetensors
 from helpers import weights_like
 from checkpoint_helpers import alive, interrupt, processes, still_running
 
@@ -68,7 +68,7 @@ def workers(monkeypatch):
 
     def spread(pairs, devices, **kwargs):
         spreads.append(list(devices))
-        real(pairs, devices, **kwargs)
+        return real(pairs, devices, **kwargs)
 
     monkeypatch.setattr(gpu_pool, "compress_shards", spread)
 
@@ -83,9 +83,9 @@ def _spread_is_the_cpu_bytes(tmp_path, workers, devices, out):
     tmp_path/out; assert one spread over exactly those devices and the CPU's bytes.  Returns
     (the source folder, the spreads list, to which later compressions append)."""
     src = _model(tmp_path / "model")
-    store.compress_path(src, tmp_path / "cpu", device="cpu", jobs=1)
+    compressed.compress_path(src, tmp_path / "cpu", device="cpu", jobs=1)
     spreads = workers(devices)
-    store.compress_path(src, tmp_path / out, device="cuda")
+    compressed.compress_path(src, tmp_path / out, device="cuda")
     assert spreads == [devices]
     assert _tree(tmp_path / out) == _tree(tmp_path / "cpu")
     return src, spreads
@@ -105,7 +105,7 @@ def test_the_largest_shard_goes_first(tmp_path, monkeypatch):
     pairs = [(f, tmp_path / "out" / f.name) for f in sorted(src.rglob("*.safetensors"))]
     seen = []
     monkeypatch.setattr(progress.Bar, "advance", lambda self, amount, what="": seen.append((what, amount)))
-    gpu_pool.compress_shards(pairs, ["cpu"], one_file=store.compress_file, progress=True)  # one worker: its order
+    gpu_pool.compress_shards(pairs, ["cpu"], one_file=compressed.compress_file, progress=True)  # one worker: its order
     shards = list(dict.fromkeys(what.split(".")[0] for what, _ in seen))
     by_size = sorted(pairs, key=lambda p: p[0].stat().st_size, reverse=True)
     assert shards == [f"s{int(f.stem[-2:])}" for f, _ in by_size]
@@ -137,13 +137,14 @@ def test_one_progress_bar_over_every_worker_and_quiet_is_quiet(tmp_path, monkeyp
 
 def _cut_after_check(monkeypatch, victim: Path) -> None:
     """The shard changes after compress checked it (cut short), so the worker that takes it fails."""
-    check = store._check_plain
+    check = compressed._check_plain
 
-    def check_then_cut(path):
-        check(path)
+    def check_then_cut(path, *known):
+        layout = check(path, *known)
         if Path(path) == victim:
             victim.write_bytes(victim.read_bytes()[:1000])
-    monkeypatch.setattr(store, "_check_plain", check_then_cut)
+        return layout
+    monkeypatch.setattr(compressed, "_check_plain", check_then_cut)
 
 
 def _one_error_line(tmp_path, monkeypatch, workers, capfd, devices, shard):
@@ -183,7 +184,7 @@ def test_a_worker_that_dies_is_an_ecf8_error_naming_its_shard(tmp_path, workers)
     killer.start()
     try:
         with pytest.raises(ecf8.ECF8Error, match="worker process died") as e:
-            store.compress_path(src, tmp_path / "out", device="cuda")
+            compressed.compress_path(src, tmp_path / "out", device="cuda")
     finally:
         killed.append(0)
         killer.join()
@@ -215,7 +216,7 @@ def test_an_interrupt_stops_every_worker_and_leaves_nothing(tmp_path, sig, code)
 def test_cuda_on_a_folder_without_a_gpu_is_refused_before_anything_is_written(tmp_path, capsys):
     src = _model(tmp_path / "model")
     with pytest.raises(ecf8.ECF8Error):
-        store.compress_path(src, tmp_path / "out", device="cuda")
+        compressed.compress_path(src, tmp_path / "out", device="cuda")
     assert main(["compress", str(src), "-o", str(tmp_path / "out"), "--device", "cuda"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("ecf8: error: ")
@@ -237,7 +238,7 @@ def test_gpu_folder_is_the_cpu_bytes(tmp_path):
 def test_gpu_two_workers_on_one_gpu_are_the_cpu_bytes(tmp_path, workers):
     src, spreads = _spread_is_the_cpu_bytes(tmp_path, workers, ["cuda:0", "cuda:0"], "gpu")
     one = src / "model-01.safetensors"                     # a single file: one GPU, no workers
-    store.compress_path(one, tmp_path / "one.safetensors", device="cuda")
+    compressed.compress_path(one, tmp_path / "one.safetensors", device="cuda")
     assert spreads == [["cuda:0", "cuda:0"]]
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "cpu" / one.name).read_bytes()
     assert multiprocessing.active_children() == []

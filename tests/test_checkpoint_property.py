@@ -1,4 +1,4 @@
-"""Property tests of the checkpoint round trip (issue #9).
+"""Property tests of the checkpoint round trip.
 
 Hypothesis builds safetensors files byte by byte, so the layout is ours to choose: any mix of
 dtypes (ECF8-coded, other known ones, sub-byte and unknown strings), shapes incl. zero-size and
@@ -8,7 +8,7 @@ trailing bytes, shared / overlapping / out-of-order ranges.
 
 The property: ``compress_file`` (any chunk size and table count) then ``decompress_file`` restores
 the input byte for byte, the compressed file opens with ``safetensors.safe_open``, verifies, and
-``ecf8.store.safe_open`` gives every tensor's original bytes, shape and metadata -- or compress
+``ecf8.compressed.safe_open`` gives every tensor's original bytes, shape and metadata -- or compress
 refuses with an ``ECF8Error`` and leaves nothing behind (no output, no temp file).  A refusal is
 allowed only for files that the ``safetensors`` parser (the reference) rejects for their layout; a
 file it accepts must round-trip.  Unknown dtype strings are judged on a twin file in which they
@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import ecf8
-from ecf8 import store
+from ecf8 import compressed
 from ecf8.errors import ECF8Error
 
 CODED = ["F8_E4M3", "F8_E5M2", "BF16", "F16"]
@@ -268,12 +268,12 @@ def check_opens(path: Path) -> None:
 
 
 def check_tensors(packed: Path, blob: bytes) -> None:
-    """Every tensor read from the compressed file (ecf8.store.safe_open) has the original's bytes,
+    """Every tensor read from the compressed file (ecf8.compressed.safe_open) has the original's bytes,
     dtype and shape; metadata as the original's.  Dtypes NumPy cannot hold may be refused."""
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + n])
     data = blob[8 + n:]
-    with store.safe_open(packed) as f:
+    with compressed.safe_open(packed) as f:
         assert set(f.keys()) == set(header) - {"__metadata__"}
         assert (f.metadata() or {}) == (header.get("__metadata__") or {})
         for name in f.keys():
@@ -293,7 +293,7 @@ def check_round_trip(blob: bytes, must_succeed: bool, **options) -> None:
         f, g, h = tmp / "in.safetensors", tmp / "out.safetensors", tmp / "back.safetensors"
         f.write_bytes(blob)
         try:
-            store.compress_file(f, g, jobs=1, progress=False, **options)
+            compressed.compress_file(f, g, jobs=1, progress=False, **options)
         except ECF8Error as e:
             note(f"refused: {e}")
             event("refused")
@@ -302,8 +302,8 @@ def check_round_trip(blob: bytes, must_succeed: bool, **options) -> None:
             return
         assert sorted(os.listdir(tmp)) == ["in.safetensors", "out.safetensors"]
         check_opens(g)
-        assert store.verify_file(g, progress=False) >= 0
-        store.decompress_file(g, h, progress=False)
+        assert compressed.verify_file(g, progress=False) >= 0
+        compressed.decompress_file(g, h, progress=False)
         assert sorted(os.listdir(tmp)) == ["back.safetensors", "in.safetensors", "out.safetensors"]
         restored = h.read_bytes()
         assert len(restored) == len(blob), f"restored {len(restored)} bytes of {len(blob)}"
@@ -482,7 +482,7 @@ def test_model_folder_round_trip(case):
             os.chmod(src / rel, mode)
         before = sorted(os.listdir(tmp))
         try:
-            store.compress_path(src, dst, jobs=1, progress=False)
+            compressed.compress_path(src, dst, jobs=1, progress=False)
         except ECF8Error as e:
             note(f"refused: {e}")
             event("refused")
@@ -495,7 +495,7 @@ def test_model_folder_round_trip(case):
         for rel in packed:
             if rel.endswith(".safetensors"):
                 check_opens(dst / rel)
-        store.decompress_path(dst, back, progress=False)
+        compressed.decompress_path(dst, back, progress=False)
         restored = tree(back)
         assert set(restored) == set(files)
         for rel, (data, mode) in files.items():

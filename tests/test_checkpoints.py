@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import ecf8
-from ecf8 import store
-from ecf8.checkpoint import iter_tensors, write_safetensors
+from ecf8 import compressed, tensor_codecs
 from ecf8.cli import main
+from ecf8.safetensors_io import iter_tensors, write_safetensors
 from helpers import assert_bit_exact, weights_like
 
 
@@ -41,11 +41,11 @@ def plain(tmp_path, real_weights):
 def test_round_trip_is_byte_identical(plain, tmp_path):
     path, tensors = plain
     packed, restored = tmp_path / "c.safetensors", tmp_path / "r.safetensors"
-    store.compress_file(path, packed, jobs=1)
+    compressed.compress_file(path, packed, jobs=1)
     assert packed.stat().st_size < 0.82 * path.stat().st_size          # measured 0.8172
-    store.decompress_file(packed, restored)
+    compressed.decompress_file(packed, restored)
     assert restored.read_bytes() == path.read_bytes()
-    codecs = {r.name: r.codec for r in store.inspect_file(packed)}
+    codecs = {r.name: r.codec for r in compressed.inspect_file(packed)}
     assert codecs["encoder.layer.0.attention.self.query.weight"] == "ecf8"
     assert codecs["extra.bf16.weight"] == "ecf8"
     assert codecs["embeddings.position_ids"] == "zstd"
@@ -61,25 +61,25 @@ def test_bundled_sample_files_round_trip(tmp_path, sample, ratio):
 
     path = next(p for p in sample_paths() if p.name == sample)
     packed, restored = tmp_path / "c.safetensors", tmp_path / "r.safetensors"
-    store.compress_file(path, packed, jobs=1)
+    compressed.compress_file(path, packed, jobs=1)
     assert packed.stat().st_size < ratio * path.stat().st_size
-    assert {r.codec for r in store.inspect_file(packed)} == {"ecf8"}
+    assert {r.codec for r in compressed.inspect_file(packed)} == {"ecf8"}
     assert main(["verify", str(packed), "--quiet"]) == 0
-    store.decompress_file(packed, restored)
+    compressed.decompress_file(packed, restored)
     assert restored.read_bytes() == path.read_bytes()
 
 
 def test_parallel_output_equals_serial(plain, tmp_path):
     path, _ = plain
-    store.compress_file(path, tmp_path / "a.safetensors", jobs=1)
-    store.compress_file(path, tmp_path / "b.safetensors", jobs=2)
+    compressed.compress_file(path, tmp_path / "a.safetensors", jobs=1)
+    compressed.compress_file(path, tmp_path / "b.safetensors", jobs=2)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
 def test_compressed_file_is_valid_safetensors(plain, tmp_path):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     path, tensors = plain
-    store.compress_file(path, tmp_path / "c.safetensors", jobs=1)
+    compressed.compress_file(path, tmp_path / "c.safetensors", jobs=1)
     loaded = safetensors_numpy.load_file(str(tmp_path / "c.safetensors"))
     assert set(loaded) == set(tensors) | {"__ecf8__"}         # + the record: original header, crcs
     assert all(x.dtype == np.uint8 for x in loaded.values())
@@ -143,7 +143,7 @@ def _corrupt(packed, name, at=40):
 def test_verify_catches_corruption(plain, tmp_path, capsys, victim):
     path, _ = plain
     packed = tmp_path / "c.safetensors"
-    store.compress_file(path, packed, jobs=1)
+    compressed.compress_file(path, packed, jobs=1)
     _corrupt(packed, victim)
     assert main(["verify", str(packed), "--quiet"]) == 1
     err = capsys.readouterr().err
@@ -157,7 +157,7 @@ def test_bad_inputs_one_line_no_output(plain, tmp_path, capsys):
     data = path.read_bytes()
     (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01" * 500)
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
-    store.compress_file(path, tmp_path / "c.safetensors", jobs=1)
+    compressed.compress_file(path, tmp_path / "c.safetensors", jobs=1)
     cases = [["compress", str(tmp_path / "missing.safetensors")],
              ["compress", str(tmp_path / "junk.safetensors")],
              ["compress", str(tmp_path / "trunc.safetensors")],
@@ -182,9 +182,9 @@ def test_failure_midway_leaves_no_output(plain, tmp_path, monkeypatch):
             raise OSError("disk on fire")
         return "none", None, 0, 0
 
-    monkeypatch.setattr(store, "_compress_one", failing)
+    monkeypatch.setattr(tensor_codecs, "_compress_one", failing)
     with pytest.raises(OSError):
-        store.compress_file(path, tmp_path / "c.safetensors", jobs=1)
+        compressed.compress_file(path, tmp_path / "c.safetensors", jobs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 

@@ -28,7 +28,7 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-# --- conventions shared by every command (issue 13) ---------------------------------------------
+# --- conventions shared by every command ---------------------------------------------
 
 import argparse
 import os
@@ -40,7 +40,7 @@ import pytest
 
 import ecf8
 from ecf8 import cli, progress
-from ecf8.checkpoint import write_safetensors
+from ecf8.safetensors_io import write_safetensors
 
 
 def _checkpoint(path, fp8=True, seed=0):
@@ -244,7 +244,7 @@ def test_coding_options_validated_before_any_work(tmp_path, capsys):
 
 
 def _plain(path, seed=0):
-    from ecf8.checkpoint import write_safetensors
+    from ecf8.safetensors_io import write_safetensors
 
     write_safetensors({"w": weights_like(5000, DTYPES[2], seed=seed).reshape(50, 100)}, path)
 

@@ -12,8 +12,8 @@ import pytest
 
 from ecf8 import bench_cli
 from ecf8.analysis import analyze_tensor
-from ecf8.checkpoint import iter_tensors, write_safetensors
 from ecf8.cli import main
+from ecf8.safetensors_io import iter_tensors, write_safetensors
 from helpers import weights_like
 
 ROW = re.compile(r"^(?:(\S+)\s+(\d+)\s+([\d,]+)\s+)?\s*(ecf8|zstd -\d+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)\s+(yes|NO)$")

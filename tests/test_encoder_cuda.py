@@ -113,6 +113,17 @@ def test_parse_header_without_payload(shape):
     np.testing.assert_array_equal(got.lengths, frame.lengths)
 
 
+def test_a_header_alone_is_checked_against_the_frame_length():
+    blob = ecf8.encode(weights_like(3000, DTYPES[0]), chunk_size=512, allow_stored=False)
+    head = memoryview(blob)[: fmt.parse(memoryview(blob)).payload_offset]
+    with pytest.raises(ecf8.UnsupportedError, match="verified"):
+        fmt.parse(head, verify=True, size=len(blob))
+    with pytest.raises(ecf8.CorruptDataError, match="header describes"):
+        fmt.parse(head, verify=False, size=len(blob) + 1)
+    with pytest.raises(ecf8.CorruptDataError, match="truncated"):
+        fmt.parse(head[:-1], verify=False, size=len(blob))
+
+
 @settings(max_examples=60, deadline=None)
 @given(counts=hnp.arrays(np.int64, st.sampled_from([32, 256]), elements=st.integers(0, 1 << 20)))
 def test_decode_luts_match_tables(counts):
@@ -212,6 +223,7 @@ def gpu_encode(x: np.ndarray, **options) -> bytes:
                              f"{diff[0]} of {len(want)} (header ends at "
                              f"{fmt.parse(memoryview(want)).payload_offset})")
     assert t.frame.size == len(blob) and t.frame.shape == x.shape
+    assert ec.encode_to_bytes(device_bits(x), dtype=x.dtype, **options) == want   # no decode tables
     y = ecf8.decode(t, device="cuda")                # the device frame decodes in place
     assert_bit_exact(y.get(), x)
     assert_bit_exact(ecf8.decode(blob), x)           # GPU encode -> CPU decode

@@ -225,8 +225,8 @@ def test_dlpack_and_cuda_array_interface():
 
 def test_load_file_on_gpu(tmp_path):
     """Compressed checkpoints load straight to the GPU, decoded or still compressed."""
-    from ecf8.checkpoint import write_safetensors
-    from ecf8.store import compress_file
+    from ecf8.safetensors_io import write_safetensors
+    from ecf8.compressed import compress_file
 
     tensors = {"w": weights_like(100_000, DTYPES[0]).reshape(250, 400),
                "b": weights_like(400, DTYPES[2]),

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import ecf8  # noqa: E402
 import ecf8.torch  # noqa: E402
-from ecf8.checkpoint import read_header  # noqa: E402
+from ecf8.safetensors_io import read_header  # noqa: E402
 
 from test_torch_modules import TiedLM, same  # noqa: E402
 
@@ -34,7 +34,7 @@ def test_save_file_load_file_roundtrip(tmp_path):
     tensors = mixed_tensors()
     path = tmp_path / "t.safetensors"
     ecf8.torch.save_file(tensors, path, metadata={"who": "me"})
-    assert {r.name: r.codec for r in ecf8.store.inspect_file(path)}["e4m3"] == "ecf8"
+    assert {r.name: r.codec for r in ecf8.compressed.inspect_file(path)}["e4m3"] == "ecf8"
     back = ecf8.torch.load_file(path)
     assert set(back) == set(tensors)
     for name, t in tensors.items():

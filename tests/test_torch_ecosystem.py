@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import ecf8  # noqa: E402
-import ecf8.store  # noqa: E402
+import ecf8.compressed  # noqa: E402
 import ecf8.torch  # noqa: E402
 
 from test_torch_modules import same  # noqa: E402
@@ -27,7 +27,7 @@ def llama_folder(tmp_path_factory):
     plain = tmp_path_factory.mktemp("plain")
     model.save_pretrained(plain)
     folder = tmp_path_factory.mktemp("ecf8")
-    ecf8.store.compress_path(plain / "model.safetensors", folder / "model.safetensors", jobs=1)
+    ecf8.compressed.compress_path(plain / "model.safetensors", folder / "model.safetensors", jobs=1)
     for name in ("config.json", "generation_config.json"):
         if (plain / name).exists():
             shutil.copy(plain / name, folder / name)

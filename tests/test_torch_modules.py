@@ -1,5 +1,5 @@
 """Compressed modules behave like modules: state_dict, .weight, threads, pickling, tied weights,
-meta devices (issue 10, classes 1-5)."""
+meta devices."""
 
 import concurrent.futures as cf
 import copy
@@ -181,7 +181,7 @@ def test_failure_midway_restores_the_model(monkeypatch):
         if len(calls) == 3:
             raise ecf8.ECF8Error("injected")
         return real(t, **options)
-    monkeypatch.setattr(ecf8.torch, "encode", flaky)
+    monkeypatch.setattr(ecf8.torch.modules, "encode", flaky)      # compress_module encodes through it
     with pytest.raises(ecf8.ECF8Error, match="injected"):
         ecf8.torch.compress_module(model)
     assert not any(ecf8.torch.is_compressed(m) for m in model.modules())
@@ -293,7 +293,7 @@ def test_cuda_to_moves_the_frames():
     assert same(model(ids.cuda()), expected)
 
 
-# --- weights decoded in groups, one launch each (issue 11) --------------------------------------
+# --- weights decoded in groups, one launch each --------------------------------------
 
 LLAMA_LIKE = [(256, 256), (64, 256), (64, 256), (256, 256), (1024, 256), (1024, 256), (256, 1024)] * 2
 
@@ -457,7 +457,7 @@ def test_cuda_unpickled_groups_capture_and_dropped_models_free_their_frames():
     assert held > before and freed >= 0.9 * (held - before)
 
 
-# --- chunk size: decode speed by default (issue 11) ---------------------------------------------
+# --- chunk size: decode speed by default ---------------------------------------------
 
 def test_decode_chunk_size_follows_the_tensor_size():
     from ecf8.encoder import decode_chunk_size

@@ -1,4 +1,4 @@
-"""Tensor-parallel compressed inference (issue 14): DTensor-sharded linears (ColwiseParallel /
+"""Tensor-parallel compressed inference: DTensor-sharded linears (ColwiseParallel /
 RowwiseParallel) held compressed per rank, on PyTorch's own TP engine.
 
 The scenarios live in tests/tp_worker.py and run once per backend in real processes (2 ranks,

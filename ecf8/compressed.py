@@ -1,34 +1,15 @@
-"""Compressed checkpoints: safetensors files whose float tensors are ECF8 frames.
+"""Compressed checkpoints (format ``ecf8.safetensors``, specified in FORMAT.md section 9 and only
+there): safetensors files whose float tensors are ECF8 frames, written, read, restored and checked.
 
-Format ``ecf8.safetensors`` version 2.  A compressed file is itself valid safetensors, every entry
-``U8``, written in the original's data order.  Each original tensor is one entry of the same name
-holding an ECF8 frame (FP8/BF16/FP16 tensors of at most 8 dimensions, when that is smaller), a
-zstandard frame (any dtype, when that saves at least 1/16), or its bytes unchanged; any dtype
-string passes through as bytes.  One more entry, the *record* (``__ecf8__``, or with dots appended
-if a tensor has that name), is one zstandard frame of the original header's exact bytes followed by
-the JSON table ``{name: [codec, crc, stored crc]}``.  ``__metadata__`` keeps the original's keys and adds
-``"ecf8"``: ``{"format": "ecf8.safetensors", "version": 2, "record": name, "header": bytes of the
-original header, "size": bytes of the record, "crc": crc32 of the record, seeded with the crc32 of
-"header" as 8 bytes little-endian}``.
-
-Integrity: a tensor's crc is the crc32 of its original bytes seeded with the crc32 of
-``name NUL dtype NUL d0,d1,...`` (UTF-8), checked whenever a tensor is restored on the CPU
-(decompress, verify, load on the CPU); its stored crc, the same over the bytes stored but their
-last 4 (an ECF8 frame's own CRC-32), is checked before any use of them (a GPU load too): both
-bind a payload to its tensor.  The compressed header must say nothing the record does not: the
-same names (plus the record), U8 entries, the same metadata.  The restored file is the original
-byte for byte.  Version-1 files (original header as a metadata string, no crc) stay readable.
-
-Writing streams tensor by tensor from a memory map through a bounded pool of worker processes into
-a temporary file renamed only on success; the header is reserved at its largest possible size
+Writing streams tensor by tensor from a memory map (``tensor_codecs.compress_tensors``) into a
+temporary file renamed only on success; the header is reserved at its largest possible size
 (refused beforehand if that exceeds the 100 MB safetensors reads), filled in last and padded with
 spaces as the safetensors format allows.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures as cf
+import contextlib
 import functools
 import json
 import math
@@ -36,7 +17,6 @@ import mmap
 import os
 import shutil
 import zlib
-from concurrent.futures.process import BrokenProcessPool
 from json.encoder import encode_basestring        # JSON string, non-ASCII kept as is
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,161 +26,30 @@ import numpy as np
 import zstandard
 
 from . import api, encoder
-from . import format as fmt
-from .checkpoint import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
-                         file_mode, load_json, model_files,
-                         parse_header, read_layout, tensor_files, write_safetensors)
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
 from .progress import _Progress
-from .signals import held, worker_init, worker_parent
+from .safetensors_io import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
+                             file_mode, load_json, model_files,
+                             parse_header, plain_header, read_layout, tensor_files)
+from .tensor_codecs import CODED, checksum, compress_tensors, stored_checksum
 
-__all__ = ["choose_codec", "save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
+__all__ = ["save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
            "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
            "decompress_path", "iter_decoded", "TensorInfo"]
 
-CODED = {"F8_E4M3", "F8_E5M2", "BF16", "F16"}
 CODECS = ("ecf8", "zstd", "none")
 META_KEY = "ecf8"
 FORMAT = "ecf8.safetensors"
 VERSION = 2
-ZSTD_LEVEL = 19
 RECORD_LEVEL = 9
 RECORD_NAME = "__ecf8__"
-INLINE = 1 << 16             # smaller tensors are compressed in the calling process (bytes)
 # Extra NumPy types for dtypes ecf8 stores as bytes (when ml_dtypes has them).
 _MORE_DTYPES = {"C64": np.complex64, "F8_E8M0": getattr(ml_dtypes, "float8_e8m0fnu", None)}
 
 
 def _dumps(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _checksum(t: Tensor, data) -> int:
-    """crc32 of a tensor's bytes, seeded with the crc32 of "name NUL dtype NUL d0,d1,..." (UTF-8)."""
-    seed = f"{t.name}\0{t.dtype}\0{','.join(map(str, t.shape))}".encode("utf-8", "surrogatepass")
-    return zlib.crc32(data, zlib.crc32(seed))
-
-
-# ---------------------------------------------------------------------------------- compressing
-
-def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict
-                 ) -> tuple[str, bytes | None]:
-    """(codec, payload) that compress stores a tensor as, from its dtype name, shape and bytes
-    (uint8, C order); payload None means 'store unchanged'.  options: ``ecf8.encode``'s, plus
-    ``zstd_level`` (default ZSTD_LEVEL).  ``ecf8 analyze`` calls this too, so its verdicts are
-    what compress does."""
-    options = dict(options)
-    level = options.pop("zstd_level", ZSTD_LEVEL)
-    device = options.pop("device", "cpu")
-    raw = raw.reshape(-1)
-    if dtype_name in CODED and raw.size and len(shape) <= fmt.MAX_NDIM:     # (more dims: zstd/raw)
-        x = raw.view(DTYPE_NAMES[dtype_name]).reshape(shape)
-        blob = encoder.encode(x, **options) if device == "cpu" else _encode_on_gpu(x, device, options)
-        if len(blob) < raw.size:
-            return "ecf8", blob
-    if raw.size >= 64:
-        packed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw.data)
-        if len(packed) <= raw.size - raw.size // 16:
-            return "zstd", packed
-    return "none", None
-
-
-def _encode_on_gpu(x: np.ndarray, device: str, options: dict) -> bytes:
-    """The frame ``encoder.encode(x)`` makes, encoded by the CUDA encoder on `device`."""
-    from . import encoder_cuda
-    from .decoder_cuda import _cupy, _device_id
-
-    cupy = _cupy()
-    bits = x.view(np.uint8 if x.itemsize == 1 else np.uint16)
-    try:
-        with cupy.cuda.Device(_device_id(device)):
-            return encoder_cuda.encode(cupy.asarray(bits), dtype=x.dtype, **options).tobytes()
-    except cupy.cuda.memory.OutOfMemoryError as e:
-        raise ECF8Error(f"out of GPU memory on {device} ({e})") from None
-
-
-def _stored_checksum(t: Tensor, data) -> int:
-    """_checksum of the stored bytes but their last 4.  (An ECF8 frame ends with a CRC-32 that runs
-    over all of it before: a CRC-32 over the whole frame would then be one constant for every valid
-    frame of a length, and could not tell two tensors' frames apart.)"""
-    return _checksum(t, memoryview(data).cast("B")[:-4])
-
-
-def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes | None, int, int]:
-    """(codec, payload, crc, stored crc) of one tensor from its raw bytes (uint8); payload None:
-    stored unchanged."""
-    try:
-        codec, payload = choose_codec(t.dtype, t.shape, raw, options)
-    except ECF8Error as e:
-        raise type(e)(f"tensor {t.name!r}: {e}") from None
-    crc = _checksum(t, raw)
-    return codec, payload, crc, _stored_checksum(t, raw if payload is None else payload)
-
-
-def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int, int]:
-    """_compress_one in a worker process, on a memory map of just this tensor."""
-    raw = np.memmap(path, np.uint8, "r", start + t.begin, (t.nbytes,)) if t.nbytes else \
-        np.empty(0, np.uint8)
-    return _compress_one(t, raw, options)
-
-
-def _stop(pool: cf.ProcessPoolExecutor) -> None:
-    """Kill a pool's workers at once, and let its manager thread end: a worker killed while sending
-    a result leaves half a message in the result pipe, and the thread would wait for the rest for
-    ever (hanging the interpreter's exit) unless the pipe's last writer, ours, is closed.  A second
-    Ctrl-C waits for the end (every wait here is bounded)."""
-    with held():
-        procs = list((getattr(pool, "_processes", None) or {}).values())
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.join(5)
-        writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
-        if writer is not None:
-            writer.close()
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _results(src: Path, layout: Layout, jobs: int, options: dict) -> Iterator[tuple]:
-    """_compress_one of each tensor, in data order.  With jobs > 1, tensors of INLINE bytes or more
-    go to worker processes, at most 2 * jobs in flight (on a GPU: 4, whatever jobs); if the consumer
-    stops early (an error, Ctrl-C, SIGTERM), the workers are killed at once."""
-    data = np.memmap(src, np.uint8, "r", layout.data_start, (layout.data_size,)) if layout.data_size \
-        else np.empty(0, np.uint8)
-    on_gpu = options.get("device", "cpu") != "cpu"
-    big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors)
-    pool = cf.ProcessPoolExecutor(jobs, initializer=worker_init, initargs=(worker_parent(),)) \
-        if big and not on_gpu else None
-    # On a GPU: tensors are read, encoded and written in overlapping threads (no worker processes).
-    threads = cf.ThreadPoolExecutor(2) if on_gpu else None
-    depth = 4 if on_gpu else 2 * jobs
-    window: collections.deque = collections.deque()
-    try:
-        for t in layout.tensors:
-            if threads is not None:
-                window.append(threads.submit(_compress_one, t, data[t.begin:t.end], options))
-            elif pool is not None and t.nbytes >= INLINE:
-                with held():
-                    window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
-            else:
-                window.append(cf.Future())
-                window[-1].set_result(_compress_one(t, data[t.begin:t.end], options))
-            if len(window) >= depth:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-        if pool is not None:
-            pool.shutdown()                     # (an interrupt here too must stop the workers)
-    except BrokenProcessPool:
-        raise ECF8Error(f"{src}: a worker process died (out of memory? try fewer jobs)") from None
-    except BaseException:
-        if pool is not None:
-            _stop(pool)
-        raise
-    finally:
-        if threads is not None:
-            threads.shutdown(wait=True, cancel_futures=True)
 
 
 def _is_packed(meta: dict[str, str]) -> bool:
@@ -225,7 +74,7 @@ def _packed_header(layout: Layout, sizes: list[int], record: str, info: dict) ->
 
 
 def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bool | None = None,
-                  **options) -> None:
+                  layout: Layout | None = None, **options) -> dict[str, str]:
     """Compress one safetensors file into a compressed (still safetensors) file, which the safetensors
     library is asked to open before it replaces dst (its mode is src's).
 
@@ -234,11 +83,21 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
     encoded by the CUDA encoder (the same bytes) in two threads that overlap reading, encoding and
     writing.  jobs: worker processes on the CPU (default: the machine's cores; 1 compresses in
     this process), at most 2 * jobs tensors in flight; not used on a GPU.
+    layout: src's ``read_layout``, when the caller has read it (read again if the file's size no
+    longer matches).  Returns each tensor's codec ({name: "ecf8" | "zstd" | "none"}).
     Raises ECF8Error, before writing anything, for a file safetensors refuses, an already compressed
     one, or one whose compressed header would exceed safetensors' 100 MB limit.
     """
     src, dst = Path(src), Path(dst)
-    layout = read_layout(src)
+    if layout is None or src.stat().st_size != layout.data_start + layout.data_size:
+        layout = read_layout(src)
+    return _pack(layout, dst, file_mode(src), src, None, jobs, progress, options)
+
+
+def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray] | None,
+          jobs: int | None, progress: bool | None, options: dict) -> dict[str, str]:
+    """compress_file of the plain file `layout` describes: the file src, or (raws given: each
+    tensor's bytes, uint8, in data order) the file src would be, never written."""
     if _is_packed(layout.metadata):
         raise UnsupportedError(f"{src} is already an ecf8-compressed checkpoint")
     names = {t.name for t in layout.tensors}
@@ -256,18 +115,21 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
                                f"{MAX_HEADER:,} safetensors reads")
     jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
     if options.get("device", "cpu") != "cpu":
-        from .decoder_cuda import _cupy, _device_id
+        from . import gpu
 
-        if _device_id(options["device"]) >= _cupy().cuda.runtime.getDeviceCount():
+        if gpu.device_id(options["device"]) >= gpu.cupy().cuda.runtime.getDeviceCount():
             raise UnsupportedError(f"{options['device']}: no such GPU")
     bar = _Progress(layout.data_size, f"compress {src.name}", progress)
-    results = _results(src, layout, jobs, options)
+    results = compress_tensors(src, layout, jobs, options, raws)
     try:
-        with open(src, "rb") as fin, atomic_file(dst, file_mode(src), _check_packed) as f:
+        with open(src, "rb") if raws is None else contextlib.nullcontext() as fin, \
+                atomic_file(dst, mode, _check_packed) as f:
             f.write(bytes(8 + reserved))
             sizes, table = [], {}
-            for (codec, payload, crc, stored_crc), t in zip(results, layout.tensors):
-                if payload is None:
+            for i, ((codec, payload, crc, stored_crc), t) in enumerate(zip(results, layout.tensors)):
+                if payload is None and raws is not None:
+                    f.write(raws[i].data)
+                elif payload is None:
                     _copy_range(fin, f, layout.data_start + t.begin, t.nbytes)
                 else:
                     f.write(payload)
@@ -290,6 +152,7 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
     finally:
         results.close()
         bar.close()
+    return {name: row[0] for name, row in table.items()}
 
 
 def _copy_range(fin, fout, start: int, n: int) -> None:
@@ -314,14 +177,11 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
     path = Path(path)
     for name, x in tensors.items():
         encoder.reject_framework_tensor(x, name)
-    tmp = path.with_name(f".{path.name}.plain.tmp")
-    try:
-        write_safetensors(tensors, tmp, metadata)
-        compress_file(tmp, path, jobs=1, progress=False, **options)
-    except ECF8Error as e:          # name the user's file, not the temporary one
-        raise type(e)(str(e).replace(str(tmp), str(path))) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    text, arrays = plain_header(tensors, metadata)          # (no plain file is written)
+    layout = parse_header(text, str(path))
+    by_name = dict(zip(tensors, arrays))
+    raws = [by_name[t.name].reshape(-1).view(np.uint8) for t in layout.tensors]
+    _pack(layout, path, file_mode(), path, raws, 1, False, options)
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -415,14 +275,14 @@ class _Packed:
             data = np.frombuffer(_unzstd(self.payload(name), t.nbytes, where), np.uint8)
         else:
             data = np.frombuffer(self.payload(name), np.uint8)
-        if crc is not None and _checksum(t, data) != crc:
+        if crc is not None and checksum(t, data) != crc:
             raise CorruptDataError(f"{where} fails its checksum")
         return data
 
     def payload(self, name: str) -> memoryview:
         """The bytes stored for a tensor, checked against its stored crc."""
         data, stored_crc = self.stored[name], self.codecs[name][2]
-        if stored_crc is not None and _stored_checksum(self.tensors[name], data) != stored_crc:
+        if stored_crc is not None and stored_checksum(self.tensors[name], data) != stored_crc:
             raise CorruptDataError(f"{self.path}: tensor {name!r}: its stored bytes fail their checksum")
         return data
 
@@ -559,10 +419,11 @@ def iter_decoded(path: Path, device: str = "cpu", compressed: bool = False
 
 
 def _to_device(x: np.ndarray, device: str):
-    from .decoder_cuda import CudaArray, _cupy, _device_id
+    from . import gpu
+    from .decoder_cuda import CudaArray
 
-    cupy = _cupy()
-    with cupy.cuda.Device(_device_id(device)):
+    cupy = gpu.cupy()
+    with cupy.cuda.Device(gpu.device_id(device)):
         bits = cupy.asarray(x.reshape(-1).view(np.uint8)).view(f"u{x.dtype.itemsize}") if x.size else \
             cupy.empty(0, np.uint8)
     return CudaArray(bits, x.dtype, x.shape)
@@ -650,21 +511,27 @@ def verify_file(path: Path, progress: bool | None = None) -> int:
 
 # -------------------------------------------------------------------------------- model folders
 
-def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callable[[Path], Any],
-              many: Callable[..., None] | None = None, **kwargs) -> list[Path]:
-    """one_file(src_file, dst_file, **kwargs) for a file, or for each safetensors file of a model
-    folder (subfolders kept; every other file copied; check(file) on each input first, so a bad
-    input writes nothing; the output folder appears complete or not at all).  many: instead of
-    one_file on each file of a folder, many([(src_file, dst_file), ...], **kwargs) on them all."""
+def _map_path(src: Path, dst: Path, one_file: Callable[..., Any], check: Callable[[Path], Any],
+              many: Callable[..., Any] | None = None, known: dict | None = None, **kwargs
+              ) -> dict[Path, Any]:
+    """{output file: what one_file returned} of one_file(src_file, dst_file, **kwargs) for a file,
+    or for each safetensors file of a model folder (subfolders kept; every other file copied;
+    check(file) on each input first, so a bad input writes nothing; the output folder appears
+    complete or not at all).  many: instead of one_file on each file of a folder,
+    many([(src_file, dst_file), ...], known=known, **kwargs) on them all, returning
+    {dst_file: result}.
+    known: {input file: what the caller already read of it}, given to one_file as layout= (and
+    to check when it takes it) and filled with what check returns."""
     src, dst = Path(src), Path(dst)
+    known = {} if known is None else known
     if not src.is_dir():
         if not src.is_file():
             raise UnsupportedError(f"{src}: no such file")
-        one_file(src, dst, **kwargs)
-        return [dst]
+        extra = {"layout": known[src]} if known.get(src) is not None else {}
+        return {dst: one_file(src, dst, **extra, **kwargs)}
     tensors, others = model_files(src)
     for rel in tensors:
-        check(src / rel)
+        known[src / rel] = check(src / rel) if known.get(src / rel) is None else check(src / rel, known[src / rel])
     with atomic_dir(dst, file_mode(src)) as tmp:
         for root, dirs, _ in os.walk(src):                    # empty folders too
             for d in dirs:
@@ -676,23 +543,32 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., None], check: Callab
             os.chmod(tmp / rel, file_mode(src / rel))
         pairs = [(src / rel, tmp / rel) for rel in tensors]
         if many is not None:
-            many(pairs, **kwargs)
+            done = many(pairs, known=known, **kwargs) or {}
+            results = {dst / rel: done.get(tmp / rel) for rel in tensors}
         else:
-            for a, b in pairs:
-                one_file(a, b, **kwargs)
-    return [dst / rel for rel in tensors]
+            results = {}
+            for rel in tensors:
+                extra = {"layout": known[src / rel]} if known.get(src / rel) is not None else {}
+                results[dst / rel] = one_file(src / rel, tmp / rel, **extra, **kwargs)
+    return results
 
 
-def _check_plain(path: Path) -> None:
-    if _is_packed(read_layout(path).metadata):
+def _check_plain(path: Path, layout: Layout | None = None) -> Layout:
+    """path's Layout (layout: already read), unless it is not plain safetensors (ECF8Error)."""
+    layout = read_layout(path) if layout is None else layout
+    if _is_packed(layout.metadata):
         raise UnsupportedError(f"{path} is already an ecf8-compressed checkpoint")
+    return layout
 
 
-def compress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
+def compress_path(src: Path, dst: Path, *, layouts: dict[Path, Layout] | None = None,
+                  codecs: dict[Path, dict[str, str]] | None = None, **kwargs) -> list[Path]:
     """A safetensors file, or a model folder, compressed to dst (see compress_file); returns the
     compressed files.  device="cuda" on a folder of several shards with several GPUs visible spreads
     the shards over all of them, one worker process per GPU (``ecf8.gpu_pool``; jobs not used);
-    the files are the same bytes.  A single file is compressed on one GPU."""
+    the files are the same bytes.  A single file is compressed on one GPU.  layouts: {input file
+    (as ``tensor_files(src)`` names it): its ``read_layout``} where the caller has read them (not
+    read again); codecs: a dict to fill with {output file: {tensor: codec}}."""
     many = None
     if kwargs.get("device") == "cuda" and Path(src).is_dir():
         from . import gpu_pool
@@ -700,9 +576,12 @@ def compress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
         gpus = gpu_pool.gpus()          # (UnsupportedError without CuPy or a GPU: nothing written)
         if len(gpus) > 1 and len(tensor_files(src)) > 1:
             many = functools.partial(gpu_pool.compress_shards, devices=gpus, one_file=compress_file)
-    return _map_path(src, dst, compress_file, _check_plain, many, **kwargs)
+    results = _map_path(src, dst, compress_file, _check_plain, many, dict(layouts or {}), **kwargs)
+    if codecs is not None:
+        codecs.update(results)
+    return list(results)
 
 
 def decompress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
     """The original file or model folder restored from a compressed one; returns the restored files."""
-    return _map_path(src, dst, decompress_file, _check_packed, **kwargs)
+    return list(_map_path(src, dst, decompress_file, _check_packed, **kwargs))

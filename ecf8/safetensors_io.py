@@ -18,20 +18,19 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-import ml_dtypes
 import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
+from .format import DTYPES
 from .signals import held
 
 __all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of", "load_json",
            "check_safetensors", "parse_header", "read_layout", "atomic_file", "atomic_dir",
            "file_mode", "model_files", "check_names", "read_header", "read_header_text",
-           "iter_tensors", "tensor_files", "write_safetensors"]
+           "iter_tensors", "tensor_files", "write_safetensors", "plain_header"]
 
-DTYPE_NAMES = {
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
+DTYPE_NAMES = {                # safetensors dtype name -> NumPy dtype: the coded ones, then the rest
+    **{spec.name: spec.dtype for spec in DTYPES.values()},
     "F32": np.dtype(np.float32), "F64": np.dtype(np.float64), "BOOL": np.dtype(np.bool_),
     "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "I16": np.dtype(np.int16),
     "U16": np.dtype(np.uint16), "I32": np.dtype(np.int32), "U32": np.dtype(np.uint32),
@@ -352,10 +351,11 @@ def check_names(tensors: dict, metadata) -> None:
         raise UnsupportedError("metadata must be a dict of str to str (as safetensors stores it)")
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], path: Path,
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write arrays (any DTYPE_NAMES dtype) as a safetensors file, atomically (temp file + rename).
-    UnsupportedError for names, metadata or dtypes safetensors cannot store."""
+def plain_header(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+                 ) -> tuple[bytes, list[np.ndarray]]:
+    """(header bytes, arrays) of the safetensors file write_safetensors writes: the header JSON
+    padded with spaces to 8 bytes, and the arrays C-contiguous in data order (those given, or
+    copies).  UnsupportedError for names, metadata or dtypes safetensors cannot store."""
     check_names(tensors, metadata)
     names = {v: k for k, v in DTYPE_NAMES.items()}
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
@@ -371,7 +371,14 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: Path,
         offset += x.nbytes
         arrays.append(x)
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    blob += b" " * (-len(blob) % 8)
+    return blob + b" " * (-len(blob) % 8), arrays
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write arrays (any DTYPE_NAMES dtype) as a safetensors file, atomically (temp file + rename).
+    UnsupportedError for names, metadata or dtypes safetensors cannot store."""
+    blob, arrays = plain_header(tensors, metadata)
     with atomic_file(path) as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)

@@ -24,100 +24,41 @@ frames read ahead); resident: only this rank's slices.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import queue
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from . import torch as et
-from .checkpoint import tensor_files
-from .errors import CorruptDataError, UnsupportedError
-from .store import CODED
+from .. import checkpoint_folder
+from ..errors import CorruptDataError, UnsupportedError
+from ..format import CODED_NAMES
+from .modules import attach, detach, encoder_options, group_weights, holders_ok, is_compressed, owners
+from .parallel import Layout, check_sharded, is_dtensor
+from .runtime import CompressionStats, Pool, Weight
+from .tensors import TORCH_DTYPES, check_device, cuda_index, decode, encode, to_torch, torch_memory
 
 __all__ = ["load_model", "from_pretrained"]
 
 
-
-# --- reading: the only two functions that know how a checkpoint is read -------------------------
-
-def _index(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype name, shape)} of one ecf8 checkpoint file, from its header alone."""
-    from .store import inspect_file
-
-    return {r.name: (r.dtype, tuple(r.shape)) for r in inspect_file(path)}
-
-
 def _read(path: Path, device: str) -> Iterator[tuple[str, Any]]:
     """(name, value) of each tensor of one ecf8 checkpoint file, one at a time: on a GPU, ECF8
-    frames stay compressed (a DeviceTensor) and other tensors are torch tensors there; on the
-    CPU every value is a decoded torch tensor."""
-    from .store import iter_decoded
-
+    frames stay compressed (a DeviceTensor, uploaded into torch's memory) and other tensors are
+    torch tensors there; on the CPU every value is a decoded torch tensor."""
+    items = checkpoint_folder.read_file(path, device)
     if device == "cpu":
-        for name, _, x in iter_decoded(path, "cpu"):
-            yield name, et._to_torch(x)
+        for name, x in items:
+            yield name, to_torch(x)
         return
-    from .decoder_cuda import DeviceTensor
+    from ..decoder_cuda import DeviceTensor
 
-    items = iter_decoded(path, device, compressed=True)
     while True:
-        with et.torch_memory():                 # uploads come from torch's allocator
+        with torch_memory():                 # uploads come from torch's allocator
             item = next(items, None)
         if item is None:
             return
-        name, _, x = item
-        yield name, x if isinstance(x, DeviceTensor) else et._to_torch(x)
-
-
-def _read_files(files: list[Path], device: str, threads: int) -> Iterator[tuple[str, Any]]:
-    """_read over several files, up to `threads` files at once (each in its own thread: checksums
-    and host-to-device copies overlap), at most 2 * threads tensors waiting; in any order."""
-    threads = max(1, min(threads, len(files)))
-    if threads == 1:
-        for f in files:
-            yield from _read(f, device)
-        return
-    ready: queue.Queue = queue.Queue(2 * threads)
-    stop = threading.Event()
-    done = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work(f: Path) -> None:
-        try:
-            for item in _read(f, device):
-                if not put(item):
-                    return
-        except BaseException as e:              # handed to the consumer, raised there
-            put(e)
-        put(done)
-
-    with cf.ThreadPoolExecutor(threads) as pool:
-        for f in files:
-            pool.submit(work, f)
-        try:
-            remaining = len(files)
-            while remaining:
-                item = ready.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            stop.set()
+        name, x = item
+        yield name, x if isinstance(x, DeviceTensor) else to_torch(x)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -128,15 +69,15 @@ def _device(device: str | torch.device) -> tuple[torch.device, str]:
         return dev, "cpu"
     if dev.type != "cuda":
         raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
-    index = et._cuda_index(dev)
-    et._check_device(torch.device("cuda", index), "the target device")
+    index = cuda_index(dev)
+    check_device(torch.device("cuda", index), "the target device")
     return torch.device("cuda", index), f"cuda:{index}"
 
 
 def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cuda", *,
                embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int | None = None,
                threads: int = 4, compress: bool | None = None, group_bytes: int | None = None
-               ) -> et.CompressionStats:
+               ) -> CompressionStats:
     """Fill `model` (built on the meta device, or anywhere) from an ecf8 checkpoint file or folder.
 
     Eligible weights (as for ``compress_module``: 2-D FP8/BF16/FP16 ``weight`` of every module
@@ -159,21 +100,15 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
     """
     dev, target = _device(device)
     keep = dev.type == "cuda" if compress is None else bool(compress)
-    files = tensor_files(Path(path))
-    index: dict[str, tuple[str, tuple, Path]] = {}
-    for f in files:
-        for name, (dtype, shape) in _index(f).items():
-            if name in index:
-                raise CorruptDataError(f"{path}: tensor {name!r} appears in two files")
-            index[name] = (dtype, shape, f)
+    files, index = checkpoint_folder.index(path)
     plan, moves = _plan(model, index, dev, embeddings, min_numel, strict, str(path), keep)
-    pool = et._Pool()
+    pool = Pool()
     options = {"chunk_size": chunk_size}
     undo: list[Callable[[], None]] = []
-    weights: list[et._Weight] = []
+    weights: list[Weight] = []
     try:
         seen = set()
-        for name, value in _read_files(files, target, threads):
+        for name, value in checkpoint_folder.read_files(files, lambda f: _read(f, target), threads):
             if name not in plan:                # a second name of a tied parameter
                 continue
             seen.add(name)
@@ -182,22 +117,22 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
             raise CorruptDataError(f"{path}: {sorted(set(plan) - seen)[:3]} listed but not read")
         for module, kind, name, tensor in moves:
             _set(module, kind, name, tensor.to(dev), undo)
-        et._group(model, weights, group_bytes)
+        group_weights(model, weights, group_bytes)
     except BaseException:
         for action in reversed(undo):
             action()
         raise
     pool.warm(weights)
     held = {id(w) for w in weights}
-    modules = sum(1 for m in model.modules() if et.is_compressed(m) and id(m.__dict__["_ecf8"]) in held)
-    return et.CompressionStats(modules, sum(w.nbytes for w in weights),
+    modules = sum(1 for m in model.modules() if is_compressed(m) and id(m.__dict__["_ecf8"]) in held)
+    return CompressionStats(modules, sum(w.nbytes for w in weights),
                                sum(w.stored_bytes for w in weights), pool.buffer_bytes(), len(weights))
 
 
 def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
     """({checkpoint name: target}, [tensors to move]) after checking every name and shape.
     A target is (kind, holders, tensor, held compressed?, DTensor layout or None)."""
-    holders, params = et._owners(model)
+    holders, params = owners(model)
     plan: dict[str, tuple] = {}
     moves: list[tuple] = []
     used: set[str] = set()
@@ -215,24 +150,24 @@ def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
                 raise UnsupportedError(f"{where}: {q!r} has shape {index[q][1]} in the checkpoint, "
                                        f"{tuple(p.shape)} in the model")
         used.update(present)
-        ok = (keep and dtype in CODED and len(shape) == 2 and int(np.prod(shape)) >= min_numel
-              and et._holders_ok(hs, embeddings))
+        ok = (keep and dtype in CODED_NAMES and len(shape) == 2 and int(np.prod(shape)) >= min_numel
+              and holders_ok(hs, embeddings))
         layout = None
-        if et.is_dtensor(p):
-            layout = et._Layout(p)
+        if is_dtensor(p):
+            layout = Layout(p)
             if layout.mesh.device_type != dev.type:
                 raise UnsupportedError(f"{where}: {hs[0][2]!r} is a DTensor on a {layout.mesh.device_type} "
                                        f"device mesh, the model is loaded to {dev}")
             layout.box(f"{where}: {hs[0][2]!r}")          # refuses Partial / strided placements
             if ok:
-                et._check_sharded(p, hs, f"{where}: {hs[0][2]!r}")
+                check_sharded(p, hs, f"{where}: {hs[0][2]!r}")
         plan[present[0]] = ("param", hs, p, ok, layout)
     for prefix, m in model.named_modules(remove_duplicate=False):
         for n, b in m._buffers.items():
             if b is None:
                 continue
             q = f"{prefix}.{n}" if prefix else n
-            if et.is_dtensor(b):
+            if is_dtensor(b):
                 raise UnsupportedError(f"{where}: buffer {q!r} is a DTensor: ecf8 loads DTensor "
                                        "parameters only")
             if q in index:
@@ -265,29 +200,29 @@ def _set(module: torch.nn.Module, kind: str, name: str, value: torch.Tensor, und
     undo.append(back)
 
 
-def _place(target: tuple, value: Any, dev: torch.device, pool: et._Pool, options: dict, undo: list
+def _place(target: tuple, value: Any, dev: torch.device, pool: Pool, options: dict, undo: list
            ) -> list:
     """Put one checkpoint tensor in the model; returns the compressed weight made, if any."""
     kind, hs, p, eligible, layout = target
     if layout is not None:                            # keep this rank's slice of the whole tensor
         if not isinstance(value, torch.Tensor):       # a whole frame on the GPU: decoded there
-            value = et.decode(value, dev)
+            value = decode(value, dev)
         value = value[layout.box(hs[0][2])].contiguous()
     if eligible:
         if isinstance(value, torch.Tensor):           # decoded on the host: (re-)encode
-            tables = et._tables(value.numel(), options)
-            w = et._Weight(et.encode(value, **tables), value.dtype, tuple(value.shape), dev, False,
+            tables = encoder_options(value.numel(), options)
+            w = Weight(encode(value, **tables), value.dtype, tuple(value.shape), dev, False,
                            pool, tables, layout)      # a CUDA tensor is encoded on its GPU
         else:                                         # an ECF8 frame resident on the GPU: kept
             f = value.frame
-            w = et._Weight(value, et.TORCH_DTYPES[f.spec.code], f.shape, dev, False, pool,
-                           et._tables(f.n, options), layout)
+            w = Weight(value, TORCH_DTYPES[f.spec.code], f.shape, dev, False, pool,
+                           encoder_options(f.n, options), layout)
         for m, _, _ in hs:
-            et._attach(m, w)
-            undo.append(lambda m=m, p=p: et._detach(m, p))
+            attach(m, w)
+            undo.append(lambda m=m, p=p: detach(m, p))
         return [w]
     if not isinstance(value, torch.Tensor):           # an ECF8 frame resident on the GPU
-        value = et.decode(value, dev)
+        value = decode(value, dev)
     value = value.to(dev)
     if kind == "buffer":
         for m, n in hs:

@@ -1,0 +1,92 @@
+"""Compressed checkpoint folders, framework-neutral: the index of every tensor of a file or shard
+folder from the headers alone, each file's tensors read one at a time, several files at once.
+The framework adapters (``ecf8.torch.loading``) build on these."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from .errors import CorruptDataError
+from .safetensors_io import tensor_files
+
+__all__ = ["index", "read_file", "read_files"]
+
+T = TypeVar("T")
+
+
+def index(path: str | Path) -> tuple[list[Path], dict[str, tuple[str, tuple[int, ...], Path]]]:
+    """(files, {name: (dtype name, shape, file)}) of an ecf8 checkpoint file or shard folder, from
+    the headers alone.  Raises CorruptDataError for a damaged file or a tensor in two files,
+    UnsupportedError for a path that is no checkpoint."""
+    from .compressed import inspect_file
+
+    files = tensor_files(Path(path))
+    found: dict[str, tuple[str, tuple[int, ...], Path]] = {}
+    for f in files:
+        for r in inspect_file(f):
+            if r.name in found:
+                raise CorruptDataError(f"{path}: tensor {r.name!r} appears in two files")
+            found[r.name] = (r.dtype, tuple(r.shape), f)
+    return files, found
+
+
+def read_file(path: Path, device: str) -> Iterator[tuple[str, Any]]:
+    """(name, value) of each tensor of one ecf8 checkpoint file, in data order, one at a time.
+    device "cpu": every value a decoded NumPy array; "cuda:N": ECF8 frames stay compressed there
+    (a ``DeviceTensor``), other tensors are decoded there (a ``CudaArray``)."""
+    from .compressed import iter_decoded
+
+    for name, _, x in iter_decoded(path, device, compressed=device != "cpu"):
+        yield name, x
+
+
+def read_files(files: list[Path], read: Callable[[Path], Iterator[T]], threads: int) -> Iterator[T]:
+    """What read(f) yields for every file f, up to `threads` files at once (each in its own thread:
+    checksums and host-to-device copies overlap), at most 2 * threads items waiting; in any order.
+    An exception of a reader is raised here."""
+    threads = max(1, min(threads, len(files)))
+    if threads == 1:
+        for f in files:
+            yield from read(f)
+        return
+    ready: queue.Queue = queue.Queue(2 * threads)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work(f: Path) -> None:
+        try:
+            for item in read(f):
+                if not put(item):
+                    return
+        except BaseException as e:              # handed to the consumer, raised there
+            put(e)
+        put(done)
+
+    with cf.ThreadPoolExecutor(threads) as pool:
+        for f in files:
+            pool.submit(work, f)
+        try:
+            remaining = len(files)
+            while remaining:
+                item = ready.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()

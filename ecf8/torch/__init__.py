@@ -1,0 +1,45 @@
+"""PyTorch adapter: tensors in and out, checkpoints, and just-in-time decoding of a module's weights.
+
+    blob = ecf8.torch.encode(w)                       # w: float8_e4m3fn / float8_e5m2 / bfloat16 / float16
+    w2 = ecf8.torch.decode(blob, device="cuda")       # on torch's current stream
+    ecf8.torch.save_file({"w": w}, "x.safetensors")   # like safetensors.torch, compressed
+    stats = ecf8.torch.compress_module(model)          # weights stay compressed, decoded per forward
+    ecf8.torch.decompress_module(model)
+    ecf8.torch.load_model(meta_model, "ckpt/", device="cuda")   # file -> compressed GPU storage
+
+GPU decoding writes into memory from torch's caching allocator on torch's current stream (or the
+``stream`` given: a ``torch.cuda.Stream``, an int handle or an object with ``__cuda_stream__``).
+
+A compressed module (after ``compress_module`` or ``load_model``) behaves like the original module
+for inference: ``module.weight`` decodes on demand (inside ``forward``: the just-in-time copy),
+``state_dict()`` holds the decoded weights under their usual keys and ``load_state_dict`` re-encodes
+what it is given; ``torch.save``/``pickle``/``copy.deepcopy`` give a compressed module again.  ``.to(device)``
+moves the compressed frames; a dtype conversion makes the weight an ordinary Parameter again.  Its
+compressed weights are not ``parameters()`` (they have no gradient); tied weights stay tied.
+
+Tensor parallelism: a weight that is a DTensor (``torch.distributed.tensor``, e.g. after
+``parallelize_module`` with ColwiseParallel / RowwiseParallel, or Transformers' ``tp_plan``) is held
+as this rank's local shard only, compressed; ``module.weight``, ``state_dict()`` and
+``decompress_module`` give back a DTensor with the same device mesh, placements, global shape and
+stride, so the module's TP collectives are exactly those of the uncompressed model.
+
+Modules: ``tensors`` (tensors and files), ``runtime`` (the just-in-time weight runtime: held
+weights, decode buffers, groups), ``modules`` (``compress_module``), ``loading`` (``load_model``,
+``from_pretrained``), ``parallel`` (DTensor shards).
+"""
+
+from __future__ import annotations
+
+from .loading import from_pretrained, load_model
+from .modules import compress_module, decompress_module, is_compressed, rebuild
+from .parallel import Layout, is_dtensor
+from .runtime import CompressionStats, Group, Pool, Weight
+from .tensors import (TORCH_DTYPES, decode, encode, from_numpy, load_file, save_file,  # noqa: F401
+                      to_numpy, torch_memory)
+
+__all__ = ["encode", "decode", "save_file", "load_file", "compress_module", "decompress_module",
+           "load_model", "from_pretrained", "CompressionStats", "is_compressed", "is_dtensor"]
+
+# Pickles of compressed modules written while this package was one module (ecf8/torch.py) name
+# these objects by these paths; keep them, or such pickles no longer load.
+_rebuild, _Weight, _Pool, _Group, _Layout = rebuild, Weight, Pool, Group, Layout
