@@ -1,0 +1,283 @@
+"""Compressed offloading: frames in host memory, copied into two staging buffers and decoded per
+block.  CPU tests run the same schedule with host buffers in place of the GPU's (the stand-in);
+GPU tests run the copy stream, events and the GPU decoder."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+import ecf8  # noqa: E402
+import ecf8.torch  # noqa: E402
+from ecf8.torch_offload import is_offloaded, offload  # noqa: E402
+
+
+def as_bits(t):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bits(a), as_bits(b))
+
+
+class Block(torch.nn.Module):
+    def __init__(self, dim, hidden, dtype):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim, dtype=dtype)
+        self.up = torch.nn.Linear(dim, hidden, dtype=dtype)
+        self.down = torch.nn.Linear(hidden, dim, bias=False, dtype=dtype)
+
+    def forward(self, h):
+        return h + self.down(torch.nn.functional.gelu(self.up(self.norm(h))))
+
+
+class Net(torch.nn.Module):
+    """An LLM-shaped stack: a head outside the blocks, blocks of two linears each."""
+
+    def __init__(self, layers=5, dim=64, hidden=160, dtype=torch.bfloat16):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block(dim, hidden if k % 2 else hidden + 32, dtype)
+                                          for k in range(layers))
+        self.head = torch.nn.Linear(dim, 96, bias=False, dtype=dtype)
+
+    def forward(self, h):
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def net(device="cpu", layers=5, seed=0, dtype=torch.bfloat16):
+    torch.manual_seed(seed)
+    return Net(layers, dtype=dtype).to(device).requires_grad_(False)
+
+
+def fp8_net(device="cpu", layers=4):
+    """Net with FP8 E4M3 weights, run by upcasting in forward (a CPU stand-in for _scaled_mm)."""
+    model = net(device, layers, dtype=torch.float32)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight = torch.nn.Parameter(m.weight.to(torch.float8_e4m3fn), requires_grad=False)
+            m.forward = None                                  # the class forward below
+            del m.forward
+            m.__class__ = F8Linear
+    return model
+
+
+class F8Linear(torch.nn.Linear):
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.float(), self.bias)
+
+
+def compressed(model):
+    ecf8.torch.compress_module(model, min_numel=1024)
+    return model
+
+
+def inputs(device="cpu", dtype=torch.bfloat16, n=3):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(4, 64, generator=g).to(dtype).to(device) for _ in range(n)]
+
+
+# --- exactness --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layers", [1, 2, 5])
+def test_offloaded_forwards_equal_the_uncompressed_model(layers):
+    base = net(layers=layers)
+    model = compressed(copy.deepcopy(base))
+    stats = offload(model, "cpu")
+    assert stats.offloaded_blocks == layers and stats.resident_blocks == 0
+    assert all(is_offloaded(b.up) and is_offloaded(b.down) for b in model.blocks)
+    assert not is_offloaded(model.head) and ecf8.torch.is_compressed(model.head)
+    for _ in range(3):                                        # the staging buffers rotate
+        for x in inputs():
+            assert same(model(x), base(x))
+
+
+def test_fp8_weights_stream_exactly():
+    base = fp8_net()
+    model = compressed(copy.deepcopy(base))
+    offload(model, "cpu")
+    x = inputs(dtype=torch.float32)[0]
+    for _ in range(2):
+        assert same(model(x), base(x))
+
+
+def test_blocks_in_any_order_decode_their_own_weights():
+    base = net(layers=4)
+    model = compressed(copy.deepcopy(base))
+    offload(model, "cpu")
+    x = inputs()[0]
+    for k in [3, 0, 2, 2, 1, 3, 1, 0]:                        # misses, hits and repeats
+        assert same(model.blocks[k](x), base.blocks[k](x)), k
+
+
+def test_real_weights_stream_exactly(real_weights):
+    """The bundled MiniLM FP8 weights, one block per weight: state_dict gives them back bit for bit."""
+    arrays = list(real_weights["e4m3"].values())
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList()
+    for a in arrays:
+        lin = torch.nn.Linear(a.shape[1], a.shape[0], bias=False)
+        lin.weight = torch.nn.Parameter(ecf8.torch.from_numpy(np.array(a)), requires_grad=False)
+        model.blocks.append(torch.nn.Sequential(lin))
+    ecf8.torch.compress_module(model)
+    offload(model, "cpu")
+    for _ in range(2):
+        for k, a in enumerate(arrays):
+            assert same(model.state_dict()[f"blocks.{k}.0.weight"], ecf8.torch.from_numpy(np.array(a)))
+
+
+@settings(max_examples=15)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([torch.bfloat16, torch.float16, torch.float8_e5m2]))
+def test_any_bit_pattern_streams_exactly(seed, dtype):
+    """Random bits (NaN, inf, subnormals included) in three blocks: every weight comes back whole."""
+    g = torch.Generator().manual_seed(seed)
+    width = torch.int16 if dtype.itemsize == 2 else torch.uint8
+    lo, hi = (-2**15, 2**15) if dtype.itemsize == 2 else (0, 256)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList()
+    weights = []
+    for k in range(3):
+        w = torch.randint(lo, hi, (48 + 16 * k, 64), generator=g, dtype=torch.int64).to(width).view(dtype)
+        lin = torch.nn.Linear(64, w.shape[0], bias=False)
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        model.blocks.append(torch.nn.Sequential(lin))
+        weights.append(w.clone())
+    ecf8.torch.compress_module(model, min_numel=1)
+    offload(model, "cpu")
+    for k in [2, 0, 1, 1]:
+        with model.blocks[k][0].__dict__["_ecf8"].decoded() as got:
+            assert same(got, weights[k])
+
+
+# --- the ordinary module surface --------------------------------------------------------------
+
+def test_state_dict_weight_and_decompress_give_the_weights_back():
+    base = net()
+    model = compressed(copy.deepcopy(base))
+    offload(model, "cpu")
+    expected = base.state_dict()
+    got = model.state_dict()
+    assert list(got) == list(expected) and all(same(got[k], expected[k]) for k in expected)
+    assert same(model.blocks[3].up.weight, base.blocks[3].up.weight)
+    assert ecf8.torch.decompress_module(model) == 11
+    assert not any(is_offloaded(m) for m in model.modules())
+    x = inputs()[0]
+    assert same(model(x), base(x))
+
+
+def test_max_gpu_memory_keeps_leading_blocks_resident():
+    base = net(layers=6)
+    everything = offload(compressed(copy.deepcopy(base)), "cpu")
+    kept = []
+    for budget in range(everything.device_bytes, 8 * everything.device_bytes, everything.device_bytes // 8):
+        stats = offload(compressed(copy.deepcopy(base)), "cpu", max_gpu_memory=budget)
+        assert stats.device_bytes <= budget and stats.offloaded_blocks == 6 - stats.resident_blocks
+        kept.append(stats.resident_blocks)
+    assert kept == sorted(kept) and kept[0] == 0 and kept[-1] == 6
+    middle = next(budget for budget, k in zip(range(everything.device_bytes, 8 * everything.device_bytes,
+                                                     everything.device_bytes // 8), kept) if 0 < k < 6)
+    model = compressed(copy.deepcopy(base))
+    k = offload(model, "cpu", max_gpu_memory=middle).resident_blocks
+    assert not any(is_offloaded(m) for b in model.blocks[:k] for m in b.modules())
+    assert all(is_offloaded(b.up) for b in model.blocks[k:])
+    x = inputs()[0]
+    assert same(model(x), base(x))
+
+
+def test_refusals_leave_the_model_as_it_was():
+    base = net()
+    model = compressed(copy.deepcopy(base))
+    with pytest.raises(ecf8.UnsupportedError, match="max_gpu_memory"):
+        offload(model, "cpu", max_gpu_memory=1000)
+    with pytest.raises(ecf8.UnsupportedError, match="no compressed weight"):
+        offload(model, "cpu", blocks=[model.blocks[0].norm])
+    with pytest.raises(ecf8.UnsupportedError, match="device must be"):
+        offload(model, "meta")
+    assert not any(is_offloaded(m) for m in model.modules())
+    x = inputs()[0]
+    assert same(model(x), base(x))
+
+
+def test_a_weight_tied_outside_its_block_is_refused():
+    model = net(layers=3, dtype=torch.float32).to(torch.bfloat16)
+    model.head = torch.nn.Linear(160 + 32, 64, bias=False).to(torch.bfloat16)
+    model.head.weight = model.blocks[0].up.weight
+    ecf8.torch.compress_module(model, min_numel=1024)
+    with pytest.raises(ecf8.UnsupportedError, match="tied"):
+        offload(model, "cpu")
+    assert not any(is_offloaded(m) for m in model.modules())
+
+
+def test_what_an_offloaded_model_cannot_do_fails_loudly():
+    model = compressed(net())
+    offload(model, "cpu")
+    with pytest.raises(ecf8.UnsupportedError, match="offloaded already"):
+        offload(model, "cpu")
+    with pytest.raises(ecf8.UnsupportedError, match="pickled"):
+        pickle.dumps(model)
+    with pytest.raises(ecf8.UnsupportedError, match="load_state_dict before"):
+        model.load_state_dict(model.state_dict())
+    with pytest.raises(ecf8.UnsupportedError, match="cannot move"):
+        model.blocks[0].to("meta")
+
+
+# --- GPU: the copy stream, events and the GPU decoder ------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layers", [1, 2, 5])
+def test_gpu_offloaded_forwards_equal_the_resident_compressed_model(layers):
+    base = net("cuda", layers)
+    resident = compressed(copy.deepcopy(base))
+    model = compressed(net("cpu", layers))                   # frames on the host, then streamed
+    stats = offload(model, "cuda")
+    assert stats.offloaded_blocks == layers and model.head.__dict__["_ecf8"].device.type == "cuda"
+    assert model.blocks[0].norm.weight.is_cuda and model.blocks[0].up.bias.is_cuda
+    for _ in range(3):
+        for x in inputs("cuda"):
+            y = model(x)
+            assert same(y, resident(x)) and same(y, base(x))
+
+
+@pytest.mark.gpu
+def test_gpu_frames_on_the_gpu_move_to_the_arena_and_stay_exact():
+    base = net("cuda", 6)
+    model = compressed(copy.deepcopy(base))                   # encoded on the GPU
+    stats = offload(model, "cuda", max_gpu_memory=None)
+    assert stats.offloaded_blocks == 6
+    xs = inputs("cuda", n=4)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):                             # a stream other than the default
+        got = [model(x) for x in xs]
+    side.synchronize()
+    assert all(same(g, base(x)) for g, x in zip(got, xs))
+    assert all(same(model.state_dict()[k], v) for k, v in base.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_and_max_gpu_memory():
+    base = fp8_net("cuda", 5)
+    model = compressed(copy.deepcopy(base))
+    whole = offload(compressed(copy.deepcopy(base)), "cuda")
+    stats = offload(model, "cuda", max_gpu_memory=whole.device_bytes + whole.host_bytes // 2)
+    assert 0 < stats.resident_blocks < 5
+    x = inputs("cuda", torch.float32)[0]
+    for _ in range(2):
+        assert same(model(x), base(x))
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture_is_refused():
+    model = compressed(net("cuda", 3))
+    offload(model, "cuda")
+    x = inputs("cuda")[0]
+    model(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ecf8.UnsupportedError, match="CUDA-graph"):
+        with torch.cuda.graph(graph):
+            model(x)
