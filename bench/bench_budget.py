@@ -15,11 +15,11 @@ whether its outputs are bit-identical to the baseline's (the same kernels see th
    whose compressed ones fit.  FP8: every decoder linear is an E4M3 weight with a per-tensor
    ``torch._scaled_mm`` forward (what bench_generate/bench_tax build; Transformers' own FP8 paths
    are block-scaled Triton kernels or compressed-tensors checkpoints, another computation);
-   embedding and head BF16.  Baseline: Transformers + accelerate offloading exactly as
+   embedding and head BF16 and uncompressed (a compressed head would need a 1 GiB decode buffer).  Baseline: Transformers + accelerate offloading exactly as
    ``from_pretrained(device_map="auto", max_memory={0: cap - headroom, "cpu": ...})`` does it
    (``transformers.integrations.accelerate._get_device_map`` then ``accelerate_dispatch``:
    ``dispatch_model`` with AlignDevicesHook, the CPU layers copied in per forward).  ecf8:
-   ``compress_module`` on the whole model (embedding stays BF16), all on the GPU.  Greedy
+   ``compress_module`` on the decoder layers, all on the GPU.  Greedy
    ``generate`` of --new-tokens after a --prompt-token prompt; TTFT = seconds of
    ``generate(max_new_tokens=1)``; tok/s = batch * (new tokens - 1) / (seconds of the whole
    generate - TTFT): decoding only.
@@ -274,7 +274,7 @@ def llm(args, fmt: str, device: str) -> None:
     t0 = time.perf_counter()
     model = build_llm(args, fmt, device)
     plain = sum(p.numel() * p.element_size() for p in model.parameters())
-    stats = ecf8.torch.compress_module(model)
+    stats = ecf8.torch.compress_module(model.model.layers)     # embedding and head stay BF16
     print(f"# {fmt} LLM: {plain / GiB:.2f} GiB uncompressed, compressed weights "
           f"{stats.compressed_bytes / GiB:.2f} GiB of {stats.original_bytes / GiB:.2f} "
           f"({stats.weights} weights, {time.perf_counter() - t0:.1f} s to build and compress)", flush=True)

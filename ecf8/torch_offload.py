@@ -154,6 +154,8 @@ def offload(model: torch.nn.Module, device: str | torch.device = "cuda", *,
         for w in ws:
             if w.group is not None:
                 w.group.dissolve()
+    for d in {w.device for ws in per_block for w in ws if w.device.type == "cuda"}:
+        torch.cuda.synchronize(d)               # frames encoded on a GPU are complete
     streamer = _Streamer(dev, [sizes[i] for i in streamed])
     pool = et._Pool()
     units = []
@@ -317,9 +319,10 @@ def _arena(nbytes: int, pinned: bool) -> tuple[np.ndarray, torch.Tensor]:
         cudart = torch.cuda.cudart()
         ptr = host.ctypes.data
         err = cudart.cudaHostRegister(ptr, host.nbytes, 0)
-        if int(err) != 0:
+        err = int(getattr(err, "value", err))
+        if err:
             raise UnsupportedError(f"cannot page-lock {nbytes} bytes of host memory for offloading "
-                                   f"(cudaHostRegister error {int(err)})")
+                                   f"(cudaHostRegister error {err})")
         weakref.finalize(host, cudart.cudaHostUnregister, ptr)
     return host, torch.from_numpy(host)
 
