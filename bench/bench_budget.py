@@ -35,7 +35,9 @@ whether its outputs are bit-identical to the baseline's (the same kernels see th
 4. compressed-offload: the LLM of case 1 under a cap that even its compressed weights exceed.
    Baseline: accelerate offloading as in case 1, same cap.  ecf8: ``ecf8.torch.offload(model,
    max_gpu_memory=cap - headroom)``: the first layers resident compressed, the others' frames in
-   pinned host memory, copied per forward on a copy stream and decoded on the GPU.
+   pinned host memory, copied per forward on a copy stream and decoded on the GPU.  Control row:
+   the same runtime streaming the raw bits (stored frames, no entropy coding), so that the row
+   above it shows what compression adds to pinned, overlapped streaming alone.
 """
 
 from __future__ import annotations
@@ -244,6 +246,42 @@ def accelerate_llm(args, fmt: str, device: str, budget: int):
     return model, share, len(device_map)
 
 
+def raw_frames(module: torch.nn.Module) -> None:
+    """Control only: every compressed weight of `module` re-held as a stored ECF8 frame (its raw
+    bits, no entropy coding; a valid frame, checksum included) where it was, so that ``offload``
+    streams the uncompressed bytes through the same runtime."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    from ecf8 import decoder_cuda
+    from ecf8 import format as fmt
+
+    seen = set()
+    for m in module.modules():
+        if not ecf8.torch.is_compressed(m) or id(m.__dict__["_ecf8"]) in seen:
+            continue
+        w = m.__dict__["_ecf8"]
+        seen.add(id(w))
+        if w.group is not None:
+            w.group.dissolve()
+        spec = fmt.spec_for_dtype(ecf8.torch.to_numpy(torch.empty(0, dtype=w.dtype)).dtype)
+        bits = w.fresh().contiguous().view(torch.uint8).reshape(-1).cpu().numpy()
+        head = fmt.build_header(spec, fmt.MODE_STORED, tuple(w.shape), 0, None, None, None, 0)
+        start = fmt.align16(len(head))
+        frame = np.zeros(start + bits.nbytes + 4, np.uint8)
+        frame[: len(head)] = np.frombuffer(head, np.uint8)
+        frame[start:-4] = bits
+        crc = zlib.crc32(memoryview(frame[len(head):-4]), fmt.header_crc(head))
+        frame[-4:] = np.frombuffer(struct.pack("<I", crc), np.uint8)
+        if w.device.type == "cuda":
+            with ecf8.torch.torch_memory():
+                w.blob = decoder_cuda.to_device(frame, f"cuda:{w.device.index}", verify=False)
+        else:
+            w.blob = frame.tobytes()
+
+
 def generate(model, args, batch: int, device: str, vocab: int) -> tuple[float, float, torch.Tensor]:
     """(TTFT s, decode tok/s, generated ids) of greedy generation from a fixed random prompt."""
     g = torch.Generator().manual_seed(batch)
@@ -294,6 +332,26 @@ def llm(args, fmt: str, device: str) -> None:
         cap_to(device, None)
     del model
     settle(device)
+    if "compressed-offload" in cases and args.control:
+        cap = caps["compressed-offload"]
+        t0 = time.perf_counter()
+        model = build_llm(args, fmt, device)
+        ecf8.torch.compress_module(model.model.layers)
+        raw_frames(model.model.layers)
+        off = offload(model, device, max_gpu_memory=None if args.smoke else int(cap - headroom))
+        print(f"# {fmt} control, raw frames streamed by the same runtime: {off.resident_blocks} layers "
+              f"resident, {off.offloaded_blocks} streamed ({off.host_bytes / GiB:.2f} GiB pinned host "
+              f"frames; {time.perf_counter() - t0:.1f} s to build)", flush=True)
+        cap_to(device, cap)
+        w = on_gpu(device)
+        for b in args.batches:
+            try:
+                results["compressed-offload", "control", b] = (w, *generate(model, args, b, device, vocab))
+            except Exception as e:  # noqa: BLE001
+                results["compressed-offload", "control", b] = (w, None, None, f"{type(e).__name__}: {str(e)[:80]}")
+        cap_to(device, None)
+        del model
+        settle(device)
     for case in cases:
         cap = caps[case]
         t0 = time.perf_counter()
@@ -311,13 +369,17 @@ def llm(args, fmt: str, device: str) -> None:
         del base
         settle(device)
         for b in args.batches:
-            e, r = results[case, "ecf8", b], results[case, "base", b]
-            same = ("yes" if isinstance(e[3], torch.Tensor) and isinstance(r[3], torch.Tensor)
-                    and torch.equal(e[3], r[3]) else "NO")
-            for variant, x in (("accelerate offload", r), ("ecf8 on GPU" if case == "llm-over-cap"
-                                                          else "ecf8 offload (compressed)", e)):
+            r = results[case, "base", b]
+            variants = [("accelerate offload", r)]
+            variants.append(("ecf8 on GPU" if case == "llm-over-cap" else "ecf8 offload (compressed)",
+                             results[case, "ecf8", b]))
+            if (case, "control", b) in results:
+                variants.append(("ecf8 offload, raw frames (control)", results[case, "control", b]))
+            for variant, x in variants:
                 ok = isinstance(x[3], torch.Tensor)
-                ratio = e[2] / r[2] if variant.startswith("ecf8") and ok and r[2] else None
+                same = ("—" if not ok or not isinstance(r[3], torch.Tensor) else "reference" if x is r
+                        else "yes" if torch.equal(x[3], r[3]) else "NO")
+                ratio = x[2] / r[2] if x is not r and ok and r[2] else None
                 rate = "n/a" if not ok or math.isnan(x[2]) else f"{x[2]:,.1f} tok/s"
                 row(case, fmt, cap, variant, x[0], b, x[1], rate if ok else x[3], ratio, same)
 
@@ -516,6 +578,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-layers", type=int, default=8)
     ap.add_argument("--kv-gib", type=float, default=2.0)
     ap.add_argument("--kv-max-len", type=int, default=1024)
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip the control row: raw (stored) frames streamed by the same offload runtime")
     ap.add_argument("--max-seconds", type=float, default=420,
                     help="start no further case after this many seconds (the table says which were skipped)")
     args = ap.parse_args(argv)

@@ -23,6 +23,7 @@ def test_smoke_compressed_offload_rows_are_identical(tmp_path, capsys):
     bench_budget.main(["--smoke", "--out", str(tmp_path), "--cases", "compressed-offload", "--formats", "bf16"])
     table = (tmp_path / "budget.md").read_text()
     rows = [r for r in table.splitlines() if r.startswith("| compressed-offload")]
-    assert len(rows) == 4                                   # accelerate and ecf8, batches 1 and 2
-    assert all(r.rstrip(" |").endswith("yes") for r in rows), table
-    assert any("ecf8 offload (compressed)" in r for r in rows)
+    assert len(rows) == 6               # accelerate, ecf8 and the raw-frame control, batches 1 and 2
+    ends = [r.rstrip(" |").rsplit("|", 1)[-1].strip() for r in rows]
+    assert ends.count("reference") == 2 and ends.count("yes") == 4, table
+    assert sum("ecf8 offload (compressed)" in r for r in rows) == 2
