@@ -254,7 +254,7 @@ class _Streamer:
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(dev)
             self.copied = [torch.cuda.Event() for _ in range(2)]
-            self.readers: list[list] = [[], []]        # decodes from slot s since its last copy
+            self.readers: list[dict] = [{}, {}]        # slot s: {stream: event after its last decode}
         self.units: list[_Unit] = []
 
     def finish(self, units: list["_Unit"]) -> None:
@@ -266,9 +266,8 @@ class _Streamer:
         src = self.arena[unit.start: unit.start + unit.frame_bytes]
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
-                for event in self.readers[s]:
+                for event in self.readers[s].values():
                     self.copy_stream.wait_event(event)
-                self.readers[s] = []
                 self.slots[s][: unit.frame_bytes].copy_(src, non_blocking=True)
                 self.copied[s].record(self.copy_stream)
         else:
@@ -296,9 +295,10 @@ class _Streamer:
                 compute.wait_event(self.copied[s])
                 for decoder in unit.decoders[s]:
                     decoder.launch(buf.data_ptr(), stream)
-                done = torch.cuda.Event()
+                done = self.readers[s].get(stream)      # one event per stream: its latest decode
+                if done is None:
+                    done = self.readers[s][stream] = torch.cuda.Event()
                 done.record(compute)
-                self.readers[s].append(done)
             else:
                 unit.decode_host(self.host_view(s), buf)
             self.last = s
