@@ -115,6 +115,27 @@ def test_blocks_in_any_order_decode_their_own_weights():
         assert same(model.blocks[k](x), base.blocks[k](x)), k
 
 
+@pytest.mark.parametrize("layers, copies", [(1, 0), (2, 0), (3, 3), (5, 5)])
+def test_each_block_is_copied_once_per_forward_and_only_when_needed(layers, copies, monkeypatch):
+    """In order, every block's frames cross once per forward (prefetched while the previous block
+    computes); one or two blocks stay in the two staging buffers after the first forward."""
+    import ecf8.torch_offload as off
+
+    issued = []
+    real = off._Streamer._issue
+    monkeypatch.setattr(off._Streamer, "_issue", lambda self, k, s: (issued.append((k, s)), real(self, k, s)))
+    base = net(layers=layers)
+    model = compressed(copy.deepcopy(base))
+    offload(model, "cpu")
+    x = inputs()[0]
+    model(x)                                                  # first forward: fills the buffers
+    issued.clear()
+    for _ in range(3):
+        assert same(model(x), base(x))
+    assert len(issued) == 3 * copies
+    assert all(s1 != s2 for (_, s1), (_, s2) in zip(issued, issued[1:]))   # the buffers alternate
+
+
 def test_real_weights_stream_exactly(real_weights):
     """The bundled MiniLM FP8 weights, one block per weight: state_dict gives them back bit for bit."""
     arrays = list(real_weights["e4m3"].values())
@@ -255,6 +276,8 @@ def test_gpu_frames_on_the_gpu_move_to_the_arena_and_stay_exact():
         got = [model(x) for x in xs]
     side.synchronize()
     assert all(same(g, base(x)) for g, x in zip(got, xs))
+    streamer = model.blocks[0].up.__dict__["_ecf8"].unit.streamer
+    assert all(len(r) <= 2 for r in streamer.readers)         # one event per stream and buffer
     assert all(same(model.state_dict()[k], v) for k, v in base.state_dict().items())
 
 
