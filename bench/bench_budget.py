@@ -15,7 +15,8 @@ whether its outputs are bit-identical to the baseline's (the same kernels see th
    whose compressed ones fit.  FP8: every decoder linear is an E4M3 weight with a per-tensor
    ``torch._scaled_mm`` forward (what bench_generate/bench_tax build; Transformers' own FP8 paths
    are block-scaled Triton kernels or compressed-tensors checkpoints, another computation);
-   embedding and head BF16 and uncompressed (a compressed head would need a 1 GiB decode buffer).  Baseline: Transformers + accelerate offloading exactly as
+   embedding and head BF16 and uncompressed (a compressed head would need a 1 GiB decode
+   buffer).  Baseline: Transformers + accelerate offloading exactly as
    ``from_pretrained(device_map="auto", max_memory={0: cap - headroom, "cpu": ...})`` does it
    (``transformers.integrations.accelerate._get_device_map`` then ``accelerate_dispatch``:
    ``dispatch_model`` with AlignDevicesHook, the CPU layers copied in per forward).  ecf8:
@@ -33,7 +34,7 @@ whether its outputs are bit-identical to the baseline's (the same kernels see th
 3. kv-budget: bench_generate.py's fixed-memory table (cap = uncompressed model + --kv-gib; the
    largest batch whose KV cache fits, tok/s there), run in this process.
 4. compressed-offload: the LLM of case 1 under a cap that even its compressed weights exceed.
-   Baseline: accelerate offloading as in case 1, same cap.  ecf8: ``ecf8.torch.offload(model,
+   Baseline: accelerate offloading as in case 1, same cap.  ecf8: ``ecf8.torch.offload_module(model,
    max_gpu_memory=cap - headroom)``: the first layers resident compressed, the others' frames in
    pinned host memory, copied per forward on a copy stream and decoded on the GPU.  Control row:
    the same runtime streaming the raw bits (stored frames, no entropy coding), so that the row
@@ -58,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ecf8.torch  # noqa: E402
-from ecf8.torch_offload import offload  # noqa: E402
+from ecf8.torch import offload_module  # noqa: E402
 
 BF16, E4M3 = torch.bfloat16, torch.float8_e4m3fn
 GiB = 2**30
@@ -319,7 +320,7 @@ def llm(args, fmt: str, device: str) -> None:
     for case in cases:
         cap = caps[case]
         if case == "compressed-offload":
-            off = offload(model, device, max_gpu_memory=None if args.smoke else int(cap - headroom))
+            off = offload_module(model, device, max_gpu_memory=None if args.smoke else int(cap - headroom))
             print(f"# {fmt} ecf8 offload: {off.resident_blocks} layers resident, {off.offloaded_blocks} "
                   f"streamed ({off.host_bytes / GiB:.2f} GiB pinned host frames)", flush=True)
         cap_to(device, cap)
@@ -338,7 +339,7 @@ def llm(args, fmt: str, device: str) -> None:
         model = build_llm(args, fmt, device)
         ecf8.torch.compress_module(model.model.layers)
         raw_frames(model.model.layers)
-        off = offload(model, device, max_gpu_memory=None if args.smoke else int(cap - headroom))
+        off = offload_module(model, device, max_gpu_memory=None if args.smoke else int(cap - headroom))
         print(f"# {fmt} control, raw frames streamed by the same runtime: {off.resident_blocks} layers "
               f"resident, {off.offloaded_blocks} streamed ({off.host_bytes / GiB:.2f} GiB pinned host "
               f"frames; {time.perf_counter() - t0:.1f} s to build)", flush=True)
@@ -348,7 +349,8 @@ def llm(args, fmt: str, device: str) -> None:
             try:
                 results["compressed-offload", "control", b] = (w, *generate(model, args, b, device, vocab))
             except Exception as e:  # noqa: BLE001
-                results["compressed-offload", "control", b] = (w, None, None, f"{type(e).__name__}: {str(e)[:80]}")
+                why = f"{type(e).__name__}: {str(e)[:80]}"
+                results["compressed-offload", "control", b] = (w, None, None, why)
         cap_to(device, None)
         del model
         settle(device)
@@ -419,7 +421,8 @@ def dit_inputs(args, device: str) -> dict:
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
     return dict(
         latents=torch.randn(1, side * side, cfg["in_channels"], generator=g).to(BF16).to(device),
-        encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], generator=g).to(BF16).to(device),
+        encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"],
+                                          generator=g).to(BF16).to(device),
         pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(BF16).to(device),
         img_ids=img_ids.to(device), txt_ids=torch.zeros(text, 3, device=device),
         guidance=torch.full((1,), 3.5, device=device, dtype=torch.float32))
@@ -557,7 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for budget.md (the table)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: every code path, no numbers")
-    ap.add_argument("--cases", nargs="+", default=["llm-over-cap", "dit-over-cap", "kv-budget", "compressed-offload"])
+    ap.add_argument("--cases", nargs="+",
+                    default=["llm-over-cap", "dit-over-cap", "kv-budget", "compressed-offload"])
     ap.add_argument("--formats", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"])
     ap.add_argument("--llm-layers", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -618,7 +622,8 @@ def main(argv: list[str] | None = None) -> None:
         cases.append(("kv-budget", lambda: kv_budget(args, device)))
     for name, fn in cases:
         if time.perf_counter() - started > args.max_seconds:
-            ROWS.append(f"| {name} | — | — | skipped: --max-seconds {args.max_seconds:g} reached | | | | | | |")
+            ROWS.append(f"| {name} | — | — | skipped: --max-seconds {args.max_seconds:g} reached "
+                        "| | | | | | |")
             print(ROWS[-1], flush=True)
         else:
             run_case(name, fn, device)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ecf8.torch  # noqa: E402
-from ecf8.torch_offload import offload  # noqa: E402
+from ecf8.torch import offload_module  # noqa: E402
 
 
 def model(dtype: torch.dtype, layers: int) -> torch.nn.Module:
@@ -41,7 +41,7 @@ for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.floa
         resident = model(dtype, layers)
         ecf8.torch.compress_module(resident, min_numel=1, chunk_size=512)
         streamed = copy.deepcopy(resident)
-        offload(streamed, "cuda")
+        offload_module(streamed, "cuda")
         order = [0, 1, 2, 3, 3, 1, 0, 2][: 2 * layers] if layers > 1 else [0, 0]
         for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
             with torch.cuda.stream(stream):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 import ecf8  # noqa: E402
 import ecf8.torch  # noqa: E402
-from ecf8.torch_offload import is_offloaded, offload  # noqa: E402
+from ecf8.torch import is_offloaded, offload_module  # noqa: E402
 
 
 def as_bits(t):
@@ -88,7 +88,7 @@ def inputs(device="cpu", dtype=torch.bfloat16, n=3):
 def test_offloaded_forwards_equal_the_uncompressed_model(layers):
     base = net(layers=layers)
     model = compressed(copy.deepcopy(base))
-    stats = offload(model, "cpu")
+    stats = offload_module(model, "cpu")
     assert stats.offloaded_blocks == layers and stats.resident_blocks == 0
     assert all(is_offloaded(b.up) and is_offloaded(b.down) for b in model.blocks)
     assert not is_offloaded(model.head) and ecf8.torch.is_compressed(model.head)
@@ -100,7 +100,7 @@ def test_offloaded_forwards_equal_the_uncompressed_model(layers):
 def test_fp8_weights_stream_exactly():
     base = fp8_net()
     model = compressed(copy.deepcopy(base))
-    offload(model, "cpu")
+    offload_module(model, "cpu")
     x = inputs(dtype=torch.float32)[0]
     for _ in range(2):
         assert same(model(x), base(x))
@@ -109,7 +109,7 @@ def test_fp8_weights_stream_exactly():
 def test_blocks_in_any_order_decode_their_own_weights():
     base = net(layers=4)
     model = compressed(copy.deepcopy(base))
-    offload(model, "cpu")
+    offload_module(model, "cpu")
     x = inputs()[0]
     for k in [3, 0, 2, 2, 1, 3, 1, 0]:                        # misses, hits and repeats
         assert same(model.blocks[k](x), base.blocks[k](x)), k
@@ -119,14 +119,14 @@ def test_blocks_in_any_order_decode_their_own_weights():
 def test_each_block_is_copied_once_per_forward_and_only_when_needed(layers, copies, monkeypatch):
     """In order, every block's frames cross once per forward (prefetched while the previous block
     computes); one or two blocks stay in the two staging buffers after the first forward."""
-    import ecf8.torch_offload as off
+    import ecf8.torch.offload as off
 
     issued = []
     real = off._Streamer._issue
     monkeypatch.setattr(off._Streamer, "_issue", lambda self, k, s: (issued.append((k, s)), real(self, k, s)))
     base = net(layers=layers)
     model = compressed(copy.deepcopy(base))
-    offload(model, "cpu")
+    offload_module(model, "cpu")
     x = inputs()[0]
     model(x)                                                  # first forward: fills the buffers
     issued.clear()
@@ -146,7 +146,7 @@ def test_real_weights_stream_exactly(real_weights):
         lin.weight = torch.nn.Parameter(ecf8.torch.from_numpy(np.array(a)), requires_grad=False)
         model.blocks.append(torch.nn.Sequential(lin))
     ecf8.torch.compress_module(model)
-    offload(model, "cpu")
+    offload_module(model, "cpu")
     for _ in range(2):
         for k, a in enumerate(arrays):
             assert same(model.state_dict()[f"blocks.{k}.0.weight"], ecf8.torch.from_numpy(np.array(a)))
@@ -169,7 +169,7 @@ def test_any_bit_pattern_streams_exactly(seed, dtype):
         model.blocks.append(torch.nn.Sequential(lin))
         weights.append(w.clone())
     ecf8.torch.compress_module(model, min_numel=1)
-    offload(model, "cpu")
+    offload_module(model, "cpu")
     for k in [2, 0, 1, 1]:
         with model.blocks[k][0].__dict__["_ecf8"].decoded() as got:
             assert same(got, weights[k])
@@ -180,7 +180,7 @@ def test_any_bit_pattern_streams_exactly(seed, dtype):
 def test_state_dict_weight_and_decompress_give_the_weights_back():
     base = net()
     model = compressed(copy.deepcopy(base))
-    offload(model, "cpu")
+    offload_module(model, "cpu")
     expected = base.state_dict()
     got = model.state_dict()
     assert list(got) == list(expected) and all(same(got[k], expected[k]) for k in expected)
@@ -193,17 +193,17 @@ def test_state_dict_weight_and_decompress_give_the_weights_back():
 
 def test_max_gpu_memory_keeps_leading_blocks_resident():
     base = net(layers=6)
-    everything = offload(compressed(copy.deepcopy(base)), "cpu")
+    everything = offload_module(compressed(copy.deepcopy(base)), "cpu")
     kept = []
     for budget in range(everything.device_bytes, 8 * everything.device_bytes, everything.device_bytes // 8):
-        stats = offload(compressed(copy.deepcopy(base)), "cpu", max_gpu_memory=budget)
+        stats = offload_module(compressed(copy.deepcopy(base)), "cpu", max_gpu_memory=budget)
         assert stats.device_bytes <= budget and stats.offloaded_blocks == 6 - stats.resident_blocks
         kept.append(stats.resident_blocks)
     assert kept == sorted(kept) and kept[0] == 0 and kept[-1] == 6
     middle = next(budget for budget, k in zip(range(everything.device_bytes, 8 * everything.device_bytes,
                                                      everything.device_bytes // 8), kept) if 0 < k < 6)
     model = compressed(copy.deepcopy(base))
-    k = offload(model, "cpu", max_gpu_memory=middle).resident_blocks
+    k = offload_module(model, "cpu", max_gpu_memory=middle).resident_blocks
     assert not any(is_offloaded(m) for b in model.blocks[:k] for m in b.modules())
     assert all(is_offloaded(b.up) for b in model.blocks[k:])
     x = inputs()[0]
@@ -214,11 +214,11 @@ def test_refusals_leave_the_model_as_it_was():
     base = net()
     model = compressed(copy.deepcopy(base))
     with pytest.raises(ecf8.UnsupportedError, match="max_gpu_memory"):
-        offload(model, "cpu", max_gpu_memory=1000)
+        offload_module(model, "cpu", max_gpu_memory=1000)
     with pytest.raises(ecf8.UnsupportedError, match="no compressed weight"):
-        offload(model, "cpu", blocks=[model.blocks[0].norm])
+        offload_module(model, "cpu", blocks=[model.blocks[0].norm])
     with pytest.raises(ecf8.UnsupportedError, match="device must be"):
-        offload(model, "meta")
+        offload_module(model, "meta")
     assert not any(is_offloaded(m) for m in model.modules())
     x = inputs()[0]
     assert same(model(x), base(x))
@@ -230,15 +230,15 @@ def test_a_weight_tied_outside_its_block_is_refused():
     model.head.weight = model.blocks[0].up.weight
     ecf8.torch.compress_module(model, min_numel=1024)
     with pytest.raises(ecf8.UnsupportedError, match="tied"):
-        offload(model, "cpu")
+        offload_module(model, "cpu")
     assert not any(is_offloaded(m) for m in model.modules())
 
 
 def test_what_an_offloaded_model_cannot_do_fails_loudly():
     model = compressed(net())
-    offload(model, "cpu")
+    offload_module(model, "cpu")
     with pytest.raises(ecf8.UnsupportedError, match="offloaded already"):
-        offload(model, "cpu")
+        offload_module(model, "cpu")
     with pytest.raises(ecf8.UnsupportedError, match="pickled"):
         pickle.dumps(model)
     with pytest.raises(ecf8.UnsupportedError, match="load_state_dict before"):
@@ -255,7 +255,7 @@ def test_gpu_offloaded_forwards_equal_the_resident_compressed_model(layers):
     base = net("cuda", layers)
     resident = compressed(copy.deepcopy(base))
     model = compressed(net("cpu", layers))                   # frames on the host, then streamed
-    stats = offload(model, "cuda")
+    stats = offload_module(model, "cuda")
     assert stats.offloaded_blocks == layers and model.head.__dict__["_ecf8"].device.type == "cuda"
     assert model.blocks[0].norm.weight.is_cuda and model.blocks[0].up.bias.is_cuda
     for _ in range(3):
@@ -268,7 +268,7 @@ def test_gpu_offloaded_forwards_equal_the_resident_compressed_model(layers):
 def test_gpu_frames_on_the_gpu_move_to_the_arena_and_stay_exact():
     base = net("cuda", 6)
     model = compressed(copy.deepcopy(base))                   # encoded on the GPU
-    stats = offload(model, "cuda", max_gpu_memory=None)
+    stats = offload_module(model, "cuda", max_gpu_memory=None)
     assert stats.offloaded_blocks == 6
     xs = inputs("cuda", n=4)
     side = torch.cuda.Stream()
@@ -284,12 +284,12 @@ def test_gpu_frames_on_the_gpu_move_to_the_arena_and_stay_exact():
 @pytest.mark.gpu
 def test_gpu_fp8_and_max_gpu_memory():
     base = fp8_net("cuda", 5)
-    whole = offload(compressed(copy.deepcopy(base)), "cuda")
+    whole = offload_module(compressed(copy.deepcopy(base)), "cuda")
     x = inputs("cuda", torch.float32)[0]
     kept = set()
     for budget in range(whole.device_bytes, 10 * whole.device_bytes, whole.device_bytes // 4):
         model = compressed(copy.deepcopy(base))
-        stats = offload(model, "cuda", max_gpu_memory=budget)
+        stats = offload_module(model, "cuda", max_gpu_memory=budget)
         assert stats.device_bytes <= budget
         kept.add(stats.resident_blocks)
         for _ in range(2):
@@ -300,7 +300,7 @@ def test_gpu_fp8_and_max_gpu_memory():
 @pytest.mark.gpu
 def test_gpu_graph_capture_is_refused():
     model = compressed(net("cuda", 3))
-    offload(model, "cuda")
+    offload_module(model, "cuda")
     x = inputs("cuda")[0]
     model(x)
     torch.cuda.synchronize()

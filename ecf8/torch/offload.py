@@ -1,7 +1,7 @@
 """Compressed offloading: a model's compressed weights streamed from pinned host memory.
 
     ecf8.torch.compress_module(model)                    # or load_model(..., device="cpu", compress=True)
-    stats = ecf8.torch.offload(model, "cuda", max_gpu_memory=20 * 2**30)
+    stats = ecf8.torch.offload_module(model, "cuda", max_gpu_memory=20 * 2**30)
     model(inputs)                                        # blocks stream in as the forward reaches them
 
 When even the compressed model does not fit the GPU, the ECF8 frames of some of its blocks (by
@@ -33,18 +33,21 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import format as fmt
-from . import torch as et
-from .errors import UnsupportedError
+from .. import format as fmt
+from .. import gpu
+from ..errors import UnsupportedError
+from .modules import group_weights, is_compressed
+from .runtime import Pool, Weight
+from .tensors import check_device, cuda_index, decode, torch_memory
 
-__all__ = ["offload", "OffloadStats", "is_offloaded"]
+__all__ = ["offload_module", "OffloadStats", "is_offloaded"]
 
 _ALIGN = 256                       # frame starts in the arena, the staging and the decode buffers
 
 
 @dataclasses.dataclass
 class OffloadStats:
-    """What ``offload`` placed where (bytes)."""
+    """What ``offload_module`` placed where (bytes)."""
 
     offloaded_blocks: int          # blocks whose frames stream from host memory
     resident_blocks: int           # blocks held compressed on the device
@@ -55,15 +58,15 @@ class OffloadStats:
 
 
 def is_offloaded(module: torch.nn.Module) -> bool:
-    """True when `module` holds its weight compressed in host memory, streamed by ``offload``."""
-    return et.is_compressed(module) and isinstance(module.__dict__["_ecf8"], _HostWeight)
+    """True when `module` holds its weight compressed in host memory, streamed by ``offload_module``."""
+    return is_compressed(module) and isinstance(module.__dict__["_ecf8"], _HostWeight)
 
 
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _frame_of(w: et._Weight) -> tuple[fmt.Frame, Any]:
+def _frame_of(w: Weight) -> tuple[fmt.Frame, Any]:
     """(parsed frame, its bytes: a host buffer, or a CuPy array on the GPU) of a compressed weight.
     Not re-verified: ecf8 checked the frame when it entered (decoded from a file, or encoded)."""
     if w.device.type == "cuda":
@@ -89,22 +92,22 @@ def _default_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(m, torch.nn.ModuleList):
             for child in m:
                 inside.update(id(x) for x in child.modules())
-                if any(et.is_compressed(x) for x in child.modules()):
+                if any(is_compressed(x) for x in child.modules()):
                     blocks.append(child)
     return blocks
 
 
-def _weights(module: torch.nn.Module) -> list[et._Weight]:
+def _weights(module: torch.nn.Module) -> list[Weight]:
     """The distinct compressed weights held in `module`, in module order."""
-    seen: dict[int, et._Weight] = {}
+    seen: dict[int, Weight] = {}
     for m in module.modules():
-        if et.is_compressed(m):
+        if is_compressed(m):
             w = m.__dict__["_ecf8"]
             seen.setdefault(id(w), w)
     return list(seen.values())
 
 
-def offload(model: torch.nn.Module, device: str | torch.device = "cuda", *,
+def offload_module(model: torch.nn.Module, device: str | torch.device = "cuda", *,
             max_gpu_memory: int | None = None, blocks: Sequence[torch.nn.Module] | None = None
             ) -> OffloadStats:
     """Run `model` on `device` with the compressed weights of some blocks streamed from host memory.
@@ -130,8 +133,8 @@ def offload(model: torch.nn.Module, device: str | torch.device = "cuda", *,
     """
     dev = torch.device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", et._cuda_index(dev))
-        et._check_device(dev, "the target device")
+        dev = torch.device("cuda", cuda_index(dev))
+        check_device(dev, "the target device")
     elif dev.type != "cpu":
         raise UnsupportedError(f"device must be cpu or cuda, not {dev}")
     if any(is_offloaded(m) for m in model.modules()):
@@ -140,7 +143,8 @@ def offload(model: torch.nn.Module, device: str | torch.device = "cuda", *,
     per_block = [_weights(b) for b in blocks]
     for b, ws in zip(blocks, per_block):
         if not ws:
-            raise UnsupportedError(f"block {type(b).__name__} holds no compressed weight: compress the model first")
+            raise UnsupportedError(f"block {type(b).__name__} holds no compressed weight: "
+                                   "compress the model first")
     _check_private(model, blocks, per_block)
     frames = [[_frame_of(w) for w in ws] for ws in per_block]
     sizes = [sum(_aligned(len(data)) for _, data in fs) for fs in frames]
@@ -157,7 +161,7 @@ def offload(model: torch.nn.Module, device: str | torch.device = "cuda", *,
     for d in {w.device for ws in per_block for w in ws if w.device.type == "cuda"}:
         torch.cuda.synchronize(d)               # frames encoded on a GPU are complete
     streamer = _Streamer(dev, [sizes[i] for i in streamed])
-    pool = et._Pool()
+    pool = Pool()
     units = []
     for k, i in enumerate(streamed):
         units.append(_Unit(streamer, k, per_block[i], frames[i], pool))
@@ -165,11 +169,11 @@ def offload(model: torch.nn.Module, device: str | torch.device = "cuda", *,
     for i in streamed:
         swap = {id(w): h for w, h in zip(per_block[i], units[i - resident].weights)}
         for m in blocks[i].modules():
-            if et.is_compressed(m) and id(m.__dict__["_ecf8"]) in swap:
+            if is_compressed(m) and id(m.__dict__["_ecf8"]) in swap:
                 m.__dict__["_ecf8"] = swap[id(m.__dict__["_ecf8"])]
     model.to(dev)                              # frames held elsewhere upload; others stay put
     rest = [w for w in _weights(model) if not isinstance(w, _HostWeight)]
-    et._group(model, rest, None)
+    group_weights(model, rest, None)
     pool.warm([units[0].weights[0]])
     return OffloadStats(len(streamed), resident, streamer.arena.numel(), 2 * streamer.slot_bytes,
                         pool.buffer_bytes(), _kept_bytes(model, dev, rest, units))
@@ -183,10 +187,11 @@ def _check_private(model: torch.nn.Module, blocks: list, per_block: list) -> Non
             if w.layout is not None:
                 raise UnsupportedError("a tensor-parallel (DTensor) weight cannot be offloaded")
             if owner.setdefault(id(w), i) != i:
-                raise UnsupportedError("a compressed weight is shared by two blocks: it cannot stream with one")
+                raise UnsupportedError("a compressed weight is shared by two blocks: "
+                                       "it cannot stream with one")
     ids = {id(x) for b in blocks for x in b.modules()}
     for m in model.modules():
-        if et.is_compressed(m) and id(m) not in ids and id(m.__dict__["_ecf8"]) in owner:
+        if is_compressed(m) and id(m) not in ids and id(m.__dict__["_ecf8"]) in owner:
             raise UnsupportedError(f"a compressed weight of a block is tied to {type(m).__name__} outside "
                                    "the blocks: it cannot stream with its block")
 
@@ -211,7 +216,7 @@ def _resident_count(model, dev, per_block, frames, sizes, decoded, budget) -> in
                            f"streamed: it needs {need} bytes on the device")
 
 
-def _frame_meta(w: et._Weight) -> tuple[fmt.Frame, int]:
+def _frame_meta(w: Weight) -> tuple[fmt.Frame, int]:
     f, data = _frame_of(w)
     return f, len(data)
 
@@ -331,7 +336,7 @@ class _Unit:
     """One streamed block: its weights (as _HostWeights), where their frames lie in the arena and
     in a staging buffer, and (on a GPU) one GroupDecoder per dtype for each staging buffer."""
 
-    def __init__(self, streamer: _Streamer, k: int, weights: list, frames: list, pool: et._Pool):
+    def __init__(self, streamer: _Streamer, k: int, weights: list, frames: list, pool: Pool):
         self.streamer, self.index = streamer, k
         self.start = streamer.starts[k]
         self.stamp = object()
@@ -362,13 +367,13 @@ class _Unit:
         and index resident on the device, shared by both)."""
         import dataclasses as dc
 
-        from . import decoder_cuda as dcu
+        from .. import decoder_cuda as dcu
 
-        cupy = dcu._cupy()
+        cupy = gpu.cupy()
         s = self.streamer
         index = s.device.index
         out: list[list] = [[], []]
-        with cupy.cuda.Device(index), et.torch_memory():
+        with cupy.cuda.Device(index), torch_memory():
             first = []
             for h, (at, length) in zip(self.weights, self.entries):
                 first.append(dcu.resident(h.frame, index, _cupy_view(s.slots[0], at, length)))
@@ -383,7 +388,7 @@ class _Unit:
     def decode_host(self, slot: np.ndarray, buf: torch.Tensor) -> None:
         """CPU stand-in: decode each frame from the staging buffer into its place in buf."""
         for h, (at, length) in zip(self.weights, self.entries):
-            et.decode(memoryview(slot[at: at + length]), "cpu", out=buf[h.offset: h.offset + h.nbytes])
+            decode(memoryview(slot[at: at + length]), "cpu", out=buf[h.offset: h.offset + h.nbytes])
 
     def launch(self, buf: torch.Tensor, stream: int) -> None:
         """Called by the decode pool (as for a _Group): the whole block into buf."""
@@ -398,18 +403,16 @@ class _Unit:
 
 def _cupy_view(t: torch.Tensor, start: int, length: int):
     """A CuPy uint8 array over bytes [start, start + length) of the device tensor t."""
-    from .decoder_cuda import _cupy
-
-    cupy = _cupy()
+    cupy = gpu.cupy()
     mem = cupy.cuda.UnownedMemory(t.data_ptr() + start, length, t, t.device.index)
     return cupy.ndarray((length,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
 
 
-class _HostWeight(et._Weight):
+class _HostWeight(Weight):
     """A compressed weight whose frame lies in a streamer's host arena; decoded with its block."""
 
-    def __init__(self, old: et._Weight, frame: fmt.Frame, unit: _Unit, at: int, length: int,
-                 device: torch.device, pool: et._Pool):
+    def __init__(self, old: Weight, frame: fmt.Frame, unit: _Unit, at: int, length: int,
+                 device: torch.device, pool: Pool):
         super().__init__(None, old.dtype, old.shape, device, old.requires_grad, pool, old.options)
         self.frame, self.unit, self.at, self.length = frame, unit, at, length
 
