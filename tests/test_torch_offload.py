@@ -247,6 +247,62 @@ def test_what_an_offloaded_model_cannot_do_fails_loudly():
         model.blocks[0].to("meta")
 
 
+# --- loading a checkpoint straight into offloaded storage ------------------------------------
+
+def saved_net(tmp_path, layers=4):
+    base = net(layers=layers)
+    path = tmp_path / "net.safetensors"
+    ecf8.torch.save_file(base.state_dict(), path)
+    with torch.device("meta"):
+        empty = Net(layers)
+    return base, path, empty
+
+
+def test_load_model_offload_keeps_the_files_frames(tmp_path, monkeypatch):
+    base, path, model = saved_net(tmp_path)
+    import ecf8.torch.loading as loading
+    monkeypatch.setattr(loading, "encode", lambda *a, **k: pytest.fail("re-encoded a frame read from the file"))
+    stats = ecf8.torch.load_model(model, path, device="cpu", offload="cpu")
+    assert stats.weights == 9 and all(is_offloaded(b.up) for b in model.blocks)
+    with ecf8.safe_open(path) as f:
+        frame = f.get_frame("blocks.2.down.weight")
+        assert f.get_frame("blocks.2.norm.weight") is None              # too small: zstd or raw
+    assert model.blocks[2].down.__dict__["_ecf8"].host_frame() == frame
+    for x in inputs():
+        assert same(model(x), base(x))
+
+
+def test_load_model_offload_refusals_leave_the_model_empty(tmp_path):
+    _, path, model = saved_net(tmp_path)
+    with pytest.raises(ecf8.UnsupportedError, match="max_gpu_memory"):
+        ecf8.torch.load_model(model, path, device="cpu", offload="cpu", max_gpu_memory=100)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert not any(ecf8.torch.is_compressed(m) for m in model.modules())
+    with pytest.raises(ecf8.UnsupportedError, match="offload must be"):
+        ecf8.torch.load_model(model, path, device="cpu", offload="disk")
+    with pytest.raises(ecf8.UnsupportedError, match="offload must be"):
+        ecf8.torch.load_model(model, path, device="cpu", max_gpu_memory=10**9)
+    with pytest.raises(ecf8.UnsupportedError, match="do not apply"):
+        ecf8.torch.load_model(model, path, device="cpu", offload="cpu", compress=False)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_get_frame_checks_what_it_returns(tmp_path):
+    _, path, _ = saved_net(tmp_path, layers=1)
+    with ecf8.safe_open(path) as f:
+        frame = f.get_frame("blocks.0.up.weight")
+        assert same(ecf8.torch.from_numpy(ecf8.decode(frame)), ecf8.torch.load_file(path)["blocks.0.up.weight"])
+        with pytest.raises(KeyError):
+            f.get_frame("nope")
+    raw = bytearray(path.read_bytes())
+    at = raw.rfind(frame[-64:])                               # a byte inside that frame's payload
+    raw[at + 10] ^= 0x40
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with ecf8.safe_open(bad) as f, pytest.raises(ecf8.CorruptDataError):
+        f.get_frame("blocks.0.up.weight")
+
+
 # --- GPU: the copy stream, events and the GPU decoder ------------------------------------------
 
 @pytest.mark.gpu
