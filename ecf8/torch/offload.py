@@ -1,7 +1,8 @@
 """Compressed offloading: a model's compressed weights streamed from pinned host memory.
 
-    ecf8.torch.compress_module(model)                    # or load_model(..., device="cpu", compress=True)
+    ecf8.torch.compress_module(model)                    # weights held compressed, any device
     stats = ecf8.torch.offload_module(model, "cuda", max_gpu_memory=20 * 2**30)
+    ecf8.torch.load_model(model, "ckpt/", "cuda", offload="cpu", max_gpu_memory=20 * 2**30)  # or from a file
     model(inputs)                                        # blocks stream in as the forward reaches them
 
 When even the compressed model does not fit the GPU, the ECF8 frames of some of its blocks (by
