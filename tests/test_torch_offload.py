@@ -224,6 +224,22 @@ def test_refusals_leave_the_model_as_it_was():
     assert same(model(x), base(x))
 
 
+def test_a_failure_while_moving_puts_the_streamed_weights_back(monkeypatch):
+    base = net()
+    model = compressed(copy.deepcopy(base))
+    before = {id(m): m.__dict__["_ecf8"] for m in model.modules() if ecf8.torch.is_compressed(m)}
+
+    def broken_to(*args, **kwargs):
+        raise torch.OutOfMemoryError("emulated")
+    monkeypatch.setattr(model, "to", broken_to)
+    with pytest.raises(torch.OutOfMemoryError):
+        offload_module(model, "cpu")
+    assert not any(is_offloaded(m) for m in model.modules())
+    assert all(m.__dict__["_ecf8"] is before[id(m)] for m in model.modules() if ecf8.torch.is_compressed(m))
+    x = inputs()[0]
+    assert same(model(x), base(x))
+
+
 def test_a_weight_tied_outside_its_block_is_refused():
     model = net(layers=3, dtype=torch.float32).to(torch.bfloat16)
     model.head = torch.nn.Linear(160 + 32, 64, bias=False).to(torch.bfloat16)

@@ -109,8 +109,8 @@ def _weights(module: torch.nn.Module) -> list[Weight]:
 
 
 def offload_module(model: torch.nn.Module, device: str | torch.device = "cuda", *,
-            max_gpu_memory: int | None = None, blocks: Sequence[torch.nn.Module] | None = None
-            ) -> OffloadStats:
+                   max_gpu_memory: int | None = None, blocks: Sequence[torch.nn.Module] | None = None
+                   ) -> OffloadStats:
     """Run `model` on `device` with the compressed weights of some blocks streamed from host memory.
 
     model: its eligible weights held compressed (``compress_module``, or ``load_model`` with
@@ -130,7 +130,8 @@ def offload_module(model: torch.nn.Module, device: str | torch.device = "cuda", 
     Raises UnsupportedError for a device other than cpu/cuda, a block without compressed weights
     given explicitly, a weight shared between a block and anything outside it, a tensor-parallel
     (DTensor) weight, a model offloaded already, or a max_gpu_memory that cannot hold the model
-    with every block streamed; the model is unchanged then.
+    with every block streamed; the model is unchanged then.  An error while moving the rest of the
+    model (out of memory) puts the streamed weights back as they were and is raised.
     """
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -167,12 +168,20 @@ def offload_module(model: torch.nn.Module, device: str | torch.device = "cuda", 
     for k, i in enumerate(streamed):
         units.append(_Unit(streamer, k, per_block[i], frames[i], pool))
     streamer.finish(units)
-    for i in streamed:
-        swap = {id(w): h for w, h in zip(per_block[i], units[i - resident].weights)}
-        for m in blocks[i].modules():
-            if is_compressed(m) and id(m.__dict__["_ecf8"]) in swap:
-                m.__dict__["_ecf8"] = swap[id(m.__dict__["_ecf8"])]
-    model.to(dev)                              # frames held elsewhere upload; others stay put
+    swapped: list[tuple[torch.nn.Module, Weight]] = []
+    try:
+        for i in streamed:
+            swap = {id(w): h for w, h in zip(per_block[i], units[i - resident].weights)}
+            for m in blocks[i].modules():
+                if is_compressed(m) and id(m.__dict__["_ecf8"]) in swap:
+                    swapped.append((m, m.__dict__["_ecf8"]))
+                    m.__dict__["_ecf8"] = swap[id(m.__dict__["_ecf8"])]
+        model.to(dev)                          # frames held elsewhere upload; others stay put
+    except BaseException:                      # e.g. out of memory: the streamed weights go back
+        for m, w in swapped:
+            m.__dict__["_ecf8"] = w
+        group_weights(model, [w for w in _weights(model) if w.device.type == "cuda"], None)
+        raise
     rest = [w for w in _weights(model) if not isinstance(w, _HostWeight)]
     group_weights(model, rest, None)
     pool.warm([units[0].weights[0]])
