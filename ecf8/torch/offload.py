@@ -211,13 +211,14 @@ def _resident_count(model, dev, per_block, frames, sizes, decoded, budget) -> in
     if budget is None:
         return 0
     in_blocks = {id(w) for ws in per_block for w in ws}
-    fixed = _plain_bytes(model) + sum(_device_bytes(*_frame_meta(w)) for w in _weights(model)
-                                      if id(w) not in in_blocks)
+    outside = [w for w in _weights(model) if id(w) not in in_blocks]
+    fixed = _plain_bytes(model) + sum(_device_bytes(*_frame_meta(w)) for w in outside)
     cost = [sum(_device_bytes(f, len(data)) for f, data in fs) for fs in frames]
     n = len(per_block)
     for k in range(n, -1, -1):
         stream = range(k, n)
-        need = fixed + sum(cost[:k]) + max([w.nbytes for ws in per_block[:k] for w in ws], default=0)
+        buffer = max([w.nbytes for w in outside] + [w.nbytes for ws in per_block[:k] for w in ws], default=0)
+        need = fixed + sum(cost[:k]) + buffer            # resident frames, their decode buffer
         if k < n:
             need += 2 * max(sizes[i] for i in stream) + max(decoded[i] for i in stream)
         if need <= budget:
