@@ -327,20 +327,26 @@ class _Streamer:
 
 
 def _arena(nbytes: int, pinned: bool) -> tuple[np.ndarray, torch.Tensor]:
-    """(host array, torch view) of `nbytes`; pinned: page-locked by cudaHostRegister, exactly
-    `nbytes` (torch's pinned allocator would round a large request up to a power of two), released
+    """(host array, torch view) of `nbytes`; pinned: page-locked (cudaHostRegister), exactly
+    `nbytes` (torch's pinned allocator would round a large request up to a power of two), unlocked
     when the array is freed."""
     host = np.empty(max(nbytes, 1), np.uint8)
     if pinned:
-        cudart = torch.cuda.cudart()
+        runtime = gpu.cupy().cuda.runtime
         ptr = host.ctypes.data
-        err = cudart.cudaHostRegister(ptr, host.nbytes, 0)
-        err = int(getattr(err, "value", err))
-        if err:
-            raise UnsupportedError(f"cannot page-lock {nbytes} bytes of host memory for offloading "
-                                   f"(cudaHostRegister error {err})")
-        weakref.finalize(host, cudart.cudaHostUnregister, ptr)
+        try:
+            runtime.hostRegister(ptr, host.nbytes, 0)
+        except runtime.CUDARuntimeError as e:
+            raise UnsupportedError(f"cannot page-lock {nbytes} bytes of host memory for offloading: {e}") from None
+        weakref.finalize(host, _unregister, runtime, ptr)
     return host, torch.from_numpy(host)
+
+
+def _unregister(runtime: Any, ptr: int) -> None:
+    try:
+        runtime.hostUnregister(ptr)
+    except Exception:  # noqa: BLE001 - at interpreter exit the CUDA context may be gone already
+        pass
 
 
 class _Unit:
