@@ -380,3 +380,14 @@ def test_gpu_graph_capture_is_refused():
     with pytest.raises(ecf8.UnsupportedError, match="CUDA-graph"):
         with torch.cuda.graph(graph):
             model(x)
+
+
+@pytest.mark.gpu
+def test_gpu_load_model_offload_streams_the_files_frames(tmp_path):
+    base, path, model = saved_net(tmp_path, layers=5)
+    base = base.cuda()
+    ecf8.torch.load_model(model, path, device="cuda", offload="cpu")
+    assert all(is_offloaded(b.up) for b in model.blocks) and model.head.__dict__["_ecf8"].device.type == "cuda"
+    for _ in range(2):
+        for x in inputs("cuda"):
+            assert same(model(x), base(x))
