@@ -360,14 +360,15 @@ class _Unit:
         at = out = 0
         self.entries: list[tuple[int, int]] = []       # (offset in the staging buffer, length)
         self.weights: list[_HostWeight] = []
-        for w, (frame, data) in zip(weights, frames):
+        for w, (_, data) in zip(weights, frames):
             length = len(data)
             place = streamer.host[self.start + at: self.start + at + length]
             if isinstance(data, memoryview):
                 place[:] = np.frombuffer(data, np.uint8)
             else:                                       # a CuPy array: straight into the arena
                 data.get(out=place)
-            h = _HostWeight(w, frame, self, at, length, streamer.device, pool)
+            frame = fmt.parse(fmt.as_buffer(place), verify=False)   # its index views the arena, so
+            h = _HostWeight(w, frame, self, at, length, streamer.device, pool)   # the source can go
             h.offset = out
             self.entries.append((at, length))
             self.weights.append(h)
