@@ -304,7 +304,9 @@ def row(fmt: str, batch: int, r: dict, same: bool) -> str:
 
 # --- 2. fixed memory budget (one fresh process per measurement) ----------------------------------
 
-def child(args, s: Shape, fmt: str, variant: str, cap: int, cuda: bool) -> dict:
+def child(args, s: Shape, fmt: str, variant: str, cap: int, cuda: bool, tokens_at: int | None = None) -> dict:
+    """One budget measurement (see the module docstring); tokens_at: also return the greedy tokens
+    of a batch that size (0: the largest batch) under "tokens", to compare two variants."""
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
     model = Decoder(s, args.layers, fmt == "fp8", device)
@@ -363,6 +365,9 @@ def child(args, s: Shape, fmt: str, variant: str, cap: int, cuda: bool) -> dict:
             out["tok_s"], out["how"] = tok_s(model, st, BUDGET_TOKENS, cuda, cuda)
         except torch.OutOfMemoryError as e:
             out["how"] = f"eager: out of memory when timing ({str(e).splitlines()[0][:120]})"
+        if tokens_at is not None:
+            st = State(s, args.layers, tokens_at or good, args.max_len, device)
+            out["tokens"] = tokens(model, st, BUDGET_TOKENS).tolist()
     return out
 
 

@@ -34,12 +34,19 @@ def index(path: str | Path) -> tuple[list[Path], dict[str, tuple[str, tuple[int,
     return files, found
 
 
-def read_file(path: Path, device: str) -> Iterator[tuple[str, Any]]:
+def read_file(path: Path, device: str, *, frames: bool = False) -> Iterator[tuple[str, Any]]:
     """(name, value) of each tensor of one ecf8 checkpoint file, in data order, one at a time.
-    device "cpu": every value a decoded NumPy array; "cuda:N": ECF8 frames stay compressed there
-    (a ``DeviceTensor``), other tensors are decoded there (a ``CudaArray``)."""
-    from .compressed import iter_decoded
+    device "cpu": every value a decoded NumPy array, or with frames=True each ECF8 frame as its
+    checked bytes (not decoded); "cuda:N": ECF8 frames stay compressed there (a
+    ``DeviceTensor``), other tensors are decoded there (a ``CudaArray``)."""
+    from .compressed import CompressedFile, iter_decoded
 
+    if device == "cpu" and frames:
+        with CompressedFile(path, "cpu") as f:
+            for name in f.keys():
+                frame = f.get_frame(name)
+                yield name, f.get_tensor(name) if frame is None else frame
+        return
     for name, _, x in iter_decoded(path, device, compressed=device != "cpu"):
         yield name, x
 

@@ -26,6 +26,7 @@ import numpy as np
 import zstandard
 
 from . import api, encoder
+from . import format as fmt
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
 from .progress import _Progress
@@ -299,6 +300,20 @@ class _Packed:
                                    f"the header says {t.dtype} {t.shape}")
         return x
 
+    def frame(self, name: str) -> bytes:
+        """An ecf8-coded tensor's frame, checked (stored crc, frame checksums, the header's dtype
+        and shape) but not decoded."""
+        t = self.tensors[name]
+        data = bytes(self.payload(name))
+        try:
+            f = fmt.parse(memoryview(data), verify=True)
+        except ECF8Error as e:
+            raise type(e)(f"{self.path}: tensor {name!r}: {e}") from None
+        if f.spec.dtype != DTYPE_NAMES[t.dtype] or tuple(f.shape) != t.shape:
+            raise CorruptDataError(f"{self.path}: tensor {name!r} holds a {f.spec.dtype} {tuple(f.shape)} "
+                                   f"frame, the header says {t.dtype} {t.shape}")
+        return data
+
     def close(self) -> None:
         self.stored = {}
 
@@ -370,6 +385,15 @@ class CompressedFile:
             return p.decode(name, self.device)
         x = p.restore(name).view(_numpy_dtype(p.path, t)).reshape(t.shape)
         return x if self.device == "cpu" else _to_device(x, self.device)
+
+    def get_frame(self, name: str) -> bytes | None:
+        """One tensor's ECF8 frame as stored (bytes: decode it with ``ecf8.decode``), checked like
+        a decoded tensor but not decoded; None for a tensor stored otherwise (zstd or raw).
+        KeyError for an unknown name, CorruptDataError for a damaged one."""
+        p = self._packed
+        if name not in p.tensors:
+            raise KeyError(name)
+        return p.frame(name) if p.codecs[name][0] == "ecf8" else None
 
     def dtype_of(self, name: str) -> str:
         """A tensor's safetensors dtype string (any string: ecf8 passes unknown ones through)."""

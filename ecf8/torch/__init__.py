@@ -25,20 +25,23 @@ stride, so the module's TP collectives are exactly those of the uncompressed mod
 
 Modules: ``tensors`` (tensors and files), ``runtime`` (the just-in-time weight runtime: held
 weights, decode buffers, groups), ``modules`` (``compress_module``), ``loading`` (``load_model``,
-``from_pretrained``), ``parallel`` (DTensor shards).
+``from_pretrained``), ``parallel`` (DTensor shards), ``offload`` (``offload_module``: compressed
+weights streamed from pinned host memory when even the compressed model does not fit).
 """
 
 from __future__ import annotations
 
 from .loading import from_pretrained, load_model
 from .modules import compress_module, decompress_module, is_compressed, rebuild
+from .offload import OffloadStats, is_offloaded, offload_module
 from .parallel import Layout, is_dtensor
 from .runtime import CompressionStats, Group, Pool, Weight
 from .tensors import (TORCH_DTYPES, decode, encode, from_numpy, load_file, save_file,  # noqa: F401
                       to_numpy, torch_memory)
 
 __all__ = ["encode", "decode", "save_file", "load_file", "compress_module", "decompress_module",
-           "load_model", "from_pretrained", "CompressionStats", "is_compressed", "is_dtensor"]
+           "load_model", "from_pretrained", "CompressionStats", "is_compressed", "is_dtensor",
+           "offload_module", "OffloadStats", "is_offloaded"]
 
 # Pickles of compressed modules written while this package was one module (ecf8/torch.py) name
 # these objects by these paths; keep them, or such pickles no longer load.

@@ -10,7 +10,9 @@ uploaded as its ECF8 frame and stays compressed (a DeviceTensor), decoded just i
 module's forward, as ``compress_module`` does; every other tensor is decoded once on the GPU.  The
 checkpoint is read one tensor at a time, so neither GPU nor host ever holds the uncompressed model.
 On the CPU (device="cpu") tensors are decoded at load into ordinary parameters (host memory is
-what CPU inference runs from) unless compress=True.
+what CPU inference runs from) unless compress=True: eligible weights then keep the file's frames,
+as read.  offload="cpu" loads that way, then streams the blocks that do not fit the GPU from
+pinned host memory (``ecf8.torch.offload_module``).
 
 Tensor parallelism: a model whose parameters are DTensors on the meta device (built without
 weights, then sharded by ``torch.distributed.tensor.parallel.parallelize_module``) gets on each rank
@@ -32,7 +34,7 @@ import torch
 
 from .. import checkpoint_folder
 from ..errors import CorruptDataError, UnsupportedError
-from ..format import CODED_NAMES
+from ..format import CODED_NAMES, parse
 from .modules import attach, detach, encoder_options, group_weights, holders_ok, is_compressed, owners
 from .parallel import Layout, check_sharded, is_dtensor
 from .runtime import CompressionStats, Pool, Weight
@@ -41,14 +43,15 @@ from .tensors import TORCH_DTYPES, check_device, cuda_index, decode, encode, to_
 __all__ = ["load_model", "from_pretrained"]
 
 
-def _read(path: Path, device: str) -> Iterator[tuple[str, Any]]:
+def _read(path: Path, device: str, frames: bool = False) -> Iterator[tuple[str, Any]]:
     """(name, value) of each tensor of one ecf8 checkpoint file, one at a time: on a GPU, ECF8
     frames stay compressed (a DeviceTensor, uploaded into torch's memory) and other tensors are
-    torch tensors there; on the CPU every value is a decoded torch tensor."""
-    items = checkpoint_folder.read_file(path, device)
+    torch tensors there; on the CPU every value is a decoded torch tensor, or with frames=True
+    each ECF8 frame its checked bytes."""
+    items = checkpoint_folder.read_file(path, device, frames=frames)
     if device == "cpu":
         for name, x in items:
-            yield name, to_torch(x)
+            yield name, x if isinstance(x, bytes) else to_torch(x)
         return
     from ..decoder_cuda import DeviceTensor
 
@@ -76,8 +79,8 @@ def _device(device: str | torch.device) -> tuple[torch.device, str]:
 
 def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cuda", *,
                embeddings: bool = False, min_numel: int = 4096, strict: bool = True, chunk_size: int | None = None,
-               threads: int = 4, compress: bool | None = None, group_bytes: int | None = None
-               ) -> CompressionStats:
+               threads: int = 4, compress: bool | None = None, group_bytes: int | None = None,
+               offload: str | None = None, max_gpu_memory: int | None = None) -> CompressionStats:
     """Fill `model` (built on the meta device, or anywhere) from an ecf8 checkpoint file or folder.
 
     Eligible weights (as for ``compress_module``: 2-D FP8/BF16/FP16 ``weight`` of every module
@@ -97,18 +100,48 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
 
     DTensor parameters (tensor parallelism, Shard / Replicate placements on a mesh of `device`'s
     type) receive this rank's slice, as a DTensor of the same layout; see the module docstring.
+
+    offload="cpu": for a model whose compressed weights do not all fit `device`: the checkpoint's
+    frames are read into host memory as they are (not decoded), then ``offload_module(model,
+    device, max_gpu_memory=max_gpu_memory)`` keeps the first blocks on the device and streams the
+    others from pinned host memory (see ``ecf8.torch.offload``); a failure there (e.g. a
+    max_gpu_memory too small for the rest of the model) puts the model back as it was.
     """
+    if offload is not None or max_gpu_memory is not None:
+        if offload != "cpu":
+            raise UnsupportedError(f"offload must be None or 'cpu' (pinned host memory), not {offload!r}; "
+                                   "max_gpu_memory applies with offload='cpu'")
+        if compress is False or group_bytes is not None:
+            raise UnsupportedError("offload='cpu' holds the weights compressed, streamed block by block: "
+                                   "compress=False and group_bytes do not apply")
+        from .offload import offload_module
+
+        undo: list[Callable[[], None]] = []
+        stats = _load(model, path, "cpu", embeddings, min_numel, strict, chunk_size, threads, True, None, undo)
+        try:
+            offload_module(model, device, max_gpu_memory=max_gpu_memory)
+        except BaseException:
+            for action in reversed(undo):
+                action()
+            raise
+        return stats
+    return _load(model, path, device, embeddings, min_numel, strict, chunk_size, threads, compress,
+                 group_bytes, [])
+
+
+def _load(model, path, device, embeddings, min_numel, strict, chunk_size, threads, compress, group_bytes,
+          undo: list) -> CompressionStats:
+    """load_model without offloading; `undo` receives the actions that put the model back."""
     dev, target = _device(device)
     keep = dev.type == "cuda" if compress is None else bool(compress)
     files, index = checkpoint_folder.index(path)
     plan, moves = _plan(model, index, dev, embeddings, min_numel, strict, str(path), keep)
     pool = Pool()
     options = {"chunk_size": chunk_size}
-    undo: list[Callable[[], None]] = []
     weights: list[Weight] = []
     try:
         seen = set()
-        for name, value in checkpoint_folder.read_files(files, lambda f: _read(f, target), threads):
+        for name, value in checkpoint_folder.read_files(files, lambda f: _read(f, target, keep), threads):
             if name not in plan:                # a second name of a tied parameter
                 continue
             seen.add(name)
@@ -213,6 +246,10 @@ def _place(target: tuple, value: Any, dev: torch.device, pool: Pool, options: di
             tables = encoder_options(value.numel(), options)
             w = Weight(encode(value, **tables), value.dtype, tuple(value.shape), dev, False,
                            pool, tables, layout)      # a CUDA tensor is encoded on its GPU
+        elif isinstance(value, bytes):                # an ECF8 frame read to the host: kept
+            f = parse(memoryview(value), verify=False)     # (checked when read)
+            w = Weight(value, TORCH_DTYPES[f.spec.code], f.shape, dev, False, pool,
+                       encoder_options(f.n, options), layout)
         else:                                         # an ECF8 frame resident on the GPU: kept
             f = value.frame
             w = Weight(value, TORCH_DTYPES[f.spec.code], f.shape, dev, False, pool,

@@ -1,0 +1,647 @@
+"""Models that do not fit a GPU memory cap: ecf8 against the offloading users reach for, one table.
+
+    python bench/bench_budget.py --out results/            # every case, H200/H100: about 4-6 minutes
+    python bench/bench_budget.py --smoke --out /tmp/x      # every code path, tiny, on the CPU
+
+The cap is ``torch.cuda.set_per_process_memory_fraction(cap / total memory)``, set once a model is
+built and the allocator's cache emptied: it bounds everything torch's caching allocator holds
+(weights, ecf8 frames, decode tables and buffers, staging buffers, KV caches, activations); not the
+CUDA context.  Weights are RANDOM with real shapes (Gaussian, made on the GPU in their own dtype;
+FP8: E4M3 scaled to amax 448 with a per-tensor scale, as ``bench_generate.py``).  Every row says
+whether its outputs are bit-identical to the baseline's (the same kernels see the same weights).
+
+1. llm-over-cap: a Llama-3-8B-shaped Transformers ``LlamaForCausalLM`` (32 layers, hidden 4096,
+   MLP 14336, 32/8 heads, vocabulary 128256, SDPA) whose uncompressed weights exceed the cap and
+   whose compressed ones fit.  FP8: every decoder linear is an E4M3 weight with a per-tensor
+   ``torch._scaled_mm`` forward (what bench_generate/bench_tax build; Transformers' own FP8 paths
+   are block-scaled Triton kernels or compressed-tensors checkpoints, another computation);
+   embedding and head BF16 and uncompressed (a compressed head would need a 1 GiB decode
+   buffer).  Baseline: Transformers + accelerate offloading exactly as
+   ``from_pretrained(device_map="auto", max_memory={0: cap - headroom, "cpu": ...})`` does it
+   (``transformers.integrations.accelerate._get_device_map`` then ``accelerate_dispatch``:
+   ``dispatch_model`` with AlignDevicesHook, the CPU layers copied in per forward).  ecf8:
+   ``compress_module`` on the decoder layers, all on the GPU.  Greedy
+   ``generate`` of --new-tokens after a --prompt-token prompt; TTFT = seconds of
+   ``generate(max_new_tokens=1)``; tok/s = batch * (new tokens - 1) / (seconds of the whole
+   generate - TTFT): decoding only.
+2. dit-over-cap: a FLUX.1-dev-shaped Diffusers ``FluxTransformer2DModel`` (19 double + 38 single
+   blocks, BF16, 11.9 G weights) at 512x512 (1024 image + 256 text tokens), --dit-steps Euler
+   steps; s/step.  Baselines as Diffusers applies them to a pipeline's transformer: sequential CPU
+   offload (``accelerate.cpu_offload``), model CPU offload (``accelerate.cpu_offload_with_hook``:
+   the whole transformer is moved in, so it cannot fit the cap: reported as such), and group
+   offload (``enable_group_offload``, block level, CUDA stream, pinned: Diffusers' fastest).
+   ecf8: ``compress_module``, all on the GPU.  Final latents compared bit for bit.
+3. kv-budget: bench_generate.py's fixed-memory table (cap = uncompressed model + --kv-gib; the
+   largest batch whose KV cache fits, tok/s there), run in this process.
+4. compressed-offload: the LLM of case 1 under a cap that even its compressed weights exceed.
+   Baseline: accelerate offloading as in case 1, same cap.  ecf8: ``ecf8.torch.offload_module(model,
+   max_gpu_memory=cap - headroom)``: the first layers resident compressed, the others' frames in
+   pinned host memory, copied per forward on a copy stream and decoded on the GPU.  Control row:
+   the same runtime streaming the raw bits (stored frames, no entropy coding), so that the row
+   above it shows what compression adds to pinned, overlapped streaming alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata as md
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ecf8.torch  # noqa: E402
+from ecf8.torch import offload_module  # noqa: E402
+
+BF16, E4M3 = torch.bfloat16, torch.float8_e4m3fn
+GiB = 2**30
+ROWS: list[str] = []
+HEADER = ("| case | format | cap GiB | variant | weights on GPU GiB | batch | TTFT s | tok/s or s/step | "
+          "ratio ecf8/base | outputs identical |")
+
+
+# --- random weights, made where they live --------------------------------------------------------
+
+def _values(shape: tuple, dtype: torch.dtype, seed: int, device: str, kind: str) -> torch.Tensor:
+    """Deterministic tensor number `seed` (the same in every build), made on `device` in `dtype`."""
+    g = torch.Generator(device=device).manual_seed(1000 + seed)
+    if kind == "ones":
+        return torch.ones(shape, dtype=dtype, device=device)
+    make = BF16 if dtype == E4M3 else dtype
+    if kind == "bias":
+        return (torch.randn(shape, generator=g, device=device, dtype=make) * 0.02).to(dtype)
+    w = torch.randn(shape, generator=g, device=device, dtype=make)
+    if kind == "embedding" or len(shape) < 2:
+        return w.to(dtype)
+    return (w * shape[1] ** -0.5).to(dtype)
+
+
+class FP8Linear(torch.nn.Module):
+    """x [..., n_in] BF16 -> [..., n_out] BF16 with an E4M3 weight [n_out, n_in] and a per-tensor
+    scale (``torch._scaled_mm``, rows padded to 16; on the CPU: upcast, for --smoke only)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.in_features, self.out_features = n_in, n_out
+        self.weight = torch.nn.Parameter(torch.empty(n_out, n_in, dtype=E4M3), requires_grad=False)
+        self.register_buffer("scale_b", torch.empty((), dtype=torch.float32))
+        self.register_buffer("one", torch.empty((), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if not x.is_cuda:
+            y = F.linear(x.float(), self.weight.float() * self.scale_b).to(BF16)
+        else:
+            m, pad = x.shape[0], -x.shape[0] % 16
+            xq = (F.pad(x, (0, 0, 0, pad)) if pad else x).to(E4M3)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.one, scale_b=self.scale_b, out_dtype=BF16)
+            y = y[:m] if pad else y
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def materialize(model: torch.nn.Module, device: str, place=lambda name: None) -> None:
+    """Fill a meta-built model with deterministic random tensors made on `device`: matrices
+    N(0, 1/fan_in) (FP8: scaled to amax 448, per-tensor scale), Embedding tables N(0, 1), norm
+    weights 1, other vectors N(0, 0.02^2).  place(name): another device for that tensor
+    (accelerate's CPU share), None for `device`."""
+    for i, (name, p) in enumerate(model.named_parameters(remove_duplicate=False)):
+        if p.device.type != "meta":
+            continue
+        owner_name, last = name.rpartition(".")[::2]
+        owner = model.get_submodule(owner_name)
+        target = place(name) or device
+        if p.dim() >= 2:
+            kind = "embedding" if isinstance(owner, torch.nn.Embedding) else "weight"
+        else:
+            kind = "ones" if "norm" in owner_name.rsplit(".", 1)[-1] and last == "weight" else "bias"
+        if p.dtype == E4M3:
+            w = _values(tuple(p.shape), BF16, i, device, "embedding")
+            amax = w.float().abs().amax()
+            value = (w.float() * (448 / amax)).to(E4M3)
+            owner.scale_b = (amax / 448 / p.shape[1] ** 0.5).float().reshape(()).to(target)
+            owner.one = torch.ones((), device=target)
+        else:
+            value = _values(tuple(p.shape), p.dtype, i, device, kind)
+        owner._parameters[last] = torch.nn.Parameter(value.to(target), requires_grad=False)
+    left = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"buffers left on the meta device: {left[:3]}")
+
+
+# --- the GPU memory cap ----------------------------------------------------------------------------
+
+def settle(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def cap_to(device: str, cap: float | None) -> None:
+    """Bound torch's allocator to `cap` bytes (None: lift the bound)."""
+    settle(device)
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap / total))
+
+
+def on_gpu(device: str) -> float:
+    return torch.cuda.memory_allocated() / GiB if device == "cuda" else float("nan")
+
+
+def now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def row(case, fmt, cap, variant, weights, batch, ttft, value, ratio, same) -> None:
+    def f(x, spec):
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    line = (f"| {case} | {fmt} | {f(cap / GiB if cap else None, '.1f')} | {variant} | {f(weights, '.2f')} | "
+            f"{f(batch, 'd')} | {f(ttft, '.3f')} | {value} | {f(ratio, '.2f')} | {same} |")
+    ROWS.append(line)
+    print(line, flush=True)
+
+
+# --- 1 and 4: an LLM over the cap ------------------------------------------------------------------
+
+def llm_config(args):
+    import transformers
+
+    if args.smoke:
+        dims = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=512, num_hidden_layers=3)
+    else:
+        dims = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                    vocab_size=128256, num_hidden_layers=args.llm_layers)
+    config = transformers.LlamaConfig(**dims, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=False, attn_implementation="sdpa",
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config.dtype = BF16
+    return config
+
+
+def fp8_linears(model) -> None:
+    """Every decoder-layer nn.Linear of a meta-built Llama becomes an FP8Linear (meta too)."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    with torch.device("meta"):
+                        setattr(parent, name, FP8Linear(lin.in_features, lin.out_features))
+
+
+def build_llm(args, fmt: str, device: str, place=lambda name: None):
+    """A random-weight LlamaForCausalLM (FP8 decoder linears for fmt fp8), eval mode."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = llm_config(args)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config).to(BF16)
+    if fmt == "fp8":
+        fp8_linears(model)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
+    materialize(model, device, place)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval().requires_grad_(False)
+
+
+def accelerate_llm(args, fmt: str, device: str, budget: int):
+    """The baseline as from_pretrained(device_map="auto", max_memory=...) builds it: Transformers'
+    own device-map and dispatch helpers over accelerate."""
+    import transformers
+    from transformers.integrations import accelerate as hf_acc
+
+    config = llm_config(args)
+    with torch.device("meta"):
+        shell = transformers.LlamaForCausalLM(config).to(BF16)
+    if fmt == "fp8":
+        fp8_linears(shell)
+    if device == "cuda":
+        max_memory = {0: budget, "cpu": 400 * GiB}
+    else:                                           # smoke: the same calls, the CPU as the "GPU"
+        max_memory = {"cpu": 400 * GiB}
+    device_map = hf_acc._get_device_map(shell, "auto", max_memory, None)
+    del shell
+    cpu = {k for k, v in device_map.items() if v == "cpu"} if device == "cuda" else set()
+
+    def place(name: str):
+        return "cpu" if any(name == k or name.startswith(k + ".") for k in cpu) else None
+
+    model = build_llm(args, fmt, device, place)
+    if device == "cuda":
+        hf_acc.accelerate_dispatch(model, None, device_map, None, None, False)
+    share = sum(1 for v in device_map.values() if v == "cpu")
+    return model, share, len(device_map)
+
+
+def raw_frames(module: torch.nn.Module) -> None:
+    """Control only: every compressed weight of `module` re-held as a stored ECF8 frame (its raw
+    bits, no entropy coding; a valid frame, checksum included) where it was, so that ``offload``
+    streams the uncompressed bytes through the same runtime."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    from ecf8 import decoder_cuda
+    from ecf8 import format as fmt
+
+    seen = set()
+    for m in module.modules():
+        if not ecf8.torch.is_compressed(m) or id(m.__dict__["_ecf8"]) in seen:
+            continue
+        w = m.__dict__["_ecf8"]
+        seen.add(id(w))
+        if w.group is not None:
+            w.group.dissolve()
+        spec = fmt.spec_for_dtype(ecf8.torch.to_numpy(torch.empty(0, dtype=w.dtype)).dtype)
+        bits = w.fresh().contiguous().view(torch.uint8).reshape(-1).cpu().numpy()
+        head = fmt.build_header(spec, fmt.MODE_STORED, tuple(w.shape), 0, None, None, None, 0)
+        start = fmt.align16(len(head))
+        frame = np.zeros(start + bits.nbytes + 4, np.uint8)
+        frame[: len(head)] = np.frombuffer(head, np.uint8)
+        frame[start:-4] = bits
+        crc = zlib.crc32(memoryview(frame[len(head):-4]), fmt.header_crc(head))
+        frame[-4:] = np.frombuffer(struct.pack("<I", crc), np.uint8)
+        if w.device.type == "cuda":
+            with ecf8.torch.torch_memory():
+                w.blob = decoder_cuda.to_device(frame, f"cuda:{w.device.index}", verify=False)
+        else:
+            w.blob = frame.tobytes()
+
+
+def generate(model, args, batch: int, device: str, vocab: int) -> tuple[float, float, torch.Tensor]:
+    """(TTFT s, decode tok/s, generated ids) of greedy generation from a fixed random prompt."""
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(1, vocab, (batch, args.prompt_tokens), generator=g).to(device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    n = args.new_tokens
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)          # warm-up
+    t = now(device)
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    ttft = now(device) - t
+    t = now(device)
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    total = now(device) - t
+    rate = batch * (n - 1) / (total - ttft) if total > ttft else float("nan")   # decoding alone
+    return ttft, rate, out[:, ids.shape[1]:].cpu()
+
+
+def llm(args, fmt: str, device: str) -> None:
+    """Cases 1 and 4 for one format: one ecf8 model (compressed once, then offloaded), two
+    accelerate baselines (one per cap)."""
+    vocab = llm_config(args).vocab_size
+    caps = {"llm-over-cap": args.cap_gb[fmt] * GiB, "compressed-offload": args.offload_cap_gb[fmt] * GiB}
+    cases = [c for c in ("llm-over-cap", "compressed-offload") if c in args.cases]
+    if not cases:
+        return
+    headroom = args.headroom_gb * GiB
+    results: dict = {}
+    t0 = time.perf_counter()
+    model = build_llm(args, fmt, device)
+    plain = sum(p.numel() * p.element_size() for p in model.parameters())
+    stats = ecf8.torch.compress_module(model.model.layers)     # embedding and head stay BF16
+    print(f"# {fmt} LLM: {plain / GiB:.2f} GiB uncompressed, compressed weights "
+          f"{stats.compressed_bytes / GiB:.2f} GiB of {stats.original_bytes / GiB:.2f} "
+          f"({stats.weights} weights, {time.perf_counter() - t0:.1f} s to build and compress)", flush=True)
+    for case in cases:
+        cap = caps[case]
+        if case == "compressed-offload":
+            off = offload_module(model, device, max_gpu_memory=None if args.smoke else int(cap - headroom))
+            print(f"# {fmt} ecf8 offload: {off.resident_blocks} layers resident, {off.offloaded_blocks} "
+                  f"streamed ({off.host_bytes / GiB:.2f} GiB pinned host frames)", flush=True)
+        cap_to(device, cap)
+        w = on_gpu(device)
+        for b in args.batches:
+            try:
+                results[case, "ecf8", b] = (w, *generate(model, args, b, device, vocab))
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                results[case, "ecf8", b] = (w, None, None, f"{type(e).__name__}: {str(e)[:80]}")
+        cap_to(device, None)
+    del model
+    settle(device)
+    if "compressed-offload" in cases and args.control:
+        cap = caps["compressed-offload"]
+        t0 = time.perf_counter()
+        model = build_llm(args, fmt, device)
+        ecf8.torch.compress_module(model.model.layers)
+        raw_frames(model.model.layers)
+        off = offload_module(model, device, max_gpu_memory=None if args.smoke else int(cap - headroom))
+        print(f"# {fmt} control, raw frames streamed by the same runtime: {off.resident_blocks} layers "
+              f"resident, {off.offloaded_blocks} streamed ({off.host_bytes / GiB:.2f} GiB pinned host "
+              f"frames; {time.perf_counter() - t0:.1f} s to build)", flush=True)
+        cap_to(device, cap)
+        w = on_gpu(device)
+        for b in args.batches:
+            try:
+                results["compressed-offload", "control", b] = (w, *generate(model, args, b, device, vocab))
+            except Exception as e:  # noqa: BLE001
+                why = f"{type(e).__name__}: {str(e)[:80]}"
+                results["compressed-offload", "control", b] = (w, None, None, why)
+        cap_to(device, None)
+        del model
+        settle(device)
+    for case in cases:
+        cap = caps[case]
+        t0 = time.perf_counter()
+        base, share, parts = accelerate_llm(args, fmt, device, int(cap - headroom))
+        print(f"# {fmt} accelerate ({case}): {share} of {parts} device-map entries on the CPU, "
+              f"{time.perf_counter() - t0:.1f} s to build", flush=True)
+        cap_to(device, cap)
+        w = on_gpu(device)
+        for b in args.batches:
+            try:
+                results[case, "base", b] = (w, *generate(base, args, b, device, vocab))
+            except Exception as e:  # noqa: BLE001
+                results[case, "base", b] = (w, None, None, f"{type(e).__name__}: {str(e)[:80]}")
+        cap_to(device, None)
+        del base
+        settle(device)
+        for b in args.batches:
+            r = results[case, "base", b]
+            variants = [("accelerate offload", r)]
+            variants.append(("ecf8 on GPU" if case == "llm-over-cap" else "ecf8 offload (compressed)",
+                             results[case, "ecf8", b]))
+            if (case, "control", b) in results:
+                variants.append(("ecf8 offload, raw frames (control)", results[case, "control", b]))
+            for variant, x in variants:
+                ok = isinstance(x[3], torch.Tensor)
+                same = ("—" if not ok or not isinstance(r[3], torch.Tensor) else "reference" if x is r
+                        else "yes" if torch.equal(x[3], r[3]) else "NO")
+                ratio = x[2] / r[2] if x is not r and ok and r[2] else None
+                rate = "n/a" if not ok or math.isnan(x[2]) else f"{x[2]:,.1f} tok/s"
+                row(case, fmt, cap, variant, x[0], b, x[1], rate if ok else x[3], ratio, same)
+
+
+# --- 2. a diffusion transformer over the cap -------------------------------------------------------
+
+def dit_config(args) -> dict:
+    if args.smoke:
+        return dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                    guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    return dict(patch_size=1, in_channels=64, num_layers=args.dit_double, num_single_layers=args.dit_single,
+                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def shell_dit(args):
+    """The FLUX-shaped transformer on the meta device (no weights), eval mode."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel(**dit_config(args)).to(BF16).eval().requires_grad_(False)
+
+
+def build_dit(args, device: str, place=lambda name: None):
+    model = shell_dit(args)
+    materialize(model, device, place)
+    return model
+
+
+def dit_inputs(args, device: str) -> dict:
+    cfg = dit_config(args)
+    side = 4 if args.smoke else args.dit_size // 16
+    text = 8 if args.smoke else args.dit_text
+    g = torch.Generator().manual_seed(7)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    return dict(
+        latents=torch.randn(1, side * side, cfg["in_channels"], generator=g).to(BF16).to(device),
+        encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"],
+                                          generator=g).to(BF16).to(device),
+        pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(BF16).to(device),
+        img_ids=img_ids.to(device), txt_ids=torch.zeros(text, 3, device=device),
+        guidance=torch.full((1,), 3.5, device=device, dtype=torch.float32))
+
+
+def denoise(model, args, device: str) -> tuple[float, torch.Tensor]:
+    """(s/step, final latents) of --dit-steps Euler steps (one warm-up forward first)."""
+    x = dit_inputs(args, device)
+    lat = x.pop("latents")
+    sigmas = torch.linspace(1.0, 0.0, args.dit_steps + 1).tolist()
+
+    def step(lat, s, s_next):
+        t = torch.full((1,), s, device=device, dtype=BF16)
+        v = model(hidden_states=lat, timestep=t, return_dict=False, **x)[0]
+        return lat + (s_next - s) * v
+
+    step(lat, 1.0, 0.9)
+    t0 = now(device)
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        lat = step(lat, s, s_next)
+    return (now(device) - t0) / args.dit_steps, lat.cpu()
+
+
+def dit(args, device: str) -> None:
+    import accelerate
+
+    cap = args.dit_cap_gb * GiB
+    res: dict = {}
+    t0 = time.perf_counter()
+    model = build_dit(args, device)
+    plain = sum(p.numel() * p.element_size() for p in model.parameters())
+    stats = ecf8.torch.compress_module(model)
+    print(f"# DiT: {plain / GiB:.2f} GiB BF16, compressed {stats.compressed_bytes / GiB:.2f} GiB of "
+          f"{stats.original_bytes / GiB:.2f} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    cap_to(device, cap)
+    res["ecf8 on GPU"] = (on_gpu(device), *run_or_error(lambda: denoise(model, args, device)))
+    cap_to(device, None)
+    del model
+    settle(device)
+    t0 = time.perf_counter()
+    host = build_dit(args, device, lambda name: "cpu").state_dict()   # on the host, as Diffusers wants
+    print(f"# DiT host copy: {time.perf_counter() - t0:.1f} s", flush=True)
+    execution = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    for variant in ("sequential CPU offload", "model CPU offload", "group offload (stream)"):
+        t0 = time.perf_counter()
+        model = shell_dit(args)
+        model.load_state_dict(host, assign=True)                       # shares the host tensors
+        if variant == "sequential CPU offload":
+            accelerate.cpu_offload(model, execution, offload_buffers=len(model._parameters) > 0)
+        elif variant == "model CPU offload":
+            accelerate.cpu_offload_with_hook(model, execution)
+        else:
+            model.enable_group_offload(onload_device=execution, offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=1,
+                                       use_stream=device == "cuda")
+        print(f"# DiT {variant}: {time.perf_counter() - t0:.1f} s to build", flush=True)
+        cap_to(device, cap)
+        res[variant] = (on_gpu(device), *run_or_error(lambda: denoise(model, args, device)))
+        cap_to(device, None)
+        del model
+        settle(device)
+    del host
+    base = res["sequential CPU offload"]
+    e = res["ecf8 on GPU"]
+    ref = base[2] if isinstance(base[2], torch.Tensor) else None
+    for variant in ("sequential CPU offload", "model CPU offload", "group offload (stream)", "ecf8 on GPU"):
+        w, sec, lat = res[variant]
+        ok = isinstance(lat, torch.Tensor)
+        same = ("—" if not ok or ref is None else "reference" if variant == "sequential CPU offload"
+                else "yes" if torch.equal(lat, ref) else "NO")
+        ratio = base[1] / sec if variant == "ecf8 on GPU" and ok and ref is not None else None
+        row("dit-over-cap", "bf16", cap, variant, w, 1, None, f"{sec:.3f} s/step" if ok else lat, ratio, same)
+    for variant in ("model CPU offload", "group offload (stream)"):
+        r = res[variant]
+        if isinstance(r[2], torch.Tensor) and isinstance(e[2], torch.Tensor):
+            print(f"# DiT ecf8 on GPU vs {variant}: {r[1] / e[1]:.2f}x", flush=True)
+
+
+def run_or_error(fn):
+    """fn()'s (seconds, output), or (None, 'did not run: ...') when it fails (e.g. out of memory)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot run under the cap is a result
+        return None, f"did not run: {type(e).__name__}: {str(e).splitlines()[0][:70] if str(e) else ''}"
+
+
+# --- 3. the KV-cache budget (bench_generate's table) -----------------------------------------------
+
+def kv_budget(args, device: str) -> None:
+    import bench_generate as bg
+
+    s = bg.TINY if args.smoke else bg.LLAMA3_8B
+    sub = argparse.Namespace(layers=2 if args.smoke else args.kv_layers, group_bytes=None,
+                             max_len=64 if args.smoke else args.kv_max_len)
+    for fmt in ["bf16"] if args.smoke else args.formats:
+        base_bytes = bg.model_bytes(bg.Decoder(s, sub.layers, fmt == "fp8", "meta"))
+        cap = base_bytes + (2**18 if args.smoke else int(args.kv_gib * GiB))
+        out = {}
+        for variant in ("base", "ecf8"):                  # ecf8's tokens at the base's largest batch
+            at = out.get("base", {}).get("batch") or 0
+            stream = torch.cuda.Stream() if device == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                try:
+                    out[variant] = bg.child(sub, s, fmt, variant, cap, device == "cuda", tokens_at=at)
+                except Exception as e:  # noqa: BLE001
+                    out[variant] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
+            cap_to(device, None)
+        b, e = out["base"], out["ecf8"]
+        same = ("yes" if b.get("tokens") is not None and b.get("tokens") == e.get("tokens") else
+                "—" if "error" in b or "error" in e or not b.get("batch") else "NO")
+        for variant, label in (("base", "uncompressed"), ("ecf8", "ecf8 on GPU")):
+            x = out[variant]
+            if "error" in x:
+                row("kv-budget", fmt, cap, label, None, None, None, x["error"], None, "—")
+                continue
+            tok = "n/a" if x["tok_s"] is None else f"{x['tok_s']:,.0f} tok/s" + ("" if x["how"] == "graph"
+                                                                              else " (eager)")
+            ratio = (e["tok_s"] / b["tok_s"] if variant == "ecf8" and "error" not in b and e.get("tok_s")
+                     and b.get("tok_s") else None)
+            row("kv-budget", fmt, cap, f"{label}, largest batch", x["weights"] / GiB, x["batch"], None, tok,
+                ratio, same)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}"]
+    for name in ("transformers", "accelerate", "diffusers", "cupy-cuda13x", "cupy-cuda12x", "cupy"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            parts.append(f"{name} {md.version(name)}")
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for budget.md (the table)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: every code path, no numbers")
+    ap.add_argument("--cases", nargs="+",
+                    default=["llm-over-cap", "dit-over-cap", "kv-budget", "compressed-offload"])
+    ap.add_argument("--formats", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"])
+    ap.add_argument("--llm-layers", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--cap-fp8-gb", type=float, default=8.0, help="llm-over-cap cap, FP8 model (GiB)")
+    ap.add_argument("--cap-bf16-gb", type=float, default=12.0, help="llm-over-cap cap, BF16 model (GiB)")
+    ap.add_argument("--offload-cap-fp8-gb", type=float, default=5.0, help="compressed-offload cap, FP8 (GiB)")
+    ap.add_argument("--offload-cap-bf16-gb", type=float, default=8.0, help="compressed-offload cap, BF16 (GiB)")
+    ap.add_argument("--headroom-gb", type=float, default=1.0,
+                    help="cap minus this = weights budget (accelerate max_memory, ecf8 max_gpu_memory)")
+    ap.add_argument("--dit-double", type=int, default=19)
+    ap.add_argument("--dit-single", type=int, default=38)
+    ap.add_argument("--dit-cap-gb", type=float, default=20.0)
+    ap.add_argument("--dit-size", type=int, default=512, help="image side in pixels (latent tokens = (side/16)^2)")
+    ap.add_argument("--dit-text", type=int, default=256, help="text tokens")
+    ap.add_argument("--dit-steps", type=int, default=3)
+    ap.add_argument("--kv-layers", type=int, default=8)
+    ap.add_argument("--kv-gib", type=float, default=2.0)
+    ap.add_argument("--kv-max-len", type=int, default=1024)
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip the control row: raw (stored) frames streamed by the same offload runtime")
+    ap.add_argument("--max-seconds", type=float, default=420,
+                    help="start no further case after this many seconds (the table says which were skipped)")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        args.batches, args.prompt_tokens, args.new_tokens, args.dit_steps = [1, 2], 8, 3, 2
+        args.cap_fp8_gb = args.cap_bf16_gb = args.offload_cap_fp8_gb = args.offload_cap_bf16_gb = 0.0
+        args.dit_cap_gb, args.headroom_gb = 0.0, -1.0      # smoke: no cap; every block streamed
+    args.cap_gb = {"fp8": args.cap_fp8_gb, "bf16": args.cap_bf16_gb}
+    args.offload_cap_gb = {"fp8": args.offload_cap_fp8_gb, "bf16": args.offload_cap_bf16_gb}
+    torch.set_grad_enabled(False)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke: tiny shapes, numbers meaningless)"
+    head = [f"# GPU: {gpu}; {versions()}",
+            "# RANDOM weights, real shapes; cap = torch.cuda.set_per_process_memory_fraction after each build; "
+            f"weights budget = cap - {args.headroom_gb:g} GiB (accelerate max_memory / ecf8 max_gpu_memory); "
+            f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new; DiT {args.dit_size}px, "
+            f"{args.dit_steps} steps; ratio = ecf8 speed / baseline speed (the row above it)"]
+    print("\n".join(head), flush=True)
+    print(HEADER + "\n|---|---|---:|---|---:|---:|---:|---:|---:|---|", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> str:                         # after every case: a later hang loses nothing
+        took = time.perf_counter() - started
+        table = "\n".join(head + ["", HEADER, "|---|---|---:|---|---:|---:|---:|---:|---:|---|", *ROWS,
+                                  "", f"# total {took:.0f} s"])
+        (out / "budget.md").write_text(table + "\n")
+        return table
+
+    cases = [(f"llm {fmt}", lambda fmt=fmt: llm(args, fmt, device)) for fmt in args.formats
+             if {"llm-over-cap", "compressed-offload"} & set(args.cases)]
+    if "dit-over-cap" in args.cases:
+        cases.append(("dit", lambda: dit(args, device)))
+    if "kv-budget" in args.cases:
+        cases.append(("kv-budget", lambda: kv_budget(args, device)))
+    for name, fn in cases:
+        if time.perf_counter() - started > args.max_seconds:
+            ROWS.append(f"| {name} | — | — | skipped: --max-seconds {args.max_seconds:g} reached "
+                        "| | | | | | |")
+            print(ROWS[-1], flush=True)
+        else:
+            run_case(name, fn, device)
+        write()
+    print(f"\n{write()}\n# written to {out / 'budget.md'}", flush=True)
+
+
+def run_case(name: str, fn, device: str) -> None:
+    t = time.perf_counter()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - one failed case does not lose the others
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        print(f"# case {name}: failed: {type(e).__name__}: {msg}", flush=True)
+        ROWS.append(f"| {name} | — | — | failed: {type(e).__name__}: {msg[:100]} | | | | | | |")
+        cap_to(device, None)
+    print(f"# case {name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
