@@ -20,6 +20,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from .encoder import native_order
 from .errors import CorruptDataError, UnsupportedError
 from .format import DTYPES
 from .signals import held
@@ -355,14 +356,15 @@ def plain_header(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None
                  ) -> tuple[bytes, list[np.ndarray]]:
     """(header bytes, arrays) of the safetensors file write_safetensors writes: the header JSON
     padded with spaces to 8 bytes, and the arrays C-contiguous in data order (those given, or
-    copies).  UnsupportedError for names, metadata or dtypes safetensors cannot store."""
+    copies; big-endian ones converted, values kept).  UnsupportedError for names, metadata or dtypes
+    safetensors cannot store."""
     check_names(tensors, metadata)
     names = {v: k for k, v in DTYPE_NAMES.items()}
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     arrays = []
     for name, x in tensors.items():
-        x = np.asarray(x)
+        x = native_order(np.asarray(x))                  # (safetensors data is little-endian)
         x = x if x.flags.c_contiguous else x.copy()       # (ascontiguousarray makes 0-d 1-d)
         if x.dtype not in names:
             raise UnsupportedError(f"tensor {name!r}: dtype {x.dtype} has no safetensors name")
@@ -376,7 +378,8 @@ def plain_header(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None
 
 def write_safetensors(tensors: dict[str, np.ndarray], path: Path,
                       metadata: dict[str, str] | None = None) -> None:
-    """Write arrays (any DTYPE_NAMES dtype) as a safetensors file, atomically (temp file + rename).
+    """Write arrays (any DTYPE_NAMES dtype, either byte order) as a safetensors file, atomically
+    (temp file + rename).
     UnsupportedError for names, metadata or dtypes safetensors cannot store."""
     blob, arrays = plain_header(tensors, metadata)
     with atomic_file(path) as f:
