@@ -38,8 +38,8 @@ from .stable_file import StableFile
 from .tensor_codecs import CODED, checksum, compress_tensors, daemonic, stored_checksum
 
 __all__ = ["save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
-           "decompress_file", "inspect_file", "verify_file", "check_file", "file_version", "compress_path",
-           "decompress_path", "iter_decoded", "TensorInfo"]
+           "decompress_file", "inspect_file", "verify_file", "check_file", "file_version",
+           "compress_path", "decompress_path", "iter_decoded", "TensorInfo"]
 
 CODECS = ("ecf8", "zstd", "none")
 META_KEY = "ecf8"
@@ -133,7 +133,7 @@ def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray
             "size": raw_bound, "crc": 0xFFFFFFFF}
     reserved = len(_packed_header(layout, [t.nbytes for t in layout.tensors] + [record_bound],
                                   record, info))
-    reserved = max(reserved, -(-(raw_bound - RECORD_SLACK) // RECORD_PER_HEADER_BYTE))   # (readers' bound)
+    reserved = max(reserved, -(-(raw_bound - RECORD_SLACK) // RECORD_PER_HEADER_BYTE))  # (readers)
     reserved += -reserved % 8
     if reserved > MAX_HEADER:
         raise UnsupportedError(f"{src}: the compressed header would take {reserved:,} bytes, over the "
@@ -391,11 +391,11 @@ class CompressedFile:
             f.keys(); f.metadata(); w = f.get_tensor("layers.0.weight")
 
     Opening checks the file's structure (CorruptDataError otherwise); get_tensor decodes one tensor
-    and, on the CPU, checks its crc.  Every array is in memory of its own (the file is read, never
-    mapped: changing the file later changes no array; a file changed while open is a
-    CorruptDataError).  Once closed, every method raises ECF8Error.  device "cpu" gives NumPy arrays of the original dtype and
+    and, on the CPU, checks its crc.  device "cpu" gives NumPy arrays of the original dtype and
     shape, "cuda[:N]" CudaArrays; compressed=True keeps ecf8 tensors compressed on the GPU
-    (DeviceTensors for ``decode_batch``).
+    (DeviceTensors for ``decode_batch``).  Every array is in memory of its own (the file is read,
+    never mapped: changing the file later changes no array; a file changed while open is a
+    CorruptDataError).  Once closed, every method raises ECF8Error.
     """
 
     def __init__(self, path: Path, device: str = "cpu", *, compressed: bool = False):

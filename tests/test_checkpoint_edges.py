@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 import ecf8
-from ecf8 import cli, compressed, safetensors_io, tensor_codecs
+from ecf8 import cli, compressed, safetensors_io
 from ecf8.errors import CorruptDataError, ECF8Error
 
 from checkpoint_helpers import header_of, weights
