@@ -70,10 +70,13 @@ def decode(blob: Any, device: Any = "cpu", *, out: Any = None, stream: Any = Non
 
 
 def copy_into(y: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Copy y's bytes into out (C-contiguous, writeable, same bytes, any dtype); returns out viewed
-    with y's dtype and shape.  UnsupportedError names what is wrong."""
+    """Copy y's bytes into out (C-contiguous, writeable, same bytes, any dtype in native byte
+    order); returns out viewed with y's dtype and shape.  UnsupportedError names what is wrong."""
     if not isinstance(out, np.ndarray):
         raise UnsupportedError(f"out must be a NumPy array on the CPU, not {type(out).__name__}")
+    if not out.dtype.isnative:
+        raise UnsupportedError(f"out must be in this machine's byte order, not {out.dtype.str!r} "
+                               "(its elements would read byte-swapped)")
     if out.nbytes != y.nbytes or not out.flags.c_contiguous or not out.flags.writeable:
         raise UnsupportedError(f"out must be a C-contiguous, writeable array of {y.nbytes} bytes "
                                f"(got {out.nbytes} bytes{'' if out.flags.c_contiguous else ', not contiguous'}"

@@ -367,7 +367,8 @@ def _run(args) -> int:
                         n, problems, what = 1, [], "frame"
                     else:
                         n, problems = compressed.check_file(path, progress=False if args.quiet else None)
-                        what = "tensors"
+                        what = "tensors" if problems or compressed.file_version(path) > 1 else \
+                            "tensors; format 1: no checksums; decoded only"
                 except (ECF8Error, OSError) as e:
                     n, problems = 0, [str(e) if str(path) in str(e) else f"{path}: {e}"]
                 for problem in problems:

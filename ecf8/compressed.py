@@ -1,19 +1,20 @@
 """Compressed checkpoints (format ``ecf8.safetensors``, specified in FORMAT.md section 9 and only
 there): safetensors files whose float tensors are ECF8 frames, written, read, restored and checked.
 
-Writing streams tensor by tensor from a memory map (``tensor_codecs.compress_tensors``) into a
+Reading goes through one open file, never a memory map (``stable_file``: a file truncated, written
+to or replaced meanwhile is a CorruptDataError; arrays loaded are copies that nothing changes).
+Writing streams tensor by tensor from that file (``tensor_codecs.compress_tensors``) into a
 temporary file renamed only on success; the header is reserved at its largest possible size
-(refused beforehand if that exceeds the 100 MB safetensors reads), filled in last and padded with
-spaces as the safetensors format allows.
+(refused beforehand if that exceeds the 100 MB safetensors reads), and at least a quarter of the
+record less 1 MiB (readers refuse a larger record before decompressing it), filled in last and
+padded with spaces as the safetensors format allows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
-import mmap
 import os
 import shutil
 import zlib
@@ -33,11 +34,12 @@ from .progress import _Progress
 from .safetensors_io import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
                              file_mode, load_json, model_files,
                              parse_header, plain_header, read_layout, tensor_files)
-from .tensor_codecs import CODED, checksum, compress_tensors, stored_checksum
+from .stable_file import StableFile
+from .tensor_codecs import CODED, checksum, compress_tensors, daemonic, stored_checksum
 
 __all__ = ["save_file", "load_file", "safe_open", "CompressedFile", "compress_file",
-           "decompress_file", "inspect_file", "verify_file", "check_file", "compress_path",
-           "decompress_path", "iter_decoded", "TensorInfo"]
+           "decompress_file", "inspect_file", "verify_file", "check_file", "file_version",
+           "compress_path", "decompress_path", "iter_decoded", "TensorInfo"]
 
 CODECS = ("ecf8", "zstd", "none")
 META_KEY = "ecf8"
@@ -45,6 +47,13 @@ FORMAT = "ecf8.safetensors"
 VERSION = 2
 RECORD_LEVEL = 9
 RECORD_NAME = "__ecf8__"
+# A record holds at most RECORD_PER_HEADER_BYTE bytes per byte of the compressed header, plus
+# RECORD_SLACK (the writer pads the header to keep to it): its cost is in proportion to the file.
+RECORD_PER_HEADER_BYTE = 4
+RECORD_SLACK = 1 << 20
+# A zstandard block yields at most 128 KiB and takes at least 4 bytes (an RLE block): no frame holds
+# more than 32768 bytes per byte of its own.
+ZSTD_MAX_RATIO = 1 << 15
 # Extra NumPy types for dtypes ecf8 stores as bytes (when ml_dtypes has them).
 _MORE_DTYPES = {"C64": np.complex64, "F8_E8M0": getattr(ml_dtypes, "float8_e8m0fnu", None)}
 
@@ -83,22 +92,36 @@ def compress_file(src: Path, dst: Path, *, jobs: int | None = None, progress: bo
     (default) or "cuda[:N]" (one GPU: "cuda" is the current one), where FP8/BF16/FP16 tensors are
     encoded by the CUDA encoder (the same bytes) in two threads that overlap reading, encoding and
     writing.  jobs: worker processes on the CPU (default: the machine's cores; 1 compresses in
-    this process), at most 2 * jobs tensors in flight; not used on a GPU.
-    layout: src's ``read_layout``, when the caller has read it (read again if the file's size no
-    longer matches).  Returns each tensor's codec ({name: "ecf8" | "zstd" | "none"}).
+    this process, as does a daemonic process), at most 2 * jobs tensors in flight; not used on a GPU.
+    layout: src's ``read_layout``, when the caller has read it (read again unless the open file
+    still begins with that header).  Returns each tensor's codec ({name: "ecf8" | "zstd" | "none"}).
     Raises ECF8Error, before writing anything, for a file safetensors refuses, an already compressed
-    one, or one whose compressed header would exceed safetensors' 100 MB limit.
+    one, or one whose compressed header would exceed safetensors' 100 MB limit; CorruptDataError,
+    leaving nothing, if src is replaced, written to or truncated while it is read.
     """
     src, dst = Path(src), Path(dst)
-    if layout is None or src.stat().st_size != layout.data_start + layout.data_size:
-        layout = read_layout(src)
-    return _pack(layout, dst, file_mode(src), src, None, jobs, progress, options)
+    if not src.is_file():
+        raise UnsupportedError(f"{src}: no such file")
+    with StableFile(src) as source:     # every read of src, workers' too: this file, no memory map
+        if layout is None or not _begins_with(source, layout):
+            layout = read_layout(src)
+            source.check_path()         # (the layout read is the open file's)
+        return _pack(layout, dst, file_mode(src), src, None, jobs, progress, options, source)
+
+
+def _begins_with(source: StableFile, layout: Layout) -> bool:
+    """Whether the open file is the one a layout read earlier describes: its size, and its header's
+    exact bytes."""
+    n = len(layout.text)
+    return (source.size == layout.data_start + layout.data_size and
+            source.read(0, 8 + n).tobytes() == n.to_bytes(8, "little") + layout.text)
 
 
 def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray] | None,
-          jobs: int | None, progress: bool | None, options: dict) -> dict[str, str]:
-    """compress_file of the plain file `layout` describes: the file src, or (raws given: each
-    tensor's bytes, uint8, in data order) the file src would be, never written."""
+          jobs: int | None, progress: bool | None, options: dict, source: StableFile | None = None
+          ) -> dict[str, str]:
+    """compress_file of the plain file `layout` describes: the file src, read through `source`, or
+    (raws given: each tensor's bytes, uint8, in data order) the file src would be, never written."""
     if _is_packed(layout.metadata):
         raise UnsupportedError(f"{src} is already an ecf8-compressed checkpoint")
     names = {t.name for t in layout.tensors}
@@ -110,6 +133,7 @@ def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray
             "size": raw_bound, "crc": 0xFFFFFFFF}
     reserved = len(_packed_header(layout, [t.nbytes for t in layout.tensors] + [record_bound],
                                   record, info))
+    reserved = max(reserved, -(-(raw_bound - RECORD_SLACK) // RECORD_PER_HEADER_BYTE))  # (readers)
     reserved += -reserved % 8
     if reserved > MAX_HEADER:
         raise UnsupportedError(f"{src}: the compressed header would take {reserved:,} bytes, over the "
@@ -121,17 +145,16 @@ def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray
         if gpu.device_id(options["device"]) >= gpu.cupy().cuda.runtime.getDeviceCount():
             raise UnsupportedError(f"{options['device']}: no such GPU")
     bar = _Progress(layout.data_size, f"compress {src.name}", progress)
-    results = compress_tensors(src, layout, jobs, options, raws)
+    results = compress_tensors(src, layout, jobs, options, raws, source)
     try:
-        with open(src, "rb") if raws is None else contextlib.nullcontext() as fin, \
-                atomic_file(dst, mode, _check_packed) as f:
+        with atomic_file(dst, mode, _check_packed) as f:
             f.write(bytes(8 + reserved))
             sizes, table = [], {}
             for i, ((codec, payload, crc, stored_crc), t) in enumerate(zip(results, layout.tensors)):
                 if payload is None and raws is not None:
                     f.write(raws[i].data)
                 elif payload is None:
-                    _copy_range(fin, f, layout.data_start + t.begin, t.nbytes)
+                    _copy_range(source, f, layout.data_start + t.begin, t.nbytes)
                 else:
                     f.write(payload)
                 sizes.append(t.nbytes if payload is None else len(payload))
@@ -146,6 +169,8 @@ def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray
                 raise ECF8Error("internal error: safetensors header outgrew its reservation")
             f.seek(0)
             f.write(reserved.to_bytes(8, "little") + text + b" " * (reserved - len(text)))
+            if source is not None:
+                source.check_path()     # (every byte read came from the file still at src)
     except ECF8Error as e:
         if str(src) in str(e):
             raise
@@ -156,14 +181,9 @@ def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray
     return {name: row[0] for name, row in table.items()}
 
 
-def _copy_range(fin, fout, start: int, n: int) -> None:
-    fin.seek(start)
-    while n:
-        chunk = fin.read(min(n, 1 << 24))
-        if not chunk:
-            raise CorruptDataError(f"{fin.name}: the file shrank while being read")
-        fout.write(chunk)
-        n -= len(chunk)
+def _copy_range(source: StableFile, fout, start: int, n: int) -> None:
+    for at in range(start, start + n, 1 << 24):
+        fout.write(source.read(at, min(start + n - at, 1 << 24)).data)
 
 
 def _check_packed(path: Path) -> None:
@@ -194,7 +214,19 @@ class _Packed:
 
     def __init__(self, path: Path):
         self.path = path = Path(path)
+        if not path.is_file():
+            raise UnsupportedError(f"{path}: no such file")
+        self.file = StableFile(path)     # every read: a copy from this open file (no memory map)
+        try:
+            self._open(path)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _open(self, path: Path) -> None:
         packed = read_layout(path)
+        self.file.check_path()              # (the layout read is the open file's)
+        self.header_bytes = len(packed.text)
         meta = packed.metadata.get(META_KEY)
         if meta is None:
             raise UnsupportedError(f"{path}: not an ecf8-compressed checkpoint (no __metadata__['{META_KEY}'])")
@@ -203,18 +235,15 @@ class _Packed:
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
         if type(info.get("version")) is not int or info["version"] not in (1, VERSION):
             raise UnsupportedError(f"{path}: {FORMAT} version {info.get('version')!r} (this ecf8 reads 1 and 2)")
-        with open(path, "rb") as f:       # (closed when the last array viewing it goes)
-            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-        self.stored = {t.name: view[packed.data_start + t.begin: packed.data_start + t.end]
-                       for t in packed.tensors}
+        self.spans = {t.name: (packed.data_start + t.begin, t.nbytes) for t in packed.tensors}
         self.version = info["version"]
         text, table = self._v2(info) if self.version == VERSION else self._v1(info)
         self.original = parse_header(text, f"{path}: the original header")
         self.tensors = {t.name: t for t in self.original.tensors}
         if self.version == VERSION and info["record"] in self.tensors:
             raise CorruptDataError(f"{path}: the record {info['record']!r} is also an original tensor")
-        extra = set(self.stored) - set(self.tensors) - {info.get("record")}
-        missing = set(self.tensors) - set(self.stored)
+        extra = set(self.spans) - set(self.tensors) - {info.get("record")}
+        missing = set(self.tensors) - set(self.spans)
         if extra or missing or set(table) != set(self.tensors):
             which = sorted(extra | missing | (set(table) ^ set(self.tensors)))[0]
             raise CorruptDataError(f"{path}: tensor {which!r} is not both in the compressed and the "
@@ -224,9 +253,9 @@ class _Packed:
             if not (isinstance(row, list) and len(row) == 3 and row[0] in CODECS and all(
                     v is None if self.version == 1 else type(v) is int for v in row[1:])):
                 raise CorruptDataError(f"{path}: tensor {name!r} has a malformed codec entry")
-            if (row[0] == "none" and len(self.stored[name]) != t.nbytes) or (
+            if (row[0] == "none" and self.spans[name][1] != t.nbytes) or (
                     row[0] == "ecf8" and t.dtype not in CODED):
-                raise CorruptDataError(f"{path}: tensor {name!r}: {len(self.stored[name])} stored bytes "
+                raise CorruptDataError(f"{path}: tensor {name!r}: {self.spans[name][1]} stored bytes "
                                        f"do not fit codec {row[0]} for {t.dtype} {list(t.shape)}")
         if self.version == VERSION:
             odd = [t.name for t in packed.tensors if t.dtype != "U8" or t.shape != (t.nbytes,)]
@@ -241,11 +270,14 @@ class _Packed:
         path, record = self.path, info.get("record")
         n, size, crc = info.get("header"), info.get("size"), info.get("crc")
         if not (set(info) == {"format", "version", "record", "header", "size", "crc"}
-                and isinstance(record, str) and record in self.stored
+                and isinstance(record, str) and record in self.spans
                 and all(type(v) is int for v in (n, size, crc))
                 and 0 <= n <= min(size, MAX_HEADER) and size <= 4 * MAX_HEADER):
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")
-        raw = _unzstd(self.stored[record], size, f"{path}: record {record!r}")
+        if size > RECORD_PER_HEADER_BYTE * self.header_bytes + RECORD_SLACK:
+            raise CorruptDataError(f"{path}: record {record!r} claims {size:,} bytes, more than a "
+                                   f"header of {self.header_bytes:,} bytes allows")
+        raw = _unzstd(self.stored(record), size, f"{path}: record {record!r}")
         if _record_crc(raw, n) != crc or raw[n:n + 1] != b"{":
             raise CorruptDataError(f"{path}: record {record!r} fails its checksum")
         table = load_json(raw[n:], f"{path}: record {record!r}")
@@ -273,16 +305,21 @@ class _Packed:
         if codec == "ecf8":
             data = self.decode(name, "cpu").reshape(-1).view(np.uint8)
         elif codec == "zstd":
-            data = np.frombuffer(_unzstd(self.payload(name), t.nbytes, where), np.uint8)
+            data = np.frombuffer(bytearray(_unzstd(self.payload(name), t.nbytes, where)), np.uint8)
         else:
-            data = np.frombuffer(self.payload(name), np.uint8)
+            data = self.payload(name)
         if crc is not None and checksum(t, data) != crc:
             raise CorruptDataError(f"{where} fails its checksum")
         return data
 
-    def payload(self, name: str) -> memoryview:
-        """The bytes stored for a tensor, checked against its stored crc."""
-        data, stored_crc = self.stored[name], self.codecs[name][2]
+    def stored(self, name: str) -> np.ndarray:
+        """The bytes stored for an entry of the compressed header (uint8, a copy read from the file;
+        CorruptDataError if the file changed since it was opened)."""
+        return self.file.read(*self.spans[name])
+
+    def payload(self, name: str) -> np.ndarray:
+        """The bytes stored for a tensor (uint8, a copy), checked against its stored crc."""
+        data, stored_crc = self.stored(name), self.codecs[name][2]
         if stored_crc is not None and stored_checksum(self.tensors[name], data) != stored_crc:
             raise CorruptDataError(f"{self.path}: tensor {name!r}: its stored bytes fail their checksum")
         return data
@@ -290,7 +327,7 @@ class _Packed:
     def decode(self, name: str, device: str) -> Any:
         """An ecf8-coded tensor decoded on a device, checked to have the original dtype and shape."""
         t = self.tensors[name]
-        payload = np.frombuffer(self.payload(name), np.uint8)      # (its errors name the tensor)
+        payload = self.payload(name)                                # (its errors name the tensor)
         try:
             x = api.decode(payload, device=device)
         except ECF8Error as e:
@@ -315,7 +352,7 @@ class _Packed:
         return data
 
     def close(self) -> None:
-        self.stored = {}
+        self.file.close()
 
 
 def _record_crc(raw: bytes, n: int) -> int:
@@ -324,7 +361,10 @@ def _record_crc(raw: bytes, n: int) -> int:
 
 
 def _unzstd(data, size: int, where: str) -> bytes:
-    """A zstandard frame that must hold exactly `size` bytes (checked before allocating)."""
+    """A zstandard frame that must hold exactly `size` bytes (checked before allocating: no frame
+    can hold more than ZSTD_MAX_RATIO bytes per byte of its own)."""
+    if size > ZSTD_MAX_RATIO * len(data):
+        raise CorruptDataError(f"{where}: a zstandard frame of {len(data):,} bytes cannot hold {size:,}")
     try:
         if zstandard.frame_content_size(data) != size:
             raise CorruptDataError(f"{where}: the zstandard frame does not hold {size} bytes")
@@ -353,7 +393,9 @@ class CompressedFile:
     Opening checks the file's structure (CorruptDataError otherwise); get_tensor decodes one tensor
     and, on the CPU, checks its crc.  device "cpu" gives NumPy arrays of the original dtype and
     shape, "cuda[:N]" CudaArrays; compressed=True keeps ecf8 tensors compressed on the GPU
-    (DeviceTensors for ``decode_batch``).
+    (DeviceTensors for ``decode_batch``).  Every array is in memory of its own (the file is read,
+    never mapped: changing the file later changes no array; a file changed while open is a
+    CorruptDataError).  Once closed, every method raises ECF8Error.
     """
 
     def __init__(self, path: Path, device: str = "cpu", *, compressed: bool = False):
@@ -363,17 +405,23 @@ class CompressedFile:
         self.device, self.compressed = device, compressed
         self._packed = _Packed(path)
 
+    def _open(self) -> _Packed:
+        """The open file; ECF8Error once closed (after its with block), whatever is asked."""
+        if self._packed.file.closed:
+            raise ECF8Error(f"{self._packed.path}: the file is closed (use it inside its with block)")
+        return self._packed
+
     def keys(self) -> list[str]:
         """Tensor names, in the original file's data order."""
-        return self._packed.names()
+        return self._open().names()
 
     def metadata(self) -> dict[str, str] | None:
         """The original file's __metadata__ (None when it had none), as safetensors gives it."""
-        return dict(self._packed.original.metadata) or None
+        return dict(self._open().original.metadata) or None
 
     def get_tensor(self, name: str) -> Any:
-        """One tensor, decoded (KeyError for an unknown name)."""
-        p = self._packed
+        """One tensor, decoded, in memory of its own (KeyError for an unknown name)."""
+        p = self._open()
         if name not in p.tensors:
             raise KeyError(name)
         t, codec = p.tensors[name], p.codecs[name][0]
@@ -381,7 +429,7 @@ class CompressedFile:
             if self.compressed:
                 from .decoder_cuda import to_device
 
-                return to_device(np.frombuffer(p.payload(name), np.uint8), self.device)
+                return to_device(p.payload(name), self.device)
             return p.decode(name, self.device)
         x = p.restore(name).view(_numpy_dtype(p.path, t)).reshape(t.shape)
         return x if self.device == "cpu" else _to_device(x, self.device)
@@ -397,15 +445,17 @@ class CompressedFile:
 
     def dtype_of(self, name: str) -> str:
         """A tensor's safetensors dtype string (any string: ecf8 passes unknown ones through)."""
-        if name not in self._packed.tensors:
+        p = self._open()
+        if name not in p.tensors:
             raise KeyError(name)
-        return self._packed.tensors[name].dtype
+        return p.tensors[name].dtype
 
     def get_bytes(self, name: str) -> np.ndarray:
         """One tensor's original bytes (uint8, checked against its crc), whatever its dtype."""
-        if name not in self._packed.tensors:
+        p = self._open()
+        if name not in p.tensors:
             raise KeyError(name)
-        return self._packed.restore(name)
+        return p.restore(name)
 
     def close(self) -> None:
         self._packed.close()
@@ -495,10 +545,18 @@ def inspect_file(path: Path) -> list[TensorInfo]:
     record account for every byte (CorruptDataError otherwise; no tensor is decoded)."""
     p = _Packed(path)
     try:
-        return [TensorInfo((t.name, t.dtype, t.shape, p.codecs[t.name][0], t.nbytes, len(p.stored[t.name])))
+        return [TensorInfo((t.name, t.dtype, t.shape, p.codecs[t.name][0], t.nbytes, p.spans[t.name][1]))
                 for t in p.original.tensors]
     finally:
         p.close()
+
+
+def file_version(path: Path) -> int:
+    """The ecf8.safetensors format version of a compressed file, after the checks of opening it:
+    2 (a checksum per tensor and over the record) or 1 (no checksums: verify can only decode)."""
+    p = _Packed(path)
+    p.close()
+    return p.version
 
 
 def check_file(path: Path, progress: bool | None = None) -> tuple[int, list[str]]:
@@ -525,7 +583,8 @@ def check_file(path: Path, progress: bool | None = None) -> tuple[int, list[str]
 
 def verify_file(path: Path, progress: bool | None = None) -> int:
     """Check every checksum and decode every tensor; the number of tensors checked, or
-    CorruptDataError with the first problem (check_file lists them all)."""
+    CorruptDataError with the first problem (check_file lists them all).  A version-1 file has no
+    checksums: its tensors are only decoded (file_version tells)."""
     count, problems = check_file(path, progress)
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
@@ -590,11 +649,13 @@ def compress_path(src: Path, dst: Path, *, layouts: dict[Path, Layout] | None = 
     """A safetensors file, or a model folder, compressed to dst (see compress_file); returns the
     compressed files.  device="cuda" on a folder of several shards with several GPUs visible spreads
     the shards over all of them, one worker process per GPU (``ecf8.gpu_pool``; jobs not used);
-    the files are the same bytes.  A single file is compressed on one GPU.  layouts: {input file
+    the files are the same bytes.  A single file is compressed on one GPU.  In a daemonic process
+    (a worker of another pool, which may start no processes) all the work is done in this process,
+    to the same bytes.  layouts: {input file
     (as ``tensor_files(src)`` names it): its ``read_layout``} where the caller has read them (not
     read again); codecs: a dict to fill with {output file: {tensor: codec}}."""
     many = None
-    if kwargs.get("device") == "cuda" and Path(src).is_dir():
+    if kwargs.get("device") == "cuda" and Path(src).is_dir() and not daemonic():
         from . import gpu_pool
 
         gpus = gpu_pool.gpus()          # (UnsupportedError without CuPy or a GPU: nothing written)

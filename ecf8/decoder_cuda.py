@@ -307,13 +307,15 @@ def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = No
     allocation, no host-device copy, no synchronization.
     """
     cupy = gpu.cupy()
-    dt = blob if isinstance(blob, DeviceTensor) else to_device(blob, device, verify=verify)
-    if isinstance(blob, DeviceTensor) and device != "cuda" and gpu.device_id(device) != dt.device_id:
+    dt = blob if isinstance(blob, DeviceTensor) else None
+    if dt is not None and device != "cuda" and gpu.device_id(device) != dt.device_id:
         raise UnsupportedError(f"tensor lives on cuda:{dt.device_id}, not {device}")
-    spec, f = dt.frame.spec, dt.frame
-    with cupy.cuda.Device(dt.device_id):
+    with cupy.cuda.Device(dt.device_id if dt is not None else gpu.device_id(device)):
         st = gpu.stream(stream)
         with st:
+            if dt is None:      # uploaded on st: ordered before the decode, and its memory goes
+                dt = to_device(blob, device, verify=verify)    # back to st's pool, reused after it
+            spec, f = dt.frame.spec, dt.frame
             if out is None:
                 bits = cupy.empty(f.n, spec.uint)
                 ptr = bits.data.ptr

@@ -13,7 +13,8 @@ from .errors import UnsupportedError
 from .table_choice import assign_tables
 from .tables import canonical_codes
 
-__all__ = ["encode", "check_args", "reject_framework_tensor", "decode_chunk_size", "on_cuda"]
+__all__ = ["encode", "check_args", "reject_framework_tensor", "decode_chunk_size", "on_cuda",
+           "native_order"]
 
 BATCH_ELEMENTS = 1 << 19   # elements coded per pass; bounds the encoder's working memory
 
@@ -60,13 +61,20 @@ def check_args(shape: tuple[int, ...], chunk_size: int, max_tables: int) -> None
         raise UnsupportedError(f"ecf8 codes at most {fmt.MAX_NDIM} dimensions, not {len(shape)}")
 
 
+def native_order(x: np.ndarray) -> np.ndarray:
+    """x with its elements in this machine's byte order: the same values, converted (a copy) when
+    stored the other way round (a big-endian '>f2' or '>u2' array, say); x itself otherwise.
+    Every path into a frame or a file goes through this, so that no element is read byte-swapped."""
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
 def encode(x: np.ndarray, *, chunk_size: int | None = 32768, max_tables: int = 4,
            allow_stored: bool = True, dtype=None, stream=None) -> bytes:
     """Compress a host array losslessly into one ECF8 frame (``ecf8.encode`` also takes CUDA
     arrays, encoded on their GPU by ``ecf8.encoder_cuda``).
 
     x: any shape (0-d and empty too), contiguous or not, of dtype float8_e4m3fn, float8_e5m2,
-    bfloat16 or float16.  chunk_size: elements per independently decodable chunk, a power of two
+    bfloat16 or float16 (either byte order: frames are little-endian, values are kept).  chunk_size: elements per independently decodable chunk, a power of two
     from 512 to 2**20, or None for ``decode_chunk_size(x.size)`` (GPU decoding speed over size).
     max_tables: code tables the chunks may choose among, 1 to 8.
     allow_stored: store the elements raw (mode 1) when coding would not make them smaller; with
@@ -76,7 +84,7 @@ def encode(x: np.ndarray, *, chunk_size: int | None = 32768, max_tables: int = 4
     reject_framework_tensor(x)
     if dtype is not None or stream is not None:
         raise UnsupportedError("dtype= and stream= apply to CUDA arrays only")
-    x = np.asarray(x)
+    x = native_order(np.asarray(x))            # (big-endian float16: the same values)
     spec = fmt.spec_for_dtype(x.dtype)
     if chunk_size is None:
         chunk_size = decode_chunk_size(x.size)

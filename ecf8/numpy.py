@@ -10,6 +10,7 @@ import numpy as np
 from .api import copy_into
 from .api import decode as _decode
 from .encoder import encode as _encode
+from .encoder import native_order
 from .errors import ECF8Error, UnsupportedError
 from .names import device_name, dtype_spec
 
@@ -34,13 +35,15 @@ def decode(blob: Any, device: Any = "cpu", out: np.ndarray | None = None, stream
 
 
 def load_npy(path: Path, dtype: str | None) -> np.ndarray:
-    """An array from a .npy file, viewed as `dtype` (e4m3, e5m2, bf16, fp16) when given."""
+    """An array from a .npy file in native byte order (a big-endian file's values converted), viewed
+    as `dtype` (e4m3, e5m2, bf16, fp16: elements of its size hold that type's bits) when given."""
     try:
         x = np.load(path, allow_pickle=False)
     except ValueError:           # a pickle, a safetensors file, a frame: NumPy's text is misleading
         raise ECF8Error(f"{path}: not a .npy array file") from None
     if not isinstance(x, np.ndarray):
         raise ECF8Error(f"{path}: a .npz archive, not a .npy array file")
+    x = native_order(x)         # ('>u2', '>f2': the same values, not their bytes read the other way)
     if dtype:
         spec = dtype_spec(dtype)
         if x.dtype.itemsize != spec.dtype.itemsize or x.dtype.kind not in "uiVf":

@@ -1,4 +1,4 @@
-"""safetensors files: validation, a strict header parser, a memory-mapped reader, atomic writers.
+"""safetensors files: validation, a strict header parser, a reader, atomic writers.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
 name to {dtype, shape, data_offsets} (plus an optional "__metadata__" of strings), then the data.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import mmap
 import os
 import shutil
 import tempfile
@@ -20,9 +19,11 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from .encoder import native_order
 from .errors import CorruptDataError, UnsupportedError
 from .format import DTYPES
 from .signals import held
+from .stable_file import StableFile
 
 __all__ = ["DTYPE_NAMES", "MAX_HEADER", "Entry", "Tensor", "Layout", "nbytes_of", "load_json",
            "check_safetensors", "parse_header", "read_layout", "atomic_file", "atomic_dir",
@@ -243,8 +244,8 @@ def atomic_dir(path: Path, mode: int | None = None):
 
 
 class Entry(tuple):
-    """(name, dtype name, shape, array, file offset) of one tensor; the array is a read-only
-    memory-map view starting at that byte offset of the file."""
+    """(name, dtype name, shape, array, file offset) of one tensor; the array holds a copy of the
+    bytes at that offset of the file."""
 
     __slots__ = ()
 
@@ -271,24 +272,26 @@ def read_header_text(path: Path) -> tuple[dict, bytes]:
 
 
 def iter_tensors(path: Path, raw: bool = False) -> Iterator[Entry]:
-    """Each tensor of a safetensors file in data order, as a zero-copy view of a memory map.
+    """Each tensor of a safetensors file in data order, each array a copy in memory of its own (the
+    file is read, never mapped: CorruptDataError if it changes meanwhile; nothing loaded changes).
 
-    Dtypes outside DTYPE_NAMES raise UnsupportedError, or with raw=True come as uint8 byte views.
+    Dtypes outside DTYPE_NAMES raise UnsupportedError, or with raw=True come as uint8 byte arrays.
     """
     path = Path(path)
-    layout = read_layout(path)
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if layout.data_size else None
-    for t in layout.tensors:
-        if t.dtype in DTYPE_NAMES:
-            dtype, shape = DTYPE_NAMES[t.dtype], t.shape
-        elif raw:
-            dtype, shape = np.dtype(np.uint8), (t.nbytes,)
-        else:
-            raise UnsupportedError(f"{path}: tensor {t.name!r} has unsupported dtype {t.dtype}")
-        count = t.nbytes // dtype.itemsize
-        array = np.frombuffer(mm, dtype, count, layout.data_start + t.begin) if count else np.empty(0, dtype)
-        yield Entry(t.name, t.dtype, shape, array.reshape(shape), layout.data_start + t.begin)
+    if not path.is_file():
+        raise UnsupportedError(f"{path}: no such file")
+    with StableFile(path) as f:
+        layout = read_layout(path)
+        f.check_path()                  # (the layout read is the open file's)
+        for t in layout.tensors:
+            if t.dtype in DTYPE_NAMES:
+                dtype, shape = DTYPE_NAMES[t.dtype], t.shape
+            elif raw:
+                dtype, shape = np.dtype(np.uint8), (t.nbytes,)
+            else:
+                raise UnsupportedError(f"{path}: tensor {t.name!r} has unsupported dtype {t.dtype}")
+            array = f.read(layout.data_start + t.begin, t.nbytes).view(dtype)
+            yield Entry(t.name, t.dtype, shape, array.reshape(shape), layout.data_start + t.begin)
 
 
 def model_files(folder: Path) -> tuple[list[str], list[str]]:
@@ -355,14 +358,15 @@ def plain_header(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None
                  ) -> tuple[bytes, list[np.ndarray]]:
     """(header bytes, arrays) of the safetensors file write_safetensors writes: the header JSON
     padded with spaces to 8 bytes, and the arrays C-contiguous in data order (those given, or
-    copies).  UnsupportedError for names, metadata or dtypes safetensors cannot store."""
+    copies; big-endian ones converted, values kept).  UnsupportedError for names, metadata or dtypes
+    safetensors cannot store."""
     check_names(tensors, metadata)
     names = {v: k for k, v in DTYPE_NAMES.items()}
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     arrays = []
     for name, x in tensors.items():
-        x = np.asarray(x)
+        x = native_order(np.asarray(x))                  # (safetensors data is little-endian)
         x = x if x.flags.c_contiguous else x.copy()       # (ascontiguousarray makes 0-d 1-d)
         if x.dtype not in names:
             raise UnsupportedError(f"tensor {name!r}: dtype {x.dtype} has no safetensors name")
@@ -376,7 +380,8 @@ def plain_header(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None
 
 def write_safetensors(tensors: dict[str, np.ndarray], path: Path,
                       metadata: dict[str, str] | None = None) -> None:
-    """Write arrays (any DTYPE_NAMES dtype) as a safetensors file, atomically (temp file + rename).
+    """Write arrays (any DTYPE_NAMES dtype, either byte order) as a safetensors file, atomically
+    (temp file + rename).
     UnsupportedError for names, metadata or dtypes safetensors cannot store."""
     blob, arrays = plain_header(tensors, metadata)
     with atomic_file(path) as f:

@@ -1,6 +1,7 @@
 """Per-tensor compression for compressed checkpoints: which codec each tensor is stored with (an ECF8
 frame, zstandard, or its bytes), its checksums (FORMAT.md section 9), and a file's tensors
-compressed in data order by worker processes (CPU) or overlapping threads (GPU)."""
+compressed in data order by worker processes (CPU) or overlapping threads (GPU), every byte read
+through one open file (``stable_file``: no memory map; a file changed meanwhile is refused)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from . import format as fmt
 from .errors import ECF8Error
 from .safetensors_io import DTYPE_NAMES, Layout, Tensor
 from .signals import held, worker_init, worker_parent
+from .stable_file import Identity, StableFile
 
-__all__ = ["choose_codec", "checksum", "stored_checksum", "compress_tensors", "CODED", "ZSTD_LEVEL",
-           "INLINE"]
+__all__ = ["choose_codec", "checksum", "stored_checksum", "compress_tensors", "daemonic", "CODED",
+           "ZSTD_LEVEL", "INLINE"]
 
 CODED = fmt.CODED_NAMES       # dtype names stored as ECF8 frames
 ZSTD_LEVEL = 19
@@ -87,10 +89,12 @@ def _compress_one(t: Tensor, raw: np.ndarray, options: dict) -> tuple[str, bytes
     return codec, payload, crc, stored_checksum(t, raw if payload is None else payload)
 
 
-def _worker(path: str, start: int, t: Tensor, options: dict) -> tuple[str, bytes | None, int, int]:
-    """_compress_one in a worker process, on a memory map of just this tensor."""
-    raw = np.memmap(path, np.uint8, "r", start + t.begin, (t.nbytes,)) if t.nbytes else \
-        np.empty(0, np.uint8)
+def _worker(path: str, identity: Identity, start: int, t: Tensor, options: dict
+            ) -> tuple[str, bytes | None, int, int]:
+    """_compress_one in a worker process, on this tensor's bytes read from the file the parent opened
+    (checked by identity: CorruptDataError if `path` now names another file, or it changed)."""
+    with StableFile(path, identity) as f:
+        raw = f.read(start + t.begin, t.nbytes)
     return _compress_one(t, raw, options)
 
 
@@ -112,20 +116,22 @@ def _stop(pool: cf.ProcessPoolExecutor) -> None:
 
 
 def compress_tensors(src: Path, layout: Layout, jobs: int, options: dict,
-                     raws: list[np.ndarray] | None = None) -> Iterator[tuple]:
-    """_compress_one of each tensor of the file src, in data order; raws: the tensors' bytes (uint8,
-    one array per tensor of layout, in data order) instead of the file's, compressed in this
+                     raws: list[np.ndarray] | None = None, source: StableFile | None = None
+                     ) -> Iterator[tuple]:
+    """_compress_one of each tensor of the file src, in data order, read through `source` (src
+    opened once; worker processes check they reopen that same file); raws: the tensors' bytes
+    (uint8, one array per tensor of layout, in data order) instead of a file's, compressed in this
     process.  With jobs > 1, tensors of INLINE bytes or more go to worker processes, at most
     2 * jobs in flight (on a GPU: 4, whatever jobs); if the consumer stops early (an error, Ctrl-C,
-    SIGTERM), the workers are killed at once."""
-    if raws is None:
-        data = np.memmap(src, np.uint8, "r", layout.data_start, (layout.data_size,)) \
-            if layout.data_size else np.empty(0, np.uint8)
-        raws = [data[t.begin:t.end] for t in layout.tensors]
-    else:
+    SIGTERM), the workers are killed at once.  A daemonic process (a worker of another pool), which
+    may start no processes, compresses every tensor itself."""
+    def raw(i: int, t: Tensor) -> np.ndarray:
+        return raws[i] if raws is not None else source.read(layout.data_start + t.begin, t.nbytes)
+
+    if raws is not None:
         jobs = 1
     on_gpu = options.get("device", "cpu") != "cpu"
-    big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors)
+    big = jobs > 1 and any(t.nbytes >= INLINE for t in layout.tensors) and not daemonic()
     pool = cf.ProcessPoolExecutor(jobs, initializer=worker_init, initargs=(worker_parent(),)) \
         if big and not on_gpu else None
     # On a GPU: tensors are read, encoded and written in overlapping threads (no worker processes).
@@ -133,15 +139,16 @@ def compress_tensors(src: Path, layout: Layout, jobs: int, options: dict,
     depth = 4 if on_gpu else 2 * jobs
     window: collections.deque = collections.deque()
     try:
-        for t, raw in zip(layout.tensors, raws):
+        for i, t in enumerate(layout.tensors):
             if threads is not None:
-                window.append(threads.submit(_compress_one, t, raw, options))
+                window.append(threads.submit(_compress_one, t, raw(i, t), options))
             elif pool is not None and t.nbytes >= INLINE:
                 with held():
-                    window.append(pool.submit(_worker, str(src), layout.data_start, t, options))
+                    window.append(pool.submit(_worker, str(source.path), source.identity,
+                                              layout.data_start, t, options))
             else:
                 window.append(cf.Future())
-                window[-1].set_result(_compress_one(t, raw, options))
+                window[-1].set_result(_compress_one(t, raw(i, t), options))
             if len(window) >= depth:
                 yield window.popleft().result()
         while window:
@@ -157,3 +164,10 @@ def compress_tensors(src: Path, layout: Layout, jobs: int, options: dict,
     finally:
         if threads is not None:
             threads.shutdown(wait=True, cancel_futures=True)
+
+
+def daemonic() -> bool:
+    """Whether this is a daemonic process (which multiprocessing forbids to start processes)."""
+    import multiprocessing
+
+    return bool(multiprocessing.current_process().daemon)
