@@ -12,29 +12,27 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import ECF8Error
 
-if TYPE_CHECKING:
-    from .runtime import Weight
 
 __all__ = ["register", "decode_in_graph", "token"]
 
-_WEIGHTS: "weakref.WeakValueDictionary[int, Weight]" = weakref.WeakValueDictionary()
+_WEIGHTS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 _NUMBERS = itertools.count(1)
 
 
-def register(w: "Weight") -> int:
+def register(w: Any) -> int:
     """A new registry number for w (at creation and after unpickling)."""
     number = next(_NUMBERS)
     _WEIGHTS[number] = w
     return number
 
 
-def token(w: "Weight") -> str:
+def token(w: Any) -> str:
     return f"{w.number}.{w.generation}"
 
 
@@ -51,7 +49,7 @@ def _(token: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def decode_in_graph(w: "Weight") -> torch.Tensor:
+def decode_in_graph(w: Any) -> torch.Tensor:
     """w decoded by the custom operator (what a compiled forward calls); a DTensor under tensor
     parallelism."""
     return w._wrap(torch.ops.ecf8.decode_weight(token(w), list(w.shape), w.dtype, w.device))

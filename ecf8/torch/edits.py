@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves
 
 from ..errors import UnsupportedError
 
-if TYPE_CHECKING:
-    from .runtime import Weight
 
 __all__ = ["DecodedWeight", "copy_of", "refresh", "plain"]
 
@@ -44,7 +42,7 @@ class DecodedWeight(torch.Tensor):
     """A decoded copy of a compressed weight (or a view of one): in-place changes re-encode the
     weight.  Its ``_ecf8_weight`` is the held weight, ``_ecf8_whole`` the whole copy."""
 
-    _ecf8_weight: "Weight"
+    _ecf8_weight: Any
     _ecf8_whole: torch.Tensor
 
     @classmethod
@@ -83,7 +81,7 @@ def _views(out: Any, mine: list) -> Any:
     return out
 
 
-def _link(t: torch.Tensor, w: "Weight", whole: torch.Tensor | None) -> DecodedWeight:
+def _link(t: torch.Tensor, w: Any, whole: torch.Tensor | None) -> DecodedWeight:
     out = t.as_subclass(DecodedWeight)
     out._ecf8_weight = w
     out._ecf8_whole = out if whole is None else whole
@@ -111,7 +109,7 @@ def _set_whole(whole: DecodedWeight, value: Any) -> None:
         _write_back(whole)
 
 
-def copy_of(w: "Weight") -> DecodedWeight:
+def copy_of(w: Any) -> DecodedWeight:
     """The weight's decoded copy: the one handed out before while it is referenced, else a new
     one."""
     ref = w.__dict__.get("copy")
@@ -123,7 +121,7 @@ def copy_of(w: "Weight") -> DecodedWeight:
     return t
 
 
-def refresh(w: "Weight", value: torch.Tensor) -> None:
+def refresh(w: Any, value: torch.Tensor) -> None:
     """The weight was replaced by value (other than through its copy): a copy still referenced
     takes the new values."""
     ref = w.__dict__.get("copy")

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedError
-from . import compiled, edits, training
+from .compiled import decode_in_graph
+from .edits import DecodedWeight, copy_of, plain
+from .training import decode_again_in_backward, records
 from .parallel import Layout, check_sharded, is_dtensor
 from .runtime import CompressionStats, Group, Pool, Weight, aligned
 from .tensors import FROM_TORCH, check_device, encode
@@ -25,13 +27,13 @@ class _CompressedModule:
     @property
     def weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return compiled.decode_in_graph(self._ecf8)
+            return decode_in_graph(self._ecf8)
         return self.__dict__["_ecf8"].current()
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "weight":                # as on any module: the new Parameter replaces the weight
             w = self.__dict__["_ecf8"]
-            if type(value) is edits.DecodedWeight and value._ecf8_weight is w:
+            if type(value) is DecodedWeight and value._ecf8_weight is w:
                 return                      # its own weight given back (PEFT does so): no change
             if value is not None and not isinstance(value, torch.nn.Parameter):
                 raise TypeError(f"cannot assign '{torch.typename(value)}' as parameter 'weight' "
@@ -51,14 +53,14 @@ class _CompressedModule:
             return self._ecf8_base.forward(self, *args, **kwargs)
         w = self.__dict__["_ecf8"]
         with w.decoded() as view:
-            if w.layout is None and torch.is_grad_enabled() and training.records(self, args, kwargs):
-                with training.decode_again_in_backward(w, view):
+            if w.layout is None and torch.is_grad_enabled() and records(self, args, kwargs):
+                with decode_again_in_backward(w, view):
                     return self._ecf8_base.forward(self, *args, **kwargs)
             return self._ecf8_base.forward(self, *args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         w = self.__dict__["_ecf8"]          # like a Parameter's detach(): writes to it take effect
-        destination[prefix + "weight"] = w.fresh() if w.layout is not None else edits.copy_of(w).detach()
+        destination[prefix + "weight"] = w.fresh() if w.layout is not None else copy_of(w).detach()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -80,7 +82,7 @@ class _CompressedModule:
                               f"{tuple(getattr(value, 'shape', ()))} from checkpoint, the shape in "
                               f"current model is {torch.Size(w.global_shape)}.")
         elif local_metadata.get("assign_to_params_buffers", False):
-            value = edits.plain(value)      # as PyTorch assigns: the module holds this tensor now
+            value = plain(value)      # as PyTorch assigns: the module holds this tensor now
             if isinstance(value, torch.nn.Parameter):
                 value.requires_grad_(w.requires_grad)
             else:

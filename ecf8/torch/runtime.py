@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import UnsupportedError
-from . import compiled, edits
+from .compiled import register
+from .edits import copy_of, plain, refresh
 from .parallel import Layout
 from .tensors import check_device, cuda_index, decode, encode, torch_memory, upload
 
@@ -166,7 +167,7 @@ class Weight:
         self.group: Group | None = None      # decoded with its neighbours (CUDA), at offset
         self.offset = 0
         self.generation = 0                   # re-encodes so far (compiled graphs guard on it)
-        self.number = compiled.register(self)
+        self.number = register(self)
         pool.add(self)
 
     @property
@@ -190,7 +191,7 @@ class Weight:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.number = compiled.register(self)
+        self.number = register(self)
         self.generation = state.get("generation", 0)
         if self.device.type == "cuda":
             self.blob = upload(self.blob, self.device.index)
@@ -221,12 +222,12 @@ class Weight:
 
     def current(self) -> torch.Tensor:
         """The weight seen by this thread: its decode buffer inside forward, else its decoded copy
-        (``edits.DecodedWeight``: writes to it re-encode the weight; a DTensor copy under tensor
+        (``DecodedWeight``: writes to it re-encode the weight; a DTensor copy under tensor
         parallelism)."""
         active = self.pool.state().active.get(id(self))
         if active is not None:
             return active
-        return self.fresh() if self.layout is not None else edits.copy_of(self)
+        return self.fresh() if self.layout is not None else copy_of(self)
 
     @contextlib.contextmanager
     def decoded(self) -> Iterator[torch.Tensor]:
@@ -266,14 +267,14 @@ class Weight:
         """Replace the held weight by value (cast to this weight's dtype), re-encoded; under tensor
         parallelism value is a DTensor laid out alike, or the whole tensor (this rank's shard kept).
         edit: value is the weight's own decoded copy, written to."""
-        value = edits.plain(value).detach()
+        value = plain(value).detach()
         if self.layout is not None:
             value = self.layout.local(value, what)
         value = value.to(device=self.device, dtype=self.dtype)
         self.blob = encode(value, **self.options)
         self.generation += 1
         if not edit:
-            edits.refresh(self, value)
+            refresh(self, value)
         if self.group is not None:
             self.group.build()
 

@@ -13,14 +13,12 @@ active around the module (``torch.utils.checkpoint``'s, say), or are kept as aut
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from ..errors import ECF8Error
 
-if TYPE_CHECKING:
-    from .runtime import Weight
 
 __all__ = ["decode_again_in_backward", "records"]
 
@@ -30,7 +28,7 @@ class _Saved:
 
     __slots__ = ("weight", "generation", "size", "stride", "offset")
 
-    def __init__(self, w: "Weight", t: torch.Tensor, base: torch.Tensor):
+    def __init__(self, w: Any, t: torch.Tensor, base: torch.Tensor):
         self.weight, self.generation = w, w.generation
         self.size, self.stride = t.size(), t.stride()
         self.offset = t.storage_offset() - base.storage_offset()
@@ -61,7 +59,7 @@ def records(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 @contextlib.contextmanager
-def decode_again_in_backward(w: "Weight", view: torch.Tensor) -> Iterator[None]:
+def decode_again_in_backward(w: Any, view: torch.Tensor) -> Iterator[None]:
     """Within this block, autograd saves views of `view` (w decoded in a shared buffer) as a
     reference to w, decoded again in backward."""
     outer = _outer_hooks()
