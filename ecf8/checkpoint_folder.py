@@ -11,20 +11,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from .errors import CorruptDataError
-from .safetensors_io import tensor_files
+from .safetensors_io import load_json, tensor_files
 
-__all__ = ["index", "read_file", "read_files"]
+__all__ = ["index", "model_weight_files", "read_file", "read_files"]
 
 T = TypeVar("T")
 
 
 def index(path: str | Path) -> tuple[list[Path], dict[str, tuple[str, tuple[int, ...], Path]]]:
-    """(files, {name: (dtype name, shape, file)}) of an ecf8 checkpoint file or shard folder, from
-    the headers alone.  Raises CorruptDataError for a damaged file or a tensor in two files,
-    UnsupportedError for a path that is no checkpoint."""
+    """(files, {name: (dtype name, shape, file)}) of an ecf8 checkpoint file or shard folder (the
+    files ``model_weight_files`` picks), from the headers alone.  Raises CorruptDataError for a
+    damaged file or a tensor in two files, UnsupportedError for a path that is no checkpoint."""
     from .compressed import inspect_file
 
-    files = tensor_files(Path(path))
+    files = model_weight_files(Path(path))
     found: dict[str, tuple[str, tuple[int, ...], Path]] = {}
     for f in files:
         for r in inspect_file(f):
@@ -32,6 +32,24 @@ def index(path: str | Path) -> tuple[list[Path], dict[str, tuple[str, tuple[int,
                 raise CorruptDataError(f"{path}: tensor {r.name!r} appears in two files")
             found[r.name] = (r.dtype, tuple(r.shape), f)
     return files, found
+
+
+def model_weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files holding a model's tensors: a file itself; in a folder with a
+    ``*.safetensors.index.json`` at its top, the files that index names (as Transformers loads a
+    sharded folder: other safetensors files, such as a consolidated copy beside the shards, are not
+    read), else every safetensors file of the folder.  Raises UnsupportedError for an index naming
+    a missing file or one outside the folder, CorruptDataError for an index that is no JSON."""
+    path = Path(path)
+    files = tensor_files(path)               # (checks that every index names existing shards)
+    indexes = sorted(path.glob("*.safetensors.index.json")) if path.is_dir() else []
+    if not indexes:
+        return files
+    named: dict[Path, None] = {}
+    for f in indexes:
+        for shard in load_json(f.read_bytes(), str(f))["weight_map"].values():
+            named[path / shard] = None
+    return list(named)
 
 
 def read_file(path: Path, device: str, *, frames: bool = False) -> Iterator[tuple[str, Any]]:

@@ -8,6 +8,9 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedError
+from .compiled import decode_in_graph
+from .edits import DecodedWeight, copy_of, plain
+from .training import decode_again_in_backward, records
 from .parallel import Layout, check_sharded, is_dtensor
 from .runtime import CompressionStats, Group, Pool, Weight, aligned
 from .tensors import FROM_TORCH, check_device, encode
@@ -23,12 +26,20 @@ class _CompressedModule:
 
     @property
     def weight(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return decode_in_graph(self._ecf8)
         return self.__dict__["_ecf8"].current()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "weight":
-            raise UnsupportedError(f"{type(self).__name__}.weight is held compressed by ecf8: call "
-                                   "ecf8.torch.decompress_module first, or load_state_dict to replace it")
+        if name == "weight":                # as on any module: the new Parameter replaces the weight
+            w = self.__dict__["_ecf8"]
+            if type(value) is DecodedWeight and value._ecf8_weight is w:
+                return                      # its own weight given back (PEFT does so): no change
+            if value is not None and not isinstance(value, torch.nn.Parameter):
+                raise TypeError(f"cannot assign '{torch.typename(value)}' as parameter 'weight' "
+                                "(torch.nn.Parameter or None expected)")
+            detach(self, value)
+            return
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -38,11 +49,18 @@ class _CompressedModule:
         super().__delattr__(name)
 
     def forward(self, *args, **kwargs):
-        with self.__dict__["_ecf8"].decoded():
+        if torch.compiler.is_compiling():
+            return self._ecf8_base.forward(self, *args, **kwargs)
+        w = self.__dict__["_ecf8"]
+        with w.decoded() as view:
+            if w.layout is None and torch.is_grad_enabled() and records(self, args, kwargs):
+                with decode_again_in_backward(w, view):
+                    return self._ecf8_base.forward(self, *args, **kwargs)
             return self._ecf8_base.forward(self, *args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.__dict__["_ecf8"].fresh()
+        w = self.__dict__["_ecf8"]          # like a Parameter's detach(): writes to it take effect
+        destination[prefix + "weight"] = w.fresh() if w.layout is not None else copy_of(w).detach()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -63,6 +81,13 @@ class _CompressedModule:
             error_msgs.append(f"size mismatch for {key}: copying a param with shape "
                               f"{tuple(getattr(value, 'shape', ()))} from checkpoint, the shape in "
                               f"current model is {torch.Size(w.global_shape)}.")
+        elif local_metadata.get("assign_to_params_buffers", False):
+            value = plain(value)      # as PyTorch assigns: the module holds this tensor now
+            if isinstance(value, torch.nn.Parameter):
+                value.requires_grad_(w.requires_grad)
+            else:
+                value = torch.nn.Parameter(value, requires_grad=w.requires_grad)
+            detach(self, value)
         else:
             w.assign(value, key)
 

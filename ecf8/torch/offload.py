@@ -442,21 +442,22 @@ class _HostWeight(Weight):
         start = self.unit.start + self.at
         return self.unit.streamer.host[start: start + self.length].tobytes()
 
-    def fresh(self) -> torch.Tensor:
+    def fresh_local(self) -> torch.Tensor:
         """The weight decoded into new memory: its block is decoded through the staging buffers."""
         buf = torch.empty(self.unit.nbytes, dtype=torch.uint8, device=self.device)
         self.unit.launch(buf, self.stream_id())
         return buf[self.offset: self.offset + self.nbytes].view(self.dtype).view(self.shape).clone()
 
     def _launch(self, out: torch.Tensor, stream: int) -> torch.Tensor:
-        return out.copy_(self.fresh())
+        return out.copy_(self.fresh_local())
 
     def move(self, device: torch.device) -> None:
         raise UnsupportedError(f"an offloaded weight streams to {self.device}; it cannot move to {device} "
                                "(ecf8.torch.decompress_module first)")
 
-    def assign(self, value: torch.Tensor, what: str = "weight") -> None:
-        raise UnsupportedError(f"{what} is offloaded: load_state_dict before ecf8.torch.offload")
+    def assign(self, value: torch.Tensor, what: str = "weight", **_) -> None:
+        raise UnsupportedError(f"{what} is offloaded: its frames cannot change (edit or "
+                               "load_state_dict before ecf8.torch.offload_module)")
 
     def __getstate__(self) -> dict:
         raise UnsupportedError("an offloaded model cannot be pickled or copied: its frames are one "

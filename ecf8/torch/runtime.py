@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import UnsupportedError
+from .compiled import register
+from .edits import copy_of, plain, refresh
 from .parallel import Layout
 from .tensors import check_device, cuda_index, decode, encode, torch_memory, upload
 
@@ -164,6 +166,8 @@ class Weight:
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
         self.group: Group | None = None      # decoded with its neighbours (CUDA), at offset
         self.offset = 0
+        self.generation = 0                   # re-encodes so far (compiled graphs guard on it)
+        self.number = register(self)
         pool.add(self)
 
     @property
@@ -180,11 +184,15 @@ class Weight:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("plain", None)
+        state.pop("number", None)
+        state.pop("copy", None)
         state["blob"] = self.host_frame()               # device pointers do not survive a pickle
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.number = register(self)
+        self.generation = state.get("generation", 0)
         if self.device.type == "cuda":
             self.blob = upload(self.blob, self.device.index)
         self.pool.add(self)
@@ -201,17 +209,25 @@ class Weight:
             return out
         return decode(self.blob, self.device, out=out)
 
+    def fresh_local(self) -> torch.Tensor:
+        """The weight (this rank's shard under tensor parallelism) decoded into new memory."""
+        if self.device.type == "cuda":
+            return self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device),
+                                self.stream_id())
+        return decode(self.blob, self.device)
+
     def fresh(self) -> torch.Tensor:
         """The weight decoded into new memory on its device (a DTensor under tensor parallelism)."""
-        if self.device.type == "cuda":
-            return self._wrap(self._launch(torch.empty(self.shape, dtype=self.dtype, device=self.device),
-                                           self.stream_id()))
-        return self._wrap(decode(self.blob, self.device))
+        return self._wrap(self.fresh_local())
 
     def current(self) -> torch.Tensor:
-        """The weight seen by this thread: its decode buffer inside forward, else a fresh copy."""
+        """The weight seen by this thread: its decode buffer inside forward, else its decoded copy
+        (``DecodedWeight``: writes to it re-encode the weight; a DTensor copy under tensor
+        parallelism)."""
         active = self.pool.state().active.get(id(self))
-        return active if active is not None else self.fresh()
+        if active is not None:
+            return active
+        return self.fresh() if self.layout is not None else copy_of(self)
 
     @contextlib.contextmanager
     def decoded(self) -> Iterator[torch.Tensor]:
@@ -247,13 +263,18 @@ class Weight:
         self.pool.add(self)
         self.pool.release(old)
 
-    def assign(self, value: torch.Tensor, what: str = "weight") -> None:
+    def assign(self, value: torch.Tensor, what: str = "weight", *, edit: bool = False) -> None:
         """Replace the held weight by value (cast to this weight's dtype), re-encoded; under tensor
-        parallelism value is a DTensor laid out alike, or the whole tensor (this rank's shard kept)."""
-        value = value.detach()
+        parallelism value is a DTensor laid out alike, or the whole tensor (this rank's shard kept).
+        edit: value is the weight's own decoded copy, written to."""
+        value = plain(value).detach()
         if self.layout is not None:
             value = self.layout.local(value, what)
-        self.blob = encode(value.to(device=self.device, dtype=self.dtype), **self.options)
+        value = value.to(device=self.device, dtype=self.dtype)
+        self.blob = encode(value, **self.options)
+        self.generation += 1
+        if not edit:
+            refresh(self, value)
         if self.group is not None:
             self.group.build()
 
