@@ -404,7 +404,8 @@ def _run(args) -> int:
                 except BrokenPipeError:
                     raise
                 except (ECF8Error, OSError) as e:
-                    n, problems = 0, [str(e) if str(path) in str(e) else f"{path}: {e}"]
+                    text = _message(e)
+                    n, problems = 0, [text if str(path) in text else f"{path}: {text}"]
                 for problem in problems:
                     print(f"ecf8: error: {_message(problem)}", file=sys.stderr)
                 failed |= bool(problems)
