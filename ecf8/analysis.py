@@ -60,7 +60,7 @@ def entropy_bits(counts: np.ndarray) -> float:
     if total == 0:
         return 0.0
     p = counts[counts > 0] / total
-    return float(-(p * np.log2(p)).sum())
+    return float(-(p * np.log2(p)).sum()) + 0.0      # (+ 0.0: one symbol gives 0.0, not -0.0)
 
 
 def normal_exponents(spec: fmt.DtypeSpec) -> range:

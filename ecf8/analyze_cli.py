@@ -17,7 +17,7 @@ from .analysis import TensorReport, analyze_tensor, fit_alpha, model_probabiliti
 from .errors import ECF8Error
 from .safetensors_io import DTYPE_NAMES, iter_tensors, read_layout, tensor_files
 
-__all__ = ["sources", "tensors_of", "totals", "run_analyze", "figure", "short_label"]
+__all__ = ["sources", "tensors_of", "totals", "run_analyze", "figure", "short_label", "ordinal"]
 
 
 def sources(path: Path) -> list[tuple[Path, str]]:
@@ -132,9 +132,9 @@ def run_analyze(args) -> None:
                           "notes": notes, "tensors": [r.as_json() for r in reports], "total": t,
                           "answer": _answer(t, args.threshold / 100)}, indent=1))
     elif detail_only:
-        print("\n".join(notes + [_detail(reports[0])]))
+        print("\n".join(notes * (not args.quiet) + [_detail(reports[0])]))
     else:
-        print("\n".join(notes + [_table(reports, t), _answer(t, args.threshold / 100)]))
+        print("\n".join(notes * (not args.quiet) + [_table(reports, t), _answer(t, args.threshold / 100)]))
     if args.plot is not None:
         _plot(reports, args.plot, args.tensor)
         if not args.json and not args.quiet:
@@ -142,7 +142,22 @@ def run_analyze(args) -> None:
 
 
 def _fmt(v, spec=".3f"):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    """A number as the table prints it: '-' for none, never '-0.000'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    text = format(v, spec)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def ordinal(n: int) -> str:
+    """'1st', '2nd', '3rd', '4th', '11th', '22nd', ..."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+BOUNDS_NOTE = ("order-0 and ecf8 bound are the least one code for the whole tensor can spend, and ecf8 "
+               "with --max-tables 1 never goes below them; with several code tables (default 4) chunks "
+               "whose exponents differ are coded apart, and zstd uses context: achieved can then be lower")
 
 
 def _table(reports: list[TensorReport], t: dict) -> str:
@@ -163,7 +178,7 @@ def _table(reports: list[TensorReport], t: dict) -> str:
     lines.append("bits per element. order-0: entropy of whole bit patterns; ecf8 bound: H(exp) + raw bits; "
                  "achieved: what compress stores; alpha: tail index of the exponent histogram; H model: "
                  "its geometric-model entropy; codec: what `ecf8 compress` stores the tensor as "
-                 "(ecf8 = entropy-coded, zstd, none = unchanged)")
+                 f"(ecf8 = entropy-coded, zstd, none = unchanged). {BOUNDS_NOTE[0].upper()}{BOUNDS_NOTE[1:]}.")
     return "\n".join(lines)
 
 
@@ -179,6 +194,7 @@ def _detail(r: TensorReport) -> str:
     lines.append(f"  exponent entropy {r.exponent_entropy_bits:.3f} bits, sign+mantissa {r.raw_entropy_bits:.3f} "
                  f"bits ({spec.raw_bits} kept), order-0 bound {r.order0_bound_bits_per_weight:.3f}, "
                  f"ecf8 bound {r.ecf8_bound_bits_per_weight:.3f}")
+    lines.append(f"  ({BOUNDS_NOTE})")
     lines.append(f"  tail index alpha {_fmt(r.alpha, '.2f')}, geometric-model exponent entropy "
                  f"{_fmt(r.model_exponent_entropy_bits)} bits")
     counts = np.array(r.exponent_counts, dtype=np.int64)
@@ -259,7 +275,7 @@ def figure(reports: list[TensorReport], tensor: str | None = None):
     ax1.set_xticklabels([short_label(r.name) for r in coded][::step], rotation=90, fontsize=7)
     ax1.set_xlim(-0.7, len(coded) - 0.3)
     others = len(reports) - len(coded)
-    ax1.set_xlabel("FP8/BF16/FP16 tensors in file order" + (f", every {step}th named" if step > 1 else "")
+    ax1.set_xlabel("FP8/BF16/FP16 tensors in file order" + (f", every {ordinal(step)} named" if step > 1 else "")
                    + (f" ({others} tensors of other dtypes not shown)" if others else ""), fontsize=8)
     ax1.set_ylabel("exponent bits per weight")
     ax1.grid(axis="y", alpha=0.3)

@@ -3,24 +3,28 @@
     ecf8 bench [PATH]        # bits/weight and CPU/GPU speed next to zstd; no PATH: a bundled real sample
     ecf8 compress model.safetensors|shard-dir -o OUT [-j N] [--zstd-level L] [--device cuda]
     ecf8 decompress OUT -o restored.safetensors                   # the original, byte for byte
-    ecf8 info FILE...        # per-tensor table of a compressed checkpoint, or an ECF8 frame header
+    ecf8 info FILE... [--json]   # per-tensor table of a compressed checkpoint (a folder: its total too), or a frame header
     ecf8 verify FILE...      # every checksum, every tensor decoded; exit status 1 on any problem
     ecf8 analyze PATH [--json] [--tensor NAME] [--plot FILE.png]   # should I compress? docs/analyze.md
     ecf8 encode weights.npy -o weights.ecf8 [--dtype bf16]       # one array, one frame
     ecf8 decode weights.ecf8 -o weights.npy
 
 Every command takes -q (no progress bar or messages besides results); every command that writes
-refuses an existing output unless given -f/--force.  .npy files cannot name ml_dtypes types (NumPy
+refuses an existing output unless given -f/--force, never writes over its input, and writes into a
+folder that exists (never created).  .npy files cannot name ml_dtypes types (NumPy
 saves them as raw 'V1'/'V2'): ``encode`` takes ``--dtype`` (any spelling of ``ecf8.names``) for such
 files or for uint8/uint16 bit views, and ``decode`` writes the bit view.  Errors print one line
-naming the file (and tensor) and exit with status 1; output files appear only when complete.
+naming the file (and tensor) and exit with status 1; output files appear only when complete.  A
+reader of the output that leaves (``ecf8 info ... | head``) ends the command quietly with status 141,
+as SIGPIPE would.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
-import math
+import logging
 import os
 import re
 import signal
@@ -32,7 +36,9 @@ import numpy as np
 from . import api, compressed, encoder
 from . import format as fmt
 from .errors import ECF8Error, UnsupportedError
-from .names import short_name
+from .info_cli import refuse_plain, run_info
+from .names import device_name, short_name
+from .output_files import check_parent
 from .numpy import load_npy
 from .progress import job as progress_job
 from .safetensors_io import atomic_file, iter_tensors, model_files, read_layout, tensor_files  # noqa: F401
@@ -49,24 +55,6 @@ def _frame_line(path: Path) -> str:
     how = "stored" if m.stored else f"{m.chunks} chunks of {m.chunk_size}, {m.tables} tables"
     return (f"{path}: {m.dtype} {m.shape}, {m.original_bytes} -> {m.compressed_bytes} bytes, "
             f"{m.bits_per_weight:.3f} bits/weight ({how})")
-
-
-def _checkpoint_table(path: Path) -> str:
-    rows = compressed.inspect_file(path)
-    width = max([len(r.name) for r in rows] + [6])
-    lines = [f"{path}", f"{'tensor':{width}} {'dtype':7} {'shape':>18} {'codec':5} {'original':>12} "
-             f"{'stored':>12} {'bits/w':>7} {'saving':>7}"]
-    for r in rows:
-        n = math.prod(r.shape)
-        bpw = f"{r.stored_bytes * 8 / n:7.3f}" if n else f"{'-':>7}"
-        saving = f"{1 - r.stored_bytes / r.original_bytes:7.1%}" if r.original_bytes else f"{'-':>7}"
-        lines.append(f"{r.name:{width}} {r.dtype:7} {str(list(r.shape)):>18} {r.codec:5} "
-                     f"{r.original_bytes:12,} {r.stored_bytes:12,} {bpw} {saving}")
-    orig = sum(r.original_bytes for r in rows)
-    stored = sum(r.stored_bytes for r in rows)
-    lines.append(f"{'total':{width}} {len(rows):>7} tensors {'':18} {orig:12,} {stored:12,} "
-                 f"{'':7} {1 - stored / max(orig, 1):7.1%}")
-    return "\n".join(lines)
 
 
 def _whole(text: str) -> int:
@@ -132,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     quiet.add_argument("-q", "--quiet", action="store_true",
                        help="no progress bar, no messages besides results (info, verify, analyze, bench) and errors")
     force = argparse.ArgumentParser(add_help=False)
-    force.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
+    force.add_argument("-f", "--force", action="store_true",
+                       help="overwrite an existing output file (never the input; a folder output is never "
+                       "replaced: it must be new or empty)")
 
     def chunking(p):
         p.add_argument("--chunk-size", type=_chunk_size, default=32768, metavar="N|auto",
@@ -147,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"{zstd_help} (default {zstd_default})")
 
     def output(p, what):
-        p.add_argument("-o", "--output", type=Path, required=True, help=what)
+        p.add_argument("-o", "--output", required=True, help=what + " (its folder must exist)")
 
     def cmd(name, help, *parents):
         return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
@@ -166,9 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     p = cmd("decompress", "restore the original safetensors file(s), byte for byte", force)
     p.add_argument("input", type=Path, help="a compressed file or directory")
     output(p, "the restored file (a directory for a directory input)")
-    p = cmd("info", "per-tensor sizes of compressed checkpoints or frames")
+    p = cmd("info", "per-tensor sizes of compressed checkpoints or frames, and each folder's total")
     p.add_argument("inputs", type=Path, nargs="+", metavar="FILE",
-                   help="compressed .safetensors files or .ecf8 frames")
+                   help="compressed .safetensors files, folders of them, or .ecf8 frames")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document ({inputs: [...], errors: [...]}) instead of tables")
     p = cmd("verify", "check every checksum and decode every tensor (exit status 1 on any problem)")
     p.add_argument("inputs", type=Path, nargs="+", metavar="FILE",
                    help="compressed .safetensors files or .ecf8 frames")
@@ -179,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (tensors, total, answer) instead of a table")
     p.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
                    help="least total saving, in percent, worth compressing for (default 5)")
-    p.add_argument("--plot", type=Path, metavar="FILE.png",
+    p.add_argument("--plot", metavar="FILE.png",
                    help="draw exponent entropy per tensor and one tensor's histogram (needs matplotlib)")
     p.add_argument("--tensor", metavar="NAME",
                    help="print this tensor's detail; with --plot, the tensor whose histogram is drawn "
@@ -206,32 +198,61 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(args) -> None:
+    """--device as 'cpu', 'cuda' or 'cuda:N'; one error line naming them otherwise."""
+    if getattr(args, "device", None) is not None:
+        try:
+            args.device = device_name(args.device)
+        except ECF8Error:
+            raise UnsupportedError(f"--device must be cpu, cuda or cuda:N, not {args.device!r}") from None
+
+
 def _check_output(args) -> None:
-    """Refuse, before any work, an output that exists (without --force) or cannot be created."""
-    out = getattr(args, "output", None) or getattr(args, "plot", None)
-    if out is None:
+    """Refuse, before any work, an output that is the input, exists (a file without --force, a
+    folder that is not empty), or whose folder does not exist (one rule for files and folders)."""
+    key = "output" if getattr(args, "output", None) is not None else "plot"
+    text = getattr(args, key, None)
+    if text is None:
         return
-    if out.exists() and not args.force:
-        raise ECF8Error(f"{out} exists; use -f/--force to overwrite it")
+    out = Path(text)
+    setattr(args, key, out)
+    src = getattr(args, "input", None) or getattr(args, "path", None)
+    if src is not None and src.exists() and out.exists() and os.path.samefile(src, out):
+        raise ECF8Error(f"{out} is the input: ecf8 never writes over its input, even with -f "
+                        "(write elsewhere, then move the result)")
     makes_dir = args.command in ("compress", "decompress") and args.input.is_dir()
-    if makes_dir and out.resolve().is_relative_to(args.input.resolve()):
-        raise ECF8Error(f"{out} lies inside the input folder {args.input}")
-    if out.is_dir() and not makes_dir:
-        raise ECF8Error(f"{out} is a directory")
-    if not makes_dir and not out.parent.is_dir():
-        raise ECF8Error(f"{out}: directory {out.parent} does not exist")
+    if makes_dir:
+        if out.resolve().is_relative_to(args.input.resolve()):
+            raise ECF8Error(f"{out} lies inside the input folder {args.input}")
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+            raise ECF8Error(f"{out}: already exists and is not an empty folder (a folder output is never "
+                            "replaced, even with -f: remove it first)")
+    else:
+        if out.is_dir() or text.endswith(("/", os.sep)):
+            like = f", as in {out / src.name}" if args.command in ("compress", "decompress") else ""
+            raise ECF8Error(f"{text} {'is' if out.is_dir() else 'names'} a folder, and the output of a "
+                            f"file is a file: give its name{like}" + ("" if out.is_dir() else
+                                                                      f" (folder {out} must exist)"))
+        if out.exists() and not args.force:
+            raise ECF8Error(f"{out} exists; use -f/--force to overwrite it")
+    check_parent(out)
 
 
-def _message(e: BaseException) -> str:
-    """The first line of an error, with the real file named where a temporary one would leak."""
+def _message(e: BaseException, args=None) -> str:
+    """The first line of an error, naming its file: the real one where a temporary one would leak,
+    and for an I/O error that names none (a full disk), the command's input and output."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    name = getattr(e, "filename", None)
-    if isinstance(e, OSError) and isinstance(name, str) and _TEMP.search(name):
-        text = f"{e.strerror}: {_TEMP.sub(lambda m: m.group(1), name)}"
+    name, other = getattr(e, "filename", None), getattr(e, "filename2", None)
+    if isinstance(e, OSError) and e.strerror:
+        if isinstance(name, (str, bytes, os.PathLike)):
+            text = f"{e.strerror}: {os.fsdecode(name)}" + (f" -> {os.fsdecode(other)}" if other else "")
+        elif getattr(args, "output", None) is not None:
+            src = getattr(args, "input", None) or getattr(args, "path", None)
+            text = f"{e.strerror} ({'' if src is None else f'{src} -> '}{args.output})"
     return _TEMP.sub(lambda m: m.group(1), text)
 
 
-_TEMP = re.compile(r"(?<![^/\\\s'\"])\.([^/\\\s'\"]+?)(?:\.plain)?\.(?:[A-Za-z0-9_]+\.)?tmp\b")
+_TEMP = re.compile(r"(?<![^/\\\s'\"])\.([^/\\\s'\"]+?)(?:\.plain)?(?:\.\d+)?\.(?:[A-Za-z0-9_]+\.)?tmp\b")
 
 
 def _job(args):
@@ -279,15 +300,30 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
+def _notes(quiet: bool) -> logging.Handler:
+    """Print what the library logs on the ``ecf8`` logger (a removed temporary of a killed run, say)
+    as 'ecf8: ...' lines on stderr; -q: only errors."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ecf8: %(message)s"))
+    handler.setLevel(logging.ERROR if quiet else logging.INFO)
+    logging.getLogger("ecf8").addHandler(handler)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     try:        # SIGTERM and Ctrl-C: no partial output, workers stopped, one line, 143 / 130
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:                        # not the main thread: leave signals alone
         previous = None
+    args = notes = None
     try:
         args = _parser().parse_args(argv)
+        notes = _notes(args.quiet)
+        _check_device(args)
         _check_output(args)
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()              # (a reader gone shows here: see BrokenPipeError below)
+        return code
     except KeyboardInterrupt as e:
         print("ecf8: interrupted", file=sys.stderr)
         code = 143 if isinstance(e, _Terminated) else 130
@@ -297,13 +333,18 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(code)
         return code
-    except BrokenPipeError:                  # `ecf8 ... | head`: the reader left, nothing to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:     # `ecf8 info ... | head`: the reader left; nothing to say, and the
+        # status of a command killed by SIGPIPE, as `cat` gives.  (Python's recipe: stdout goes
+        # to devnull, so that the interpreter's flush at exit does not fail again.)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (ECF8Error, OSError, ValueError, KeyError) as e:
-        print(f"ecf8: error: {_message(e)}", file=sys.stderr)
+        print(f"ecf8: error: {_message(e, args)}", file=sys.stderr)
         return 1
     finally:
+        if notes is not None:
+            logging.getLogger("ecf8").removeHandler(notes)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -330,7 +371,7 @@ def _run(args) -> int:
         args.layouts, chosen = {}, {}
         with _job(args):
             if cmd == "compress":
-                before = _input_bytes(args.input)      # (the output may replace the input)
+                before = _input_bytes(args.input)
                 outs = compressed.compress_path(args.input, args.output, jobs=args.jobs, progress=progress,
                                                 chunk_size=args.chunk_size, max_tables=args.max_tables,
                                                 zstd_level=args.zstd_level, device=args.device,
@@ -345,16 +386,7 @@ def _run(args) -> int:
             for out in outs:
                 print(f"{out}: {out.stat().st_size:,} bytes")
     elif cmd == "info":         # every input, each fully accounted for; 1 if any is not
-        failed = False
-        for path, error in _inputs(args.inputs):
-            try:
-                if error:
-                    raise error
-                print(_frame_line(path) if fmt.is_frame_file(path) else _checkpoint_table(path))
-            except (ECF8Error, OSError) as e:
-                print(f"ecf8: error: {_message(e)}", file=sys.stderr)
-                failed = True
-        return int(failed)
+        return run_info(args.inputs, args.json, _message)
     elif cmd == "verify":       # every input checked; every problem on its own line
         failed = False
         with _job(args):
@@ -366,11 +398,15 @@ def _run(args) -> int:
                         api.decode(path.read_bytes())
                         n, problems, what = 1, [], "frame"
                     else:
+                        refuse_plain(path)
                         n, problems = compressed.check_file(path, progress=False if args.quiet else None)
                         what = "tensors" if problems or compressed.file_version(path) > 1 else \
                             "tensors; format 1: no checksums; decoded only"
+                except BrokenPipeError:
+                    raise
                 except (ECF8Error, OSError) as e:
-                    n, problems = 0, [str(e) if str(path) in str(e) else f"{path}: {e}"]
+                    text = _message(e)
+                    n, problems = 0, [text if str(path) in text else f"{path}: {text}"]
                 for problem in problems:
                     print(f"ecf8: error: {_message(problem)}", file=sys.stderr)
                 failed |= bool(problems)
@@ -398,6 +434,14 @@ def _run(args) -> int:
         if not args.quiet:
             print(_frame_line(args.output))
     else:
+        if args.input.is_file() and not fmt.is_frame_file(args.input):
+            try:
+                read_layout(args.input, check=False)
+            except (ECF8Error, OSError):
+                pass            # not safetensors either: decode's own error says what it is
+            else:
+                raise UnsupportedError(f"{args.input}: a safetensors file, not an ECF8 frame (`ecf8 decompress` "
+                                       "restores a compressed checkpoint; decode reads frames of `ecf8 encode`)")
         try:
             y = api.decode(args.input.read_bytes())
         except ECF8Error as e:

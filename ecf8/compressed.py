@@ -30,6 +30,7 @@ from . import api, encoder
 from . import format as fmt
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
+from .output_files import named
 from .progress import _Progress
 from .safetensors_io import (DTYPE_NAMES, MAX_HEADER, Layout, Tensor, atomic_dir, atomic_file,
                              file_mode, load_json, model_files,
@@ -139,6 +140,8 @@ def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray
         raise UnsupportedError(f"{src}: the compressed header would take {reserved:,} bytes, over the "
                                f"{MAX_HEADER:,} safetensors reads")
     jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
+    if "device" in options:
+        options["device"] = device_name(options["device"])     # (UnsupportedError naming cpu, cuda:N)
     if options.get("device", "cpu") != "cpu":
         from . import gpu
 
@@ -175,6 +178,8 @@ def _pack(layout: Layout, dst: Path, mode: int, src: Path, raws: list[np.ndarray
         if str(src) in str(e):
             raise
         raise type(e)(f"{src}: {e}") from None
+    except OSError as e:        # (a write error names dst already: this one is reading src)
+        raise named(e, src) from None
     finally:
         results.close()
         bar.close()
@@ -523,6 +528,8 @@ def decompress_file(src: Path, dst: Path, *, progress: bool | None = None) -> No
                 bar.advance(data.size, t.name)
             if written != layout.data_size:
                 raise CorruptDataError(f"{src}: restored {written} data bytes, the header needs {layout.data_size}")
+    except OSError as e:        # (a write error names dst already: this one is reading src)
+        raise named(e, src) from None
     finally:
         bar.close()
         p.close()
@@ -622,7 +629,10 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., Any], check: Callabl
         for rel in tensors + others:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         for rel in others:
-            shutil.copyfile(src / rel, tmp / rel)
+            try:
+                shutil.copyfile(src / rel, tmp / rel)
+            except OSError as e:
+                raise named(e, dst / rel) from None
             os.chmod(tmp / rel, file_mode(src / rel))
         pairs = [(src / rel, tmp / rel) for rel in tensors]
         if many is not None:

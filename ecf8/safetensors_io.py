@@ -22,6 +22,7 @@ import numpy as np
 from .encoder import native_order
 from .errors import CorruptDataError, UnsupportedError
 from .format import DTYPES
+from .output_files import TEMP_SUFFIX, NamedWriter, check_parent, remove_stale, temp_prefix
 from .signals import held
 from .stable_file import StableFile
 
@@ -200,13 +201,17 @@ def _umask() -> int:
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: int | None = None, check: Callable[[Path], None] | None = None):
     """A binary file object that replaces `path` only if the block completes (and check(temp path)
-    passes); nothing otherwise.  mode: permission bits (default: file_mode())."""
+    passes); nothing otherwise.  mode: permission bits (default: file_mode()).  `path`'s folder must
+    exist (UnsupportedError); temporaries of killed runs for `path` are removed first
+    (ecf8.output_files); the file's I/O errors name `path`."""
     path = Path(path)
+    check_parent(path)
+    remove_stale(path)
     tmp = None
     try:
         with held():            # (Ctrl-C waits until the clean-up below knows the temporary)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            f = os.fdopen(fd, "wb")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
+            f = NamedWriter(os.fdopen(fd, "wb"), path)      # (a full disk names `path`)
         with f:
             yield f
         if check is not None:
@@ -223,16 +228,18 @@ def atomic_file(path: Path, mode: int | None = None, check: Callable[[Path], Non
 @contextlib.contextmanager
 def atomic_dir(path: Path, mode: int | None = None):
     """A temporary sibling folder renamed to `path` only if the block completes; removed otherwise.
-    `path` must not exist or be an empty folder (UnsupportedError, before anything is written)."""
+    `path` must not exist or be an empty folder, and its parent must exist (UnsupportedError, before
+    anything is written); temporaries of killed runs for `path` are removed first."""
     path = Path(path)
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         raise UnsupportedError(f"{path}: already exists and is not an empty folder (ecf8 never "
                                "replaces a folder, even with -f: remove it first)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_parent(path)
+    remove_stale(path)
     tmp = None
     try:
         with held():            # (Ctrl-C waits until the clean-up below knows the temporary)
-            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX))
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)

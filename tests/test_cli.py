@@ -259,7 +259,7 @@ def _one_error_line(capsys, *needles):
 
 def test_newcomer_rough_edges(tmp_path, capsys, monkeypatch):
     """What a new user hit: an output folder inside the input folder, -f on an existing folder,
-    missing files in info/verify, an in-place compress's sizes, a doubled error prefix."""
+    missing files in info/verify, compress's sizes, a doubled error prefix."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m" / "sub").mkdir(parents=True)
     _plain(tmp_path / "m" / "sub" / "a.safetensors")
@@ -274,12 +274,12 @@ def test_newcomer_rough_edges(tmp_path, capsys, monkeypatch):
         _one_error_line(capsys, "nope.safetensors: no such file")
     _plain(tmp_path / "x.safetensors")
     before = (tmp_path / "x.safetensors").stat().st_size
-    assert main(["compress", "-f", "x.safetensors", "-o", "x.safetensors"]) == 0
+    assert main(["compress", "x.safetensors", "-o", "y.safetensors"]) == 0
     assert capsys.readouterr().out.startswith(f"x.safetensors: {before:,} -> ")
-    blob = bytearray((tmp_path / "x.safetensors").read_bytes())
+    blob = bytearray((tmp_path / "y.safetensors").read_bytes())
     blob[-200] ^= 1                                    # inside the coded tensor's frame
-    (tmp_path / "x.safetensors").write_bytes(bytes(blob))
-    assert main(["verify", "x.safetensors"]) == 1
+    (tmp_path / "y.safetensors").write_bytes(bytes(blob))
+    assert main(["verify", "y.safetensors"]) == 1
     err = capsys.readouterr().err
     assert err.count("tensor 'w'") == err.count("\n") >= 1
 

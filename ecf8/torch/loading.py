@@ -26,16 +26,17 @@ frames read ahead); resident: only this rank's slices.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from .. import checkpoint_folder
 from ..errors import CorruptDataError, UnsupportedError
 from ..format import CODED_NAMES, parse
-from .modules import attach, detach, encoder_options, group_weights, holders_ok, is_compressed, owners
+from .modules import (attach, detach, encoder_options, group_weights, is_compressed, owners,
+                      skip_reason, warn_nothing_held)
 from .parallel import Layout, check_sharded, is_dtensor
 from .runtime import CompressionStats, Pool, Weight
 from .tensors import TORCH_DTYPES, check_device, cuda_index, decode, encode, to_torch, torch_memory
@@ -95,8 +96,9 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
     missing tensors, bad device) or CorruptDataError (a damaged file).  chunk_size is used only
     when load_state_dict re-encodes a weight later (default: as compress_module); group_bytes:
     as for compress_module; threads: shards read at once.  compress: hold
-    eligible weights compressed (default: on a GPU yes, on the CPU no).  Returns what is held
-    compressed (this rank's bytes under tensor parallelism).
+    eligible weights compressed (default: on a GPU yes, on the CPU no, with a UserWarning saying so
+    when there were weights to hold).  Returns what is held compressed (this rank's bytes under
+    tensor parallelism); a UserWarning says why when compress holds nothing (an FP32 checkpoint).
 
     DTensor parameters (tensor parallelism, Shard / Replicate placements on a mesh of `device`'s
     type) receive this rank's slice, as a DTensor of the same layout; see the module docstring.
@@ -135,7 +137,7 @@ def _load(model, path, device, embeddings, min_numel, strict, chunk_size, thread
     dev, target = _device(device)
     keep = dev.type == "cuda" if compress is None else bool(compress)
     files, index = checkpoint_folder.index(path)
-    plan, moves = _plan(model, index, dev, embeddings, min_numel, strict, str(path), keep)
+    plan, moves, reasons = _plan(model, index, dev, embeddings, min_numel, strict, str(path), keep)
     pool = Pool()
     options = {"chunk_size": chunk_size}
     weights: list[Weight] = []
@@ -156,6 +158,14 @@ def _load(model, path, device, embeddings, min_numel, strict, chunk_size, thread
             action()
         raise
     pool.warm(weights)
+    if not weights and keep:
+        warn_nothing_held("load_model", reasons)
+    elif not weights and compress is None and None in reasons:
+        n = reasons.count(None)
+        warnings.warn(f"load_model: on the CPU the {n} weight{'s' * (n != 1)} ecf8 could hold compressed "
+                      "{} decoded into ordinary parameters; pass compress=True to hold them compressed "
+                      "(decoded at each forward), or compress=False to decode them without this warning"
+                      .format("were" if n != 1 else "was"), UserWarning, stacklevel=2)
     held = {id(w) for w in weights}
     modules = sum(1 for m in model.modules() if is_compressed(m) and id(m.__dict__["_ecf8"]) in held)
     return CompressionStats(modules, sum(w.nbytes for w in weights),
@@ -163,12 +173,13 @@ def _load(model, path, device, embeddings, min_numel, strict, chunk_size, thread
 
 
 def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
-    """({checkpoint name: target}, [tensors to move]) after checking every name and shape.
-    A target is (kind, holders, tensor, held compressed?, DTensor layout or None)."""
+    """({checkpoint name: target}, [tensors to move], [skip_reason of each parameter]) after checking
+    every name and shape.  A target is (kind, holders, tensor, held compressed?, DTensor layout or None)."""
     holders, params = owners(model)
     plan: dict[str, tuple] = {}
     moves: list[tuple] = []
     used: set[str] = set()
+    reasons: list[str | None] = []
     for key, hs in holders.items():
         p = params[key]
         present = [q for _, _, q in hs if q in index]
@@ -183,8 +194,8 @@ def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
                 raise UnsupportedError(f"{where}: {q!r} has shape {index[q][1]} in the checkpoint, "
                                        f"{tuple(p.shape)} in the model")
         used.update(present)
-        ok = (keep and dtype in CODED_NAMES and len(shape) == 2 and int(np.prod(shape)) >= min_numel
-              and holders_ok(hs, embeddings))
+        reasons.append(skip_reason(dtype in CODED_NAMES, dtype, shape, hs, min_numel, embeddings))
+        ok = keep and reasons[-1] is None
         layout = None
         if is_dtensor(p):
             layout = Layout(p)
@@ -220,7 +231,7 @@ def _plan(model, index, dev, embeddings, min_numel, strict, where, keep):
     if unexpected and strict:
         raise UnsupportedError(f"{where}: {len(unexpected)} checkpoint tensors the model lacks, "
                                f"e.g. {unexpected[:3]}")
-    return plan, moves
+    return plan, moves, reasons
 
 
 def _set(module: torch.nn.Module, kind: str, name: str, value: torch.Tensor, undo: list) -> None:

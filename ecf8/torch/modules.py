@@ -3,6 +3,9 @@ its weight compressed (its class swapped for a compressed twin that decodes ``we
 
 from __future__ import annotations
 
+import collections
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -16,7 +19,7 @@ from .runtime import CompressionStats, Group, Pool, Weight, aligned
 from .tensors import FROM_TORCH, check_device, encode
 
 __all__ = ["compress_module", "decompress_module", "is_compressed", "rebuild", "attach", "detach",
-           "owners", "holders_ok", "encoder_options", "group_weights"]
+           "owners", "holders_ok", "encoder_options", "group_weights", "skip_reason", "warn_nothing_held"]
 
 
 class _CompressedModule:
@@ -190,6 +193,43 @@ def _eligible(holders: list, p: torch.Tensor, min_numel: int, embeddings: bool) 
             and holders_ok(holders, embeddings))
 
 
+def skip_reason(codable: bool, dtype: Any, shape: tuple, holders: list, min_numel: int,
+                embeddings: bool) -> str | None:
+    """Why a parameter is not held compressed, as a phrase for warn_nothing_held ({be}/{have}
+    agree with the count); None: it is eligible; '': no module's ``weight`` (a bias, say)."""
+    if not all(name == "weight" for _, name, _ in holders):
+        return ""
+    if any(is_compressed(m) for m, _, _ in holders):
+        return "{be} held compressed already"
+    if not codable:
+        return f"{{be}} {dtype}, {_UNCODED}"
+    if len(shape) != 2:
+        return "{be} not 2-D"
+    if math.prod(shape) < min_numel:
+        return f"{{have}} fewer than min_numel={min_numel} elements"
+    if not embeddings and any(isinstance(m, torch.nn.Embedding) for m, _, _ in holders):
+        return "{be} held by an Embedding (embeddings=True compresses Embedding tables)"
+    return None
+
+
+_UNCODED = "which ecf8 does not code"
+
+
+def warn_nothing_held(what: str, reasons: list[str | None], stacklevel: int = 3) -> None:
+    """A UserWarning saying why `what` held no weight compressed, from the skip_reason of every
+    parameter it considered."""
+    counts = collections.Counter(r for r in reasons if r)
+    if not counts:
+        why = "the model has no module `weight` parameter (2-D FP8/BF16/FP16 weights of Linear-like modules)"
+    else:
+        why = "; ".join(f"{n} weight{'s' * (n != 1)} " + r.format(be="are" if n != 1 else "is",
+                                                                  have="have" if n != 1 else "has")
+                        for r, n in counts.most_common())
+        if any(_UNCODED in r for r in counts):
+            why += " (ecf8 codes FP8, BF16 and FP16: convert the model first, e.g. model.to(torch.bfloat16))"
+    warnings.warn(f"{what}: no weight held compressed: {why}", UserWarning, stacklevel=stacklevel)
+
+
 def encoder_options(numel: int, options: dict) -> dict:
     """Encoder options for one weight: max_tables one per 512 K weights (a GPU holds an 8 KB decode
     table per code table).  chunk_size None stays None: ``ecf8.encode`` then picks the chunk size
@@ -223,7 +263,8 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
     Inference only: compressed weights have no gradient.
 
     Every target is checked before anything changes: a weight on the meta device or on a device
-    other than cpu/cuda raises UnsupportedError and leaves the model as it was.
+    other than cpu/cuda raises UnsupportedError and leaves the model as it was.  When no weight
+    qualifies (an FP32 model, say), a UserWarning says why and the statistics are all zero.
 
     Tensor parallelism: a DTensor weight (any placements) is eligible by its global shape, so every
     rank makes the same choice; each rank encodes and holds only its local shard
@@ -233,6 +274,10 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
     holders, params = owners(module)
     targets = [(params[k], hs) for k, hs in holders.items()
                if _eligible(hs, params[k], min_numel, embeddings)]
+    if not targets:
+        warn_nothing_held("compress_module", [
+            skip_reason(params[k].dtype in FROM_TORCH, params[k].dtype, tuple(params[k].shape), hs,
+                        min_numel, embeddings) for k, hs in holders.items()])
     for p, hs in targets:
         check_device(p.device, f"weight {hs[0][2]!r}")
         check_sharded(p, hs, f"weight {hs[0][2]!r}")

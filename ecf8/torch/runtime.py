@@ -182,14 +182,19 @@ class Weight:
         return len(self.blob) if self.device.type == "cpu" else self.blob.nbytes
 
     def __getstate__(self) -> dict:
+        """The frame as a uint8 tensor (device pointers do not survive a pickle): torch.save stores
+        a tensor's bytes as they are, whereas pickle protocol 2, torch.save's default, writes a
+        bytes object as a latin-1 string in UTF-8, 1.5 bytes per byte of a frame."""
         state = dict(self.__dict__)
         state.pop("plain", None)
         state.pop("number", None)
         state.pop("copy", None)
-        state["blob"] = self.host_frame()               # device pointers do not survive a pickle
+        state["blob"] = torch.frombuffer(bytearray(self.host_frame()), dtype=torch.uint8)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if isinstance(state["blob"], torch.Tensor):     # (pickles of earlier versions hold bytes)
+            state = dict(state, blob=state["blob"].numpy().tobytes())
         self.__dict__.update(state)
         self.number = register(self)
         self.generation = state.get("generation", 0)
