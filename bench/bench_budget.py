@@ -556,6 +556,7 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+@torch.no_grad()                # restores the grad mode for callers (the smoke test runs it in-process)
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for budget.md (the table)")
@@ -595,7 +596,6 @@ def main(argv: list[str] | None = None) -> None:
         args.dit_cap_gb, args.headroom_gb = 0.0, -1.0      # smoke: no cap; every block streamed
     args.cap_gb = {"fp8": args.cap_fp8_gb, "bf16": args.cap_bf16_gb}
     args.offload_cap_gb = {"fp8": args.offload_cap_fp8_gb, "bf16": args.offload_cap_bf16_gb}
-    torch.set_grad_enabled(False)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke: tiny shapes, numbers meaningless)"
     head = [f"# GPU: {gpu}; {versions()}",
             "# RANDOM weights, real shapes; cap = torch.cuda.set_per_process_memory_fraction after each build; "
