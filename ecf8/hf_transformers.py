@@ -1,0 +1,224 @@
+"""Transformers integration: ``from_pretrained`` loads ecf8 model folders, compressed.
+
+An ecf8 model folder (``ecf8 compress`` of a ``save_pretrained`` folder) says in its
+``config.json`` ``"quantization_config": {"quant_method": "ecf8", ...}``.  ``register()`` (done by
+``ecf8.torch.enable()``) adds ecf8 to Transformers' registries of quantization configs and
+quantizers, so that
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cuda")
+
+(or any ``AutoModel*`` / model class) builds the model as usual and fills it through Transformers'
+own loading (its key renaming, base-model prefixes, dtype rules and tied weights), each checkpoint
+tensor read and decoded by ecf8 one at a time: on a GPU an eligible weight (as for
+``ecf8.torch.load_model``: a 2-D FP8/BF16/FP16 ``weight`` of a Linear-like module, at least
+``min_numel`` elements, Embedding tables only with ``embeddings=True``, not tied, and of the dtype
+the model wants) is uploaded as its ECF8 frame and stays compressed; every other tensor is decoded
+once.  On the CPU every tensor is decoded to an ordinary parameter.  Checkpoint tensors that a
+model's own conversion ops merge or split (fused MoE experts) are decoded before those ops.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+import torch
+from transformers.core_model_loading import (ConversionOps, _IdentityOp, WeightConverter, WeightRenaming,
+                                             dot_natural_key, rename_source_key)
+from transformers.integrations.accelerate import get_device
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import ECF8Error, UnsupportedError
+from .hf_reader import RECORD_PATTERN, Reader
+from .model_config import FORMAT, QUANT_METHOD
+
+__all__ = ["ECF8Config", "ECF8Quantizer", "register"]
+
+
+class Method(str, enum.Enum):
+    """The quant_method value (a str; Diffusers also reads ``.value``)."""
+
+    ECF8 = QUANT_METHOD
+
+
+class ECF8Config(QuantizationConfigMixin):
+    """The ``quantization_config`` of an ecf8 model folder.
+
+    min_numel, embeddings: which weights stay compressed on a GPU (as for
+    ``ecf8.torch.load_model``); compress: hold them compressed (default: on a GPU yes, on the CPU
+    no).  Loading options only: a folder's config.json needs just ``quant_method``.  ``original``
+    (the config.json before ``ecf8 compress``) is kept for ``ecf8 decompress`` and not saved again.
+    """
+
+    def __init__(self, format: str = FORMAT, min_numel: int = 4096, embeddings: bool = False,
+                 compress: bool | None = None, original: str | None = None, **kwargs: Any):
+        self.quant_method = Method.ECF8
+        if format != FORMAT:
+            raise UnsupportedError(f"quantization_config format {format!r}: ecf8 reads {FORMAT!r}")
+        self.format = format
+        self.min_numel = int(min_numel)
+        self.embeddings = bool(embeddings)
+        self.compress = compress
+        self.original = original
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format": self.format}
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        return {"min_numel": self.min_numel, "embeddings": self.embeddings, "compress": self.compress}
+
+
+class _Load(ConversionOps):
+    """Replaces a checkpoint entry (the stored bytes Transformers read) by its tensor, decoded
+    by ecf8 from the folder's file; an eligible weight is attached compressed instead (no output)."""
+
+    def __init__(self, quantizer: "ECF8Quantizer", decode_only: bool = False):
+        self.hf_quantizer = quantizer          # (Transformers then leaves the entry's dtype alone)
+        self.decode_only = decode_only
+
+    def __deepcopy__(self, memo) -> "_Load":   # one per target key: share the quantizer
+        return self
+
+    @property
+    def reverse_op(self) -> ConversionOps:       # saving: tensors are already decoded
+        return _IdentityOp()
+
+    def convert(self, input_dict: dict, source_patterns=None, target_patterns=None, full_layer_name=None,
+                model=None, missing_keys=None, **kwargs) -> dict:
+        q = self.hf_quantizer
+        if self.decode_only:                   # before a model's own ops: plain tensors, in order
+            names = q.merged[full_layer_name]
+            return {pattern: [q.tensor(n, full_layer_name, model) for n in names[pattern]]
+                    for pattern in input_dict}
+        return q.place(full_layer_name, model, missing_keys)
+
+
+class ECF8Quantizer(HfQuantizer):
+    """Loads ecf8 model folders (see the module docstring); ``register()`` makes it Transformers'
+    quantizer for ``quant_method: "ecf8"``."""
+
+    requires_calibration = True            # only compressed folders: nothing is compressed on load
+    quantization_config: ECF8Config
+
+    def __init__(self, quantization_config: ECF8Config, **kwargs: Any):
+        super().__init__(quantization_config, **kwargs)
+        self.device_map: Any = None
+        self.reader: Reader | None = None
+        self.sources: dict[str, str] = {}                   # model name -> checkpoint name
+        self.merged: dict[str, dict[str, list[str]]] = {}   # target -> {pattern: checkpoint names}
+
+    # --- Transformers' hooks -------------------------------------------------------------------
+    def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
+        if device_map is not None:
+            self.device_map = device_map
+
+    def update_device_map(self, device_map: Any) -> Any:
+        self.device_map = device_map
+        return device_map
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
+        if device_map is not None:
+            self.device_map = device_map
+        if not checkpoint_files:
+            raise UnsupportedError("an ecf8 model folder holds its weights in .safetensors files")
+        cfg = self.quantization_config
+        self.reader = Reader(checkpoint_files, min_numel=cfg.min_numel, embeddings=cfg.embeddings,
+                             compress=cfg.compress)
+        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        model._keys_to_ignore_on_load_unexpected = ignore | {RECORD_PATTERN}
+
+    def update_weight_conversions(self, weight_conversions: list, model) -> list:
+        """Every checkpoint entry goes through _Load: entries the model's own converters take are
+        decoded first (decode_only), all others get one converter per final name component."""
+        index = self.reader.index if self.reader is not None else {}
+        leaves = sorted({n.rpartition(".")[2] for n in index})
+        ours = [WeightConverter(re.escape(leaf), leaf, [_Load(self)], force_cpu=True) for leaf in leaves]
+        decode = _Load(self, decode_only=True)
+        updated = []
+        for c in weight_conversions:
+            if isinstance(c, WeightConverter):
+                c = c.copy(c._original_source_patterns, c._original_target_patterns,
+                           operations=[decode] + list(c.operations), force_cpu=True)
+            updated.append(c)
+        renamings = [c for c in updated if isinstance(c, WeightRenaming)]
+        converters = [c for c in updated if isinstance(c, WeightConverter)] + ours
+        ours_patterns = {p for c in ours for p in c.source_patterns}
+        meta = model.state_dict()
+        prefix = model.base_model_prefix
+        for name in sorted(index, key=dot_natural_key):
+            target, pattern = _renamed(name, renamings, converters, prefix, meta)
+            if target not in meta or pattern is None:
+                continue                # unexpected, or set unconverted: Transformers reports it
+            if pattern in ours_patterns:
+                self.sources[target] = name
+            else:
+                self.merged.setdefault(target, {}).setdefault(pattern, []).append(name)
+        return updated + ours
+
+    def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
+        name = self.sources.get(param_name)
+        if name is None or self.reader is None or not param.numel():
+            return param.element_size()
+        return self.reader.index[name][1].stored_bytes / param.numel()
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.reader is not None:
+            self.reader.finish(model)
+        return model
+
+    # --- loading ----------------------------------------------------------------------------------
+    def _device(self, target: str) -> tuple[torch.device, str]:
+        device_map = self.device_map if self.device_map is not None else {"": "cpu"}
+        device = device_map if isinstance(device_map, (str, int, torch.device)) else get_device(device_map, target)
+        return Reader.device(device)
+
+    def tensor(self, name: str, target: str, model) -> torch.Tensor:
+        """Checkpoint tensor `name`, decoded on `target`'s device."""
+        return self.reader.value(name, self._device(target)[1], None)
+
+    def place(self, target: str, model, missing_keys) -> dict[str, torch.Tensor]:
+        """{target: tensor} for Transformers to set, or {} when attached compressed."""
+        name = self.sources.get(target)
+        if name is None:
+            raise ECF8Error(f"{target}: no checkpoint tensor maps to it")
+        dev, device = self._device(target)
+        ref = model.get_parameter_or_buffer(target)
+        module_path, _, attr = target.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        if self.reader.keeps(name, module, attr, ref.dtype, dev, target in tied or target in set(tied.values())):
+            self.reader.attach(name, module, ref, dev, device)
+            if missing_keys is not None:
+                missing_keys.discard(target)
+            return {}
+        return {target: self.reader.value(name, device, ref.dtype if ref.is_floating_point() else None)}
+
+
+def _renamed(name, renamings, converters, prefix, meta) -> tuple[str, str | None]:
+    """The model name Transformers gives checkpoint entry `name`, and the converter pattern that
+    took it (as in ``convert_and_load_state_dict_in_model``)."""
+    target, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+    if target not in meta and name in meta:
+        target, pattern = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+    return target, pattern
+
+
+def register() -> None:
+    """Make ecf8 Transformers' quantizer for ``quant_method: "ecf8"`` (once; later calls do nothing)."""
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is ECF8Quantizer:
+        return
+    AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)     # (a stale class, e.g. a reload)
+    AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+    register_quantization_config(QUANT_METHOD)(ECF8Config)
+    register_quantizer(QUANT_METHOD)(ECF8Quantizer)
