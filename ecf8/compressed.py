@@ -671,7 +671,9 @@ def compress_path(src: Path, dst: Path, *, layouts: dict[Path, Layout] | None = 
     (a worker of another pool, which may start no processes) all the work is done in this process,
     to the same bytes.  layouts: {input file
     (as ``tensor_files(src)`` names it): its ``read_layout``} where the caller has read them (not
-    read again); codecs: a dict to fill with {output file: {tensor: codec}}."""
+    read again); codecs: a dict to fill with {output file: {tensor: codec}}.  A config.json beside
+    safetensors files gains an ecf8 quantization_config (``ecf8.model_config``; Transformers and
+    Diffusers then load the folder through ecf8), which decompress_path takes back."""
     many = None
     if kwargs.get("device") == "cuda" and Path(src).is_dir() and not daemonic():
         from . import gpu_pool

@@ -85,7 +85,8 @@ class Reader:
         """Hold checkpoint tensor `name` compressed as `module`'s weight (ref: its current one)."""
         from .loading import _place
 
-        frame = self.read(name, device, compressed=True)
+        # on the CPU the decoded tensor is encoded again (the same frame, by the CPU encoder)
+        frame = self.read(name, device, compressed=dev.type == "cuda")
         self.weights += _place(("param", [(module, "weight", name)], ref, True, None), frame, dev,
                                self.pool, {"chunk_size": None}, [])
 

@@ -252,3 +252,43 @@ def test_diffusers_dit_on_gpu_is_held_compressed(tmp_path):
     x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16, device="cuda")
     args = dict(timestep=torch.tensor([3], device="cuda"), class_labels=torch.tensor([1], device="cuda"))
     assert torch.equal(got(x, **args).sample, ref(x, **args).sample)
+
+
+def _hold_compressed(folder: Path) -> None:
+    """Ask for compressed weights on the CPU too (a loading option of the folder's config)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["compress"] = True
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_causal_lm_held_compressed_on_the_cpu(tmp_path):
+    from ecf8.torch import is_compressed
+
+    torch.manual_seed(0)
+    plain = _save(_llama().eval(), tmp_path)
+    folder = _compress(plain, tmp_path)
+    _hold_compressed(folder)
+    ids = torch.randint(0, 300, (2, 9))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(plain)
+    got = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert sum(is_compressed(m) for m in got.modules()) == 2 * 7 + 1
+    assert torch.equal(got(ids).logits, ref(ids).logits)
+
+
+def test_diffusers_dit_held_compressed_on_the_cpu(tmp_path):
+    import diffusers
+
+    from ecf8.torch import is_compressed
+
+    torch.manual_seed(0)
+    plain = tmp_path / "plain"
+    _dit().eval().save_pretrained(plain)
+    folder = _compress(plain, tmp_path)
+    _hold_compressed(folder)
+    cls = diffusers.DiTTransformer2DModel
+    ref = cls.from_pretrained(plain, torch_dtype=torch.bfloat16)
+    got = cls.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert any(is_compressed(m) for m in got.modules())
+    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    args = dict(timestep=torch.tensor([3]), class_labels=torch.tensor([1]))
+    assert torch.equal(got(x, **args).sample, ref(x, **args).sample)
