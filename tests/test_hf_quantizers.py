@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ecf8 import model_config, store
+from ecf8 import compressed, model_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -22,15 +22,14 @@ DATA = Path(__file__).resolve().parent.parent / "ecf8" / "data"
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    from ecf8 import hf_diffusers, hf_transformers
+    import ecf8.torch
 
-    hf_transformers.register()
-    hf_diffusers.register()
+    ecf8.torch.enable()
 
 
 def _compress(plain: Path, tmp: Path) -> Path:
     out = tmp / "ecf8"
-    store.compress_path(plain, out, jobs=1)
+    compressed.compress_path(plain, out, jobs=1)
     return out
 
 
@@ -41,7 +40,7 @@ def _folder(tmp: Path, config: bytes) -> Path:
 
     src = tmp / "plain"
     src.mkdir()
-    from ecf8.checkpoint import write_safetensors
+    from ecf8.safetensors_io import write_safetensors
 
     write_safetensors({"w": np.arange(64, dtype=np.float16).reshape(8, 8)}, src / "model.safetensors")
     (src / "config.json").write_bytes(config)
@@ -57,7 +56,7 @@ def test_compress_marks_config_and_decompress_restores_its_bytes(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "ecf8"
     assert cfg["hidden_size"] == 128
-    store.decompress_path(out, tmp_path / "back")
+    compressed.decompress_path(out, tmp_path / "back")
     assert (tmp_path / "back" / "config.json").read_bytes() == ODD
     assert (tmp_path / "back" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
 
@@ -67,7 +66,7 @@ def test_decompress_keeps_edits_made_to_a_compressed_config(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     cfg["hidden_size"] = 256
     (out / "config.json").write_text(json.dumps(cfg))
-    store.decompress_path(out, tmp_path / "back")
+    compressed.decompress_path(out, tmp_path / "back")
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert back["hidden_size"] == 256 and "quantization_config" not in back
 
@@ -77,7 +76,7 @@ def test_decompress_keeps_edits_made_to_a_compressed_config(tmp_path):
 def test_config_ecf8_cannot_mark_is_copied_unchanged(tmp_path, config):
     out = _compress(_folder(tmp_path, config), tmp_path)
     assert (out / "config.json").read_bytes() == config
-    store.decompress_path(out, tmp_path / "back")
+    compressed.decompress_path(out, tmp_path / "back")
     assert (tmp_path / "back" / "config.json").read_bytes() == config
 
 

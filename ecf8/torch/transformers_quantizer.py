@@ -1,9 +1,9 @@
 """Transformers integration: ``from_pretrained`` loads ecf8 model folders, compressed.
 
 An ecf8 model folder (``ecf8 compress`` of a ``save_pretrained`` folder) says in its
-``config.json`` ``"quantization_config": {"quant_method": "ecf8", ...}``.  ``register()`` (done by
-``ecf8.torch.enable()``) adds ecf8 to Transformers' registries of quantization configs and
-quantizers, so that
+``config.json`` ``"quantization_config": {"quant_method": "ecf8", ...}``.  ``register()`` (on
+import of ``transformers.quantizers`` after ``import ecf8.torch``, or ``ecf8.torch.enable()``)
+adds ecf8 to Transformers' registries of quantization configs and quantizers, so that
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cuda")
 
@@ -13,13 +13,20 @@ tensor read and decoded by ecf8 one at a time: on a GPU an eligible weight (as f
 ``ecf8.torch.load_model``: a 2-D FP8/BF16/FP16 ``weight`` of a Linear-like module, at least
 ``min_numel`` elements, Embedding tables only with ``embeddings=True``, not tied, and of the dtype
 the model wants) is uploaded as its ECF8 frame and stays compressed; every other tensor is decoded
-once.  On the CPU every tensor is decoded to an ordinary parameter.  Checkpoint tensors that a
-model's own conversion ops merge or split (fused MoE experts) are decoded before those ops.
+once.  On the CPU every tensor is decoded to an ordinary parameter (held compressed too when the
+folder's quantization_config says ``"compress": true``).  Checkpoint tensors that a model's own
+conversion ops merge or split (fused MoE experts) are decoded before those ops.
+
+``from_pretrained(folder, quantization_config=ECF8Config(compress=True, min_numel=...))`` sets
+these loading options for one load (Transformers warns that the folder's quantization_config is
+used, with the options given).  ``ECF8Config`` on a folder that ``ecf8 compress`` did not write is
+an UnsupportedError: ecf8 does not compress while loading (load the folder, then
+``ecf8.torch.compress_module(model)``).  ``model.save_pretrained(folder)`` writes an ecf8 folder
+(``ecf8.torch.pretrained_save``).
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from typing import Any
 
@@ -27,49 +34,28 @@ import torch
 from transformers.core_model_loading import (ConversionOps, _IdentityOp, WeightConverter, WeightRenaming,
                                              dot_natural_key, rename_source_key)
 from transformers.integrations.accelerate import get_device
+from transformers.quantizers import auto as quantizers_auto
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import ECF8Error, UnsupportedError
-from .hf_reader import RECORD_PATTERN, Reader
-from .model_config import FORMAT, QUANT_METHOD
+from ..errors import ECF8Error, UnsupportedError
+from ..model_config import FORMAT, QUANT_METHOD
+from .folder_reader import NOT_COMPRESSED, RECORD_PATTERN, ConfigOptions, Reader
+from .pretrained_save import check_saving, install
 
 __all__ = ["ECF8Config", "ECF8Quantizer", "register"]
 
 
-class Method(str, enum.Enum):
-    """The quant_method value (a str; Diffusers also reads ``.value``)."""
-
-    ECF8 = QUANT_METHOD
-
-
-class ECF8Config(QuantizationConfigMixin):
-    """The ``quantization_config`` of an ecf8 model folder.
-
-    min_numel, embeddings: which weights stay compressed on a GPU (as for
-    ``ecf8.torch.load_model``); compress: hold them compressed (default: on a GPU yes, on the CPU
-    no).  Loading options only: a folder's config.json needs just ``quant_method``.  ``original``
-    (the config.json before ``ecf8 compress``) is kept for ``ecf8 decompress`` and not saved again.
-    """
+class ECF8Config(ConfigOptions, QuantizationConfigMixin):
+    """The ``quantization_config`` of an ecf8 model folder, as Transformers holds it (fields: see
+    ``ConfigOptions``).  Given to ``from_pretrained(folder, quantization_config=ECF8Config(...))``,
+    its loading options (min_numel, embeddings, compress) replace the folder's."""
 
     def __init__(self, format: str = FORMAT, min_numel: int = 4096, embeddings: bool = False,
                  compress: bool | None = None, original: str | None = None, **kwargs: Any):
-        self.quant_method = Method.ECF8
-        if format != FORMAT:
-            raise UnsupportedError(f"quantization_config format {format!r}: ecf8 reads {FORMAT!r}")
-        self.format = format
-        self.min_numel = int(min_numel)
-        self.embeddings = bool(embeddings)
-        self.compress = compress
-        self.original = original
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "format": self.format}
-
-    def get_loading_attributes(self) -> dict[str, Any]:
-        return {"min_numel": self.min_numel, "embeddings": self.embeddings, "compress": self.compress}
+        self._set_options(format, min_numel, embeddings, compress, original)
 
 
 class _Load(ConversionOps):
@@ -105,6 +91,8 @@ class ECF8Quantizer(HfQuantizer):
     quantization_config: ECF8Config
 
     def __init__(self, quantization_config: ECF8Config, **kwargs: Any):
+        if not kwargs.get("pre_quantized", True):
+            raise UnsupportedError(NOT_COMPRESSED)
         super().__init__(quantization_config, **kwargs)
         self.device_map: Any = None
         self.reader: Reader | None = None
@@ -121,7 +109,14 @@ class ECF8Quantizer(HfQuantizer):
         return device_map
 
     def is_serializable(self) -> bool:
+        """True: ``model.save_pretrained`` writes an ecf8 folder (``ecf8.torch.pretrained_save``)."""
         return True
+
+    def get_state_dict_and_metadata(self, model) -> tuple[None, dict]:
+        """Saving: refused unless through the model's ecf8 ``save_pretrained`` (which compresses
+        what the library writes); the state dict is the model's own (weights decoded)."""
+        check_saving()
+        return None, {}
 
     @property
     def is_trainable(self) -> bool:
@@ -175,6 +170,7 @@ class ECF8Quantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.reader is not None:
             self.reader.finish(model)
+        install(model)
         return model
 
     # --- loading ----------------------------------------------------------------------------------
@@ -215,10 +211,14 @@ def _renamed(name, renamings, converters, prefix, meta) -> tuple[str, str | None
 
 
 def register() -> None:
-    """Make ecf8 Transformers' quantizer for ``quant_method: "ecf8"`` (once; later calls do nothing)."""
-    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is ECF8Quantizer:
-        return
-    AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)     # (a stale class, e.g. a reload)
-    AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
-    register_quantization_config(QUANT_METHOD)(ECF8Config)
-    register_quantizer(QUANT_METHOD)(ECF8Quantizer)
+    """Make ecf8 Transformers' quantizer for ``quant_method: "ecf8"`` (once; later calls do
+    nothing), and ``ECF8Config`` one whose loading options a ``quantization_config=`` given to
+    ``from_pretrained`` sets."""
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not ECF8Quantizer:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)     # (a stale class, e.g. a reload)
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(ECF8Config)
+        register_quantizer(QUANT_METHOD)(ECF8Quantizer)
+    types = getattr(quantizers_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple) and ECF8Config not in types:
+        quantizers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = types + (ECF8Config,)

@@ -1,16 +1,20 @@
-"""Diffusers integration: ``from_pretrained`` of a Diffusers model (a DiT, a UNet, a VAE) loads an
-ecf8 model folder compressed.
+"""Diffusers integration: ``from_pretrained`` of a Diffusers model (a DiT, a UNet, a VAE) or
+pipeline loads an ecf8 model folder compressed.
 
 A compressed component folder (``ecf8 compress`` of a pipeline or model folder) says
 ``"quantization_config": {"quant_method": "ecf8", ...}`` in its ``config.json``; ``register()``
-(done by ``ecf8.torch.enable()``) adds ecf8 to Diffusers' quantizer registries, so that
+(on import of ``diffusers.quantizers`` after ``import ecf8.torch``, or ``ecf8.torch.enable()``)
+adds ecf8 to Diffusers' quantizer registries, so that
 ``FluxTransformer2DModel.from_pretrained(folder, device_map="cuda")`` or
 ``DiffusionPipeline.from_pretrained(pipeline_folder, ...)`` load it through Diffusers' own path
 (its dtype rules, fp32 modules, device map).  Each checkpoint entry is handed to Diffusers as an
 empty (meta) tensor of its original dtype and shape; the quantizer then reads it from the file,
-one tensor at a time: on a GPU an eligible weight (see ``ecf8.hf_transformers``) is uploaded as
-its ECF8 frame and stays compressed, every other tensor is decoded once, in the dtype Diffusers
-chose for it.
+one tensor at a time: on a GPU an eligible weight (as for ``ecf8.torch.load_model``) is uploaded
+as its ECF8 frame and stays compressed, every other tensor is decoded once, in the dtype Diffusers
+chose for it.  ``model.save_pretrained(folder)`` writes an ecf8 folder
+(``ecf8.torch.pretrained_save``).  Loading options (min_numel, embeddings, compress) come from the
+folder's quantization_config only (Diffusers ignores a ``quantization_config=`` argument then,
+with a warning).
 """
 
 from __future__ import annotations
@@ -23,47 +27,30 @@ from diffusers.quantizers import auto as dq_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from .errors import UnsupportedError
-from .hf_reader import RECORD_PATTERN, Reader
-from .hf_transformers import Method
-from .model_config import FORMAT, QUANT_METHOD
+from ..errors import UnsupportedError
+from ..model_config import FORMAT, QUANT_METHOD
+from .folder_reader import NOT_COMPRESSED, RECORD_PATTERN, ConfigOptions, Reader, torch_dtype
+from .pretrained_save import check_saving, install
 
 __all__ = ["ECF8DiffusersConfig", "ECF8DiffusersQuantizer", "register"]
 
 
-class ECF8DiffusersConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of an ecf8 Diffusers model folder (options as for
-    ``ecf8.hf_transformers.ECF8Config``)."""
+class ECF8DiffusersConfig(ConfigOptions, QuantizationConfigMixin):
+    """The ``quantization_config`` of an ecf8 Diffusers model folder (fields: see
+    ``ConfigOptions``).  Diffusers uses a folder's own config only: given to ``from_pretrained``,
+    it is ignored with Diffusers' warning."""
 
     def __init__(self, format: str = FORMAT, min_numel: int = 4096, embeddings: bool = False,
                  compress: bool | None = None, original: str | None = None, **kwargs: Any):
-        self.quant_method = Method.ECF8
-        if format != FORMAT:
-            raise UnsupportedError(f"quantization_config format {format!r}: ecf8 reads {FORMAT!r}")
-        self.format = format
-        self.min_numel = int(min_numel)
-        self.embeddings = bool(embeddings)
-        self.compress = compress
-        self.original = original
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "format": self.format}
+        self._set_options(format, min_numel, embeddings, compress, original)
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
 
-_TORCH = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
-          "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool,
-          "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "U16": torch.uint16,
-          "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64}
-
-
 def _meta_tensor(info) -> torch.Tensor:
     """An empty (meta) tensor of a checkpoint entry's original dtype and shape."""
-    if info.dtype not in _TORCH:
-        raise UnsupportedError(f"tensor {info.name!r}: dtype {info.dtype} has no torch equivalent")
-    return torch.empty(info.shape, dtype=_TORCH[info.dtype], device="meta")
+    return torch.empty(info.shape, dtype=torch_dtype(info.dtype, info.name), device="meta")
 
 
 class ECF8DiffusersQuantizer(DiffusersQuantizer):
@@ -74,6 +61,8 @@ class ECF8DiffusersQuantizer(DiffusersQuantizer):
     quantization_config: ECF8DiffusersConfig
 
     def __init__(self, quantization_config: ECF8DiffusersConfig, **kwargs: Any):
+        if not kwargs.get("pre_quantized", True):
+            raise UnsupportedError(NOT_COMPRESSED)
         super().__init__(quantization_config, **kwargs)
         self.reader: Reader | None = None
 
@@ -126,11 +115,19 @@ class ECF8DiffusersQuantizer(DiffusersQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.reader is not None:
             self.reader.finish(model)
+        install(model)
         return model
 
     @property
     def is_serializable(self) -> bool:
+        """True: ``model.save_pretrained`` writes an ecf8 folder (``ecf8.torch.pretrained_save``)."""
         return True
+
+    def get_state_dict_and_metadata(self, state_dict: dict[str, Any], safe_serialization: bool = False
+                                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Saving: refused unless through the model's ecf8 ``save_pretrained``."""
+        check_saving()
+        return state_dict, {}
 
     @property
     def is_trainable(self) -> bool:
