@@ -262,3 +262,75 @@ def test_diffusers_save_that_bypasses_ecf8_is_refused(tmp_path):
     assert not list((tmp_path / "bypass").glob("*.safetensors"))
     with pytest.raises(UnsupportedError, match="safe_serialization"):
         got.save_pretrained(tmp_path / "bin", safe_serialization=False)
+
+
+def test_adapters_of_an_ecf8_model_save_as_plain_adapters(llama, tmp_path):
+    """Transformers' own PEFT integration: save_pretrained writes the adapter only, unchanged."""
+    peft = pytest.importorskip("peft", minversion="0.22")      # what Transformers 5 asks for
+    from ecf8.torch import is_compressed
+    from ecf8.torch.transformers_quantizer import ECF8Config
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama[1], quantization_config=ECF8Config(compress=True))
+    model.add_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    assert is_compressed(model.model.layers[0].self_attn.k_proj)
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+    assert not _is_ecf8(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_rank_that_does_not_save_goes_through(llama, tmp_path):
+    """is_main_process=False (the other ranks of a distributed save): the library writes no weights."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama[1])
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not list((tmp_path / "rank1").glob("*.safetensors"))
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_save_pretrained_of_a_model_held_compressed_on_the_gpu(llama, tmp_path):
+    from ecf8.torch import is_compressed
+
+    plain, folder = llama
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cuda")
+    assert sum(is_compressed(m) for m in model.modules()) == 2 * 7 + 1
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map="cuda")
+    ids = IDS.to("cuda")
+    assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.gpu
+def test_diffusers_pipeline_on_the_gpu_saves_as_ecf8(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from ecf8.torch import is_compressed
+
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=64, in_channels=4,
+                                          out_channels=4, num_layers=2, sample_size=8, patch_size=2,
+                                          num_embeds_ada_norm=1000)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(32,),
+                                  latent_channels=4, norm_num_groups=32, sample_size=16)
+    pipe = diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=diffusers.DDIMScheduler(),
+                                 id2label={0: "a", 1: "b"}).to(torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "plain")
+    compressed.compress_path(tmp_path / "plain", tmp_path / "ecf8", jobs=1)
+
+    def images(folder):
+        p = diffusers.DiTPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
+        out = p(class_labels=[1], num_inference_steps=2, generator=torch.Generator("cuda").manual_seed(0),
+                output_type="np").images
+        return p, out
+
+    _, ref = images(tmp_path / "plain")
+    got = diffusers.DiTPipeline.from_pretrained(tmp_path / "ecf8", dtype=torch.bfloat16, device_map="cuda")
+    assert any(is_compressed(m) for m in got.transformer.modules())
+    out = got(class_labels=[1], num_inference_steps=2, generator=torch.Generator("cuda").manual_seed(0),
+              output_type="np").images
+    assert (out == ref).all()
+    got.save_pretrained(tmp_path / "saved")
+    name = "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "saved" / "transformer" / name).read_bytes() == (tmp_path / "ecf8" / "transformer" / name).read_bytes()

@@ -21,13 +21,14 @@ the library's save holds the whole decoded state dict, as for any model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import UnsupportedError
 from ..model_config import CONFIG_NAME, restored
@@ -36,6 +37,16 @@ __all__ = ["SavePretrained", "install", "check_saving"]
 
 _SHARD = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?(?P<ext>\.safetensors)$")
 _active = threading.local()
+
+
+@contextlib.contextmanager
+def _saving() -> Iterator[None]:
+    """Within this block (this thread), the library's save of an ecf8 model goes ahead."""
+    _active.depth = getattr(_active, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _active.depth -= 1
 
 
 def check_saving(what: str = "save_pretrained") -> None:
@@ -64,7 +75,8 @@ class SavePretrained:
         if args:
             raise UnsupportedError("save_pretrained of an ecf8 model takes its options by keyword")
         if (getattr(model, "_hf_peft_config_loaded", False) or kwargs.get("is_main_process", True) is False):
-            return save(model, save_directory, **kwargs)          # adapters only, or nothing written
+            with _saving():                                       # adapters only, or nothing written
+                return save(model, save_directory, **kwargs)
         for option, refused, why in (
                 ("push_to_hub", True, "save, then upload the folder (huggingface_hub.upload_folder), or "
                                       "use model.push_to_hub"),
@@ -81,11 +93,8 @@ class SavePretrained:
         work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.ecf8-", dir=dst.parent))
         try:
             plain, packed = work / "plain", work / "ecf8"
-            _active.depth = getattr(_active, "depth", 0) + 1
-            try:
+            with _saving():
                 result = save(model, plain, **kwargs)
-            finally:
-                _active.depth -= 1
             for config in plain.rglob(CONFIG_NAME):
                 config.write_bytes(restored(config.read_bytes()))
             compress_path(plain, packed)
