@@ -291,3 +291,30 @@ def test_diffusers_dit_held_compressed_on_the_cpu(tmp_path):
     x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
     args = dict(timestep=torch.tensor([3]), class_labels=torch.tensor([1]))
     assert torch.equal(got(x, **args).sample, ref(x, **args).sample)
+
+
+def test_a_module_with_a_tensor_missing_from_the_checkpoint_is_not_held_compressed(tmp_path):
+    """Transformers initializes the tensors a checkpoint lacks, module by module; a module whose
+    weight is held compressed is marked initialized (its init would re-encode the weight), so one
+    with a missing bias keeps an ordinary weight and gets its bias initialized."""
+    from safetensors.torch import load_file, save_file
+
+    from ecf8.torch import is_compressed
+
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attention_bias=True, tie_word_embeddings=False, dtype="bfloat16")
+    torch.manual_seed(0)
+    plain = _save(transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval(), tmp_path)
+    tensors = load_file(plain / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.bias"]
+    save_file(tensors, plain / "model.safetensors", metadata={"format": "pt"})
+    folder = _compress(plain, tmp_path)
+    _hold_compressed(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(plain)
+    got = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    attn = got.model.layers[0].self_attn
+    assert not is_compressed(attn.q_proj) and is_compressed(attn.k_proj)
+    assert torch.equal(attn.q_proj.bias, ref.model.layers[0].self_attn.q_proj.bias)
+    ids = torch.randint(0, 300, (2, 9))
+    assert torch.equal(got(ids).logits, ref(ids).logits)

@@ -246,7 +246,7 @@ def _set(module: torch.nn.Module, kind: str, name: str, value: torch.Tensor, und
 
 
 def place_tensor(target: tuple, value: Any, dev: torch.device, pool: Pool, options: dict, undo: list
-           ) -> list:
+                 ) -> list:
     """Put one checkpoint tensor in the model; returns the compressed weight made, if any.
     target: (kind, holders, tensor, held compressed?, DTensor layout or None) as ``_plan`` makes
     it; value: a torch tensor, an ECF8 frame's bytes (host) or a DeviceTensor (GPU)."""

@@ -193,12 +193,22 @@ class ECF8Quantizer(HfQuantizer):
         module_path, _, attr = target.rpartition(".")
         module = model.get_submodule(module_path) if module_path else model
         tied = getattr(model, "all_tied_weights_keys", None) or {}
-        if self.reader.keeps(name, module, attr, ref.dtype, dev, target in tied or target in set(tied.values())):
+        if (self.reader.keeps(name, module, attr, ref.dtype, dev, target in tied or target in set(tied.values()))
+                and self._all_loaded(module_path, module)):
             self.reader.attach(name, module, ref, dev, device)
+            # Transformers initializes every module not marked after loading; its init would write
+            # over the compressed weight (an edit that re-encodes it), so the module is marked
+            module._is_hf_initialized = True
             if missing_keys is not None:
                 missing_keys.discard(target)
             return {}
         return {target: self.reader.value(name, device, ref.dtype if ref.is_floating_point() else None)}
+
+    def _all_loaded(self, module_path: str, module: torch.nn.Module) -> bool:
+        """Whether every parameter and buffer of `module` itself comes from the checkpoint (so that
+        marking it initialized leaves nothing uninitialized)."""
+        names = [n for n, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]
+        return all((f"{module_path}.{n}" if module_path else n) in self.sources for n in names)
 
 
 def _renamed(name, renamings, converters, prefix, meta) -> tuple[str, str | None]:
