@@ -294,7 +294,8 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cuda", *, 
 
     The model class is model_class (a model class or an Auto class), else the first of the
     config's ``architectures`` that Transformers has (what ``save_pretrained`` wrote: e.g.
-    LlamaForCausalLM, BertModel).  The model is built without weights
+    LlamaForCausalLM, BertModel; a config without architectures: AutoModelForCausalLM, or
+    AutoModel for a model type that has no causal LM).  The model is built without weights
     (accelerate.init_empty_weights), its weights tied as the config says, then filled by
     ``load_model(model, folder, device, **kwargs)``; it is returned in eval mode, with the
     folder's generation_config.json when there is one, and a ``save_pretrained`` that writes an
@@ -338,8 +339,12 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cuda", *, 
 
 
 def _architecture(config: Any, transformers: Any, folder: Path) -> Any:
-    """The first model class of ``config.architectures`` that Transformers has."""
+    """The first model class of ``config.architectures`` that Transformers has; for a config that
+    names none, AutoModelForCausalLM where it has the config's model type, else AutoModel."""
     names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        causal = transformers.AutoModelForCausalLM
+        return causal if type(config) in causal._model_mapping else transformers.AutoModel
     for name in names:
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
