@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
-from . import api, encoder
+from . import api, encoder, model_config
 from . import format as fmt
 from .errors import CorruptDataError, ECF8Error, UnsupportedError
 from .names import device_name
@@ -602,8 +602,8 @@ def verify_file(path: Path, progress: bool | None = None) -> int:
 # -------------------------------------------------------------------------------- model folders
 
 def _map_path(src: Path, dst: Path, one_file: Callable[..., Any], check: Callable[[Path], Any],
-              many: Callable[..., Any] | None = None, known: dict | None = None, **kwargs
-              ) -> dict[Path, Any]:
+              many: Callable[..., Any] | None = None, known: dict | None = None,
+              config: Callable[[bytes], bytes | None] | None = None, **kwargs) -> dict[Path, Any]:
     """{output file: what one_file returned} of one_file(src_file, dst_file, **kwargs) for a file,
     or for each safetensors file of a model folder (subfolders kept; every other file copied;
     check(file) on each input first, so a bad input writes nothing; the output folder appears
@@ -611,7 +611,8 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., Any], check: Callabl
     many([(src_file, dst_file), ...], known=known, **kwargs) on them all, returning
     {dst_file: result}.
     known: {input file: what the caller already read of it}, given to one_file as layout= (and
-    to check when it takes it) and filled with what check returns."""
+    to check when it takes it) and filled with what check returns.
+    config: the new bytes of a config.json beside safetensors files (None: copied unchanged)."""
     src, dst = Path(src), Path(dst)
     known = {} if known is None else known
     if not src.is_dir():
@@ -628,9 +629,16 @@ def _map_path(src: Path, dst: Path, one_file: Callable[..., Any], check: Callabl
                 (tmp / Path(root, d).relative_to(src)).mkdir(mode=file_mode(Path(root, d)), exist_ok=True)
         for rel in tensors + others:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        beside = {Path(rel).parent for rel in tensors}
         for rel in others:
             try:
-                shutil.copyfile(src / rel, tmp / rel)
+                text = None
+                if config is not None and Path(rel).name == model_config.CONFIG_NAME and Path(rel).parent in beside:
+                    text = config((src / rel).read_bytes())
+                if text is None:
+                    shutil.copyfile(src / rel, tmp / rel)
+                else:
+                    (tmp / rel).write_bytes(text)
             except OSError as e:
                 raise named(e, dst / rel) from None
             os.chmod(tmp / rel, file_mode(src / rel))
@@ -663,7 +671,9 @@ def compress_path(src: Path, dst: Path, *, layouts: dict[Path, Layout] | None = 
     (a worker of another pool, which may start no processes) all the work is done in this process,
     to the same bytes.  layouts: {input file
     (as ``tensor_files(src)`` names it): its ``read_layout``} where the caller has read them (not
-    read again); codecs: a dict to fill with {output file: {tensor: codec}}."""
+    read again); codecs: a dict to fill with {output file: {tensor: codec}}.  A config.json beside
+    safetensors files gains an ecf8 quantization_config (``ecf8.model_config``; Transformers and
+    Diffusers then load the folder through ecf8), which decompress_path takes back."""
     many = None
     if kwargs.get("device") == "cuda" and Path(src).is_dir() and not daemonic():
         from . import gpu_pool
@@ -671,7 +681,8 @@ def compress_path(src: Path, dst: Path, *, layouts: dict[Path, Layout] | None = 
         gpus = gpu_pool.gpus()          # (UnsupportedError without CuPy or a GPU: nothing written)
         if len(gpus) > 1 and len(tensor_files(src)) > 1:
             many = functools.partial(gpu_pool.compress_shards, devices=gpus, one_file=compress_file)
-    results = _map_path(src, dst, compress_file, _check_plain, many, dict(layouts or {}), **kwargs)
+    results = _map_path(src, dst, compress_file, _check_plain, many, dict(layouts or {}),
+                        model_config.marked, **kwargs)
     if codecs is not None:
         codecs.update(results)
     return list(results)
@@ -679,4 +690,4 @@ def compress_path(src: Path, dst: Path, *, layouts: dict[Path, Layout] | None = 
 
 def decompress_path(src: Path, dst: Path, **kwargs) -> list[Path]:
     """The original file or model folder restored from a compressed one; returns the restored files."""
-    return list(_map_path(src, dst, decompress_file, _check_packed, **kwargs))
+    return list(_map_path(src, dst, decompress_file, _check_packed, config=model_config.restored, **kwargs))

@@ -23,10 +23,19 @@ as this rank's local shard only, compressed; ``module.weight``, ``state_dict()``
 ``decompress_module`` give back a DTensor with the same device mesh, placements, global shape and
 stride, so the module's TP collectives are exactly those of the uncompressed model.
 
+Transformers and Diffusers: after ``import ecf8.torch``, their own ``from_pretrained`` loads an
+ecf8 model folder (``ecf8 compress`` of a ``save_pretrained`` folder: its config.json says
+``quant_method: "ecf8"``) with its weights held compressed on a GPU, and ``save_pretrained``
+writes an ecf8 folder again.  ecf8's quantizers are registered when those libraries' quantizer
+registries are imported (``enable()`` registers at once).
+
 Modules: ``tensors`` (tensors and files), ``runtime`` (the just-in-time weight runtime: held
 weights, decode buffers, groups), ``modules`` (``compress_module``), ``loading`` (``load_model``,
 ``from_pretrained``), ``parallel`` (DTensor shards), ``offload`` (``offload_module``: compressed
-weights streamed from pinned host memory when even the compressed model does not fit).
+weights streamed from pinned host memory when even the compressed model does not fit),
+``registration`` (``enable``), ``transformers_quantizer`` / ``diffusers_quantizer`` (the
+libraries' quantizers) on ``folder_reader`` (an ecf8 folder read tensor by tensor),
+``pretrained_save`` (``save_pretrained`` writing an ecf8 folder).
 """
 
 from __future__ import annotations
@@ -35,14 +44,17 @@ from .loading import from_pretrained, load_model
 from .modules import compress_module, decompress_module, is_compressed, rebuild
 from .offload import OffloadStats, is_offloaded, offload_module
 from .parallel import Layout, is_dtensor
+from .registration import enable, watch
 from .runtime import CompressionStats, Group, Pool, Weight
 from .tensors import (TORCH_DTYPES, decode, encode, from_numpy, load_file, save_file,  # noqa: F401
                       to_numpy, torch_memory)
 
 __all__ = ["encode", "decode", "save_file", "load_file", "compress_module", "decompress_module",
            "load_model", "from_pretrained", "CompressionStats", "is_compressed", "is_dtensor",
-           "offload_module", "OffloadStats", "is_offloaded"]
+           "offload_module", "OffloadStats", "is_offloaded", "enable"]
 
 # Pickles of compressed modules written while this package was one module (ecf8/torch.py) name
 # these objects by these paths; keep them, or such pickles no longer load.
 _rebuild, _Weight, _Pool, _Group, _Layout = rebuild, Weight, Pool, Group, Layout
+
+watch()         # ecf8's quantizers join Transformers' and Diffusers' registries when those load

@@ -67,7 +67,8 @@ def _read(path: Path, device: str, frames: bool = False) -> Iterator[tuple[str, 
 
 # --- loading ------------------------------------------------------------------------------------
 
-def _device(device: str | torch.device) -> tuple[torch.device, str]:
+def resolve_device(device: str | torch.device) -> tuple[torch.device, str]:
+    """(torch device, ecf8 device name) of "cpu" or a CUDA device; UnsupportedError otherwise."""
     dev = torch.device(device)
     if dev.type == "cpu":
         return dev, "cpu"
@@ -134,7 +135,7 @@ def load_model(model: torch.nn.Module, path: str | Path, device: str | torch.dev
 def _load(model, path, device, embeddings, min_numel, strict, chunk_size, threads, compress, group_bytes,
           undo: list) -> CompressionStats:
     """load_model without offloading; `undo` receives the actions that put the model back."""
-    dev, target = _device(device)
+    dev, target = resolve_device(device)
     keep = dev.type == "cuda" if compress is None else bool(compress)
     files, index = checkpoint_folder.index(path)
     plan, moves, reasons = _plan(model, index, dev, embeddings, min_numel, strict, str(path), keep)
@@ -147,7 +148,7 @@ def _load(model, path, device, embeddings, min_numel, strict, chunk_size, thread
             if name not in plan:                # a second name of a tied parameter
                 continue
             seen.add(name)
-            weights += _place(plan[name], value, dev, pool, options, undo)
+            weights += place_tensor(plan[name], value, dev, pool, options, undo)
         if len(seen) != len(plan):
             raise CorruptDataError(f"{path}: {sorted(set(plan) - seen)[:3]} listed but not read")
         for module, kind, name, tensor in moves:
@@ -244,9 +245,11 @@ def _set(module: torch.nn.Module, kind: str, name: str, value: torch.Tensor, und
     undo.append(back)
 
 
-def _place(target: tuple, value: Any, dev: torch.device, pool: Pool, options: dict, undo: list
-           ) -> list:
-    """Put one checkpoint tensor in the model; returns the compressed weight made, if any."""
+def place_tensor(target: tuple, value: Any, dev: torch.device, pool: Pool, options: dict, undo: list
+                 ) -> list:
+    """Put one checkpoint tensor in the model; returns the compressed weight made, if any.
+    target: (kind, holders, tensor, held compressed?, DTensor layout or None) as ``_plan`` makes
+    it; value: a torch tensor, an ECF8 frame's bytes (host) or a DeviceTensor (GPU)."""
     kind, hs, p, eligible, layout = target
     if layout is not None:                            # keep this rank's slice of the whole tensor
         if not isinstance(value, torch.Tensor):       # a whole frame on the GPU: decoded there
@@ -289,11 +292,17 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cuda", *, 
     """A Transformers model from an ecf8 checkpoint folder (config.json beside the compressed
     safetensors file(s), e.g. ``ecf8 compress`` of a ``save_pretrained`` folder).
 
-    The model (model_class, default AutoModelForCausalLM) is built without weights
+    The model class is model_class (a model class or an Auto class), else the first of the
+    config's ``architectures`` that Transformers has (what ``save_pretrained`` wrote: e.g.
+    LlamaForCausalLM, BertModel; a config without architectures: AutoModelForCausalLM, or
+    AutoModel for a model type that has no causal LM).  The model is built without weights
     (accelerate.init_empty_weights), its weights tied as the config says, then filled by
     ``load_model(model, folder, device, **kwargs)``; it is returned in eval mode, with the
-    folder's generation_config.json when there is one.  dtype: for tensors the checkpoint does not
-    hold (default: the config's).  Raises UnsupportedError without transformers/accelerate.
+    folder's generation_config.json when there is one, and a ``save_pretrained`` that writes an
+    ecf8 folder (``ecf8.torch.pretrained_save``).  Its config has no ecf8 quantization_config (the
+    model's modules say what is compressed).  dtype: for tensors the checkpoint does not hold
+    (default: the config's).  Raises UnsupportedError without transformers/accelerate, or when
+    the config names no class Transformers has and model_class is not given.
     """
     try:
         import transformers
@@ -301,22 +310,45 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cuda", *, 
     except ImportError:
         raise UnsupportedError("from_pretrained needs transformers and accelerate: "
                                "pip install transformers accelerate") from None
+    from ..model_config import is_marked
+    from .pretrained_save import install
+
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UnsupportedError(f"{folder}: no config.json (give a folder written by save_pretrained)")
     config = transformers.AutoConfig.from_pretrained(folder)
+    if is_marked({"quantization_config": getattr(config, "quantization_config", None)}):
+        del config.quantization_config          # ecf8 loads it here, not a Transformers quantizer
     dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    cls = model_class or transformers.AutoModelForCausalLM
+    cls = model_class or _architecture(config, transformers, folder)
+    build = getattr(cls, "from_config", None) or cls._from_config      # Auto class, or model class
     with init_empty_weights():
         try:
-            model = cls.from_config(config, dtype=dtype)
+            model = build(config, dtype=dtype)
         except TypeError:                               # transformers < 4.56
-            model = cls.from_config(config, torch_dtype=dtype)
+            model = build(config, torch_dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     load_model(model, folder, device, **kwargs)
     if (folder / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    install(model)
     return model.eval()
+
+
+def _architecture(config: Any, transformers: Any, folder: Path) -> Any:
+    """The first model class of ``config.architectures`` that Transformers has; for a config that
+    names none, AutoModelForCausalLM where it has the config's model type, else AutoModel."""
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        causal = transformers.AutoModelForCausalLM
+        return causal if type(config) in causal._model_mapping else transformers.AutoModel
+    for name in names:
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    raise UnsupportedError(f"{folder}: config.json names no model class Transformers has "
+                           f"(architectures: {names}); give model_class=, e.g. "
+                           "transformers.AutoModelForCausalLM")
