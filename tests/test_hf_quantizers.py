@@ -201,7 +201,7 @@ def _dit():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, None], ids=["bf16", "default-dtype"])
 def test_diffusers_dit_loads_bit_identical(tmp_path, dtype):
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
 
     torch.manual_seed(0)
     plain = tmp_path / "plain"
@@ -236,7 +236,7 @@ def test_causal_lm_on_gpu_is_held_compressed(tmp_path):
 
 @pytest.mark.gpu
 def test_diffusers_dit_on_gpu_is_held_compressed(tmp_path):
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
 
     from ecf8.torch import is_compressed
 
@@ -275,7 +275,7 @@ def test_causal_lm_held_compressed_on_the_cpu(tmp_path):
 
 
 def test_diffusers_dit_held_compressed_on_the_cpu(tmp_path):
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
 
     from ecf8.torch import is_compressed
 
