@@ -300,6 +300,20 @@ def generate(model, args, batch: int, device: str, vocab: int) -> tuple[float, f
     return ttft, rate, out[:, ids.shape[1]:].cpu()
 
 
+
+def measure_generate(results: dict, key: tuple, model, args, device, vocab: int, cap) -> None:
+    """results[key + (batch,)] = (GiB on the GPU, TTFT, tok/s, error) of every --batches batch, the
+    cap set for the span; an error (out of memory, say) is recorded in the table, not raised."""
+    cap_to(device, cap)
+    w = on_gpu(device)
+    for b in args.batches:
+        try:
+            results[(*key, b)] = (w, *generate(model, args, b, device, vocab))
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            results[(*key, b)] = (w, None, None, f"{type(e).__name__}: {str(e)[:80]}")
+    cap_to(device, None)
+
+
 def llm(args, fmt: str, device: str) -> None:
     """Cases 1 and 4 for one format: one ecf8 model (compressed once, then offloaded), two
     accelerate baselines (one per cap)."""
@@ -323,14 +337,7 @@ def llm(args, fmt: str, device: str) -> None:
             off = offload_module(model, device, max_gpu_memory=None if args.smoke else int(cap - headroom))
             print(f"# {fmt} ecf8 offload: {off.resident_blocks} layers resident, {off.offloaded_blocks} "
                   f"streamed ({off.host_bytes / GiB:.2f} GiB pinned host frames)", flush=True)
-        cap_to(device, cap)
-        w = on_gpu(device)
-        for b in args.batches:
-            try:
-                results[case, "ecf8", b] = (w, *generate(model, args, b, device, vocab))
-            except Exception as e:  # noqa: BLE001 - reported in the table
-                results[case, "ecf8", b] = (w, None, None, f"{type(e).__name__}: {str(e)[:80]}")
-        cap_to(device, None)
+        measure_generate(results, (case, "ecf8"), model, args, device, vocab, cap)
     del model
     settle(device)
     if "compressed-offload" in cases and args.control:
@@ -343,15 +350,7 @@ def llm(args, fmt: str, device: str) -> None:
         print(f"# {fmt} control, raw frames streamed by the same runtime: {off.resident_blocks} layers "
               f"resident, {off.offloaded_blocks} streamed ({off.host_bytes / GiB:.2f} GiB pinned host "
               f"frames; {time.perf_counter() - t0:.1f} s to build)", flush=True)
-        cap_to(device, cap)
-        w = on_gpu(device)
-        for b in args.batches:
-            try:
-                results["compressed-offload", "control", b] = (w, *generate(model, args, b, device, vocab))
-            except Exception as e:  # noqa: BLE001
-                why = f"{type(e).__name__}: {str(e)[:80]}"
-                results["compressed-offload", "control", b] = (w, None, None, why)
-        cap_to(device, None)
+        measure_generate(results, ("compressed-offload", "control"), model, args, device, vocab, cap)
         del model
         settle(device)
     for case in cases:
@@ -360,14 +359,7 @@ def llm(args, fmt: str, device: str) -> None:
         base, share, parts = accelerate_llm(args, fmt, device, int(cap - headroom))
         print(f"# {fmt} accelerate ({case}): {share} of {parts} device-map entries on the CPU, "
               f"{time.perf_counter() - t0:.1f} s to build", flush=True)
-        cap_to(device, cap)
-        w = on_gpu(device)
-        for b in args.batches:
-            try:
-                results[case, "base", b] = (w, *generate(base, args, b, device, vocab))
-            except Exception as e:  # noqa: BLE001
-                results[case, "base", b] = (w, None, None, f"{type(e).__name__}: {str(e)[:80]}")
-        cap_to(device, None)
+        measure_generate(results, (case, "base"), base, args, device, vocab, cap)
         del base
         settle(device)
         for b in args.batches:

@@ -234,23 +234,30 @@ def test_causal_lm_on_gpu_is_held_compressed(tmp_path):
     assert torch.equal(got(ids).logits, ref(ids).logits)
 
 
+def _assert_dit_held_and_identical(diffusers, plain: Path, folder: Path, device: str) -> None:
+    """The DiT of `folder` loads on `device` with compressed weights and computes the same bits as
+    the plain folder's."""
+    from ecf8.torch import is_compressed
+
+    cls = diffusers.DiTTransformer2DModel
+    place = {"device_map": device} if device != "cpu" else {}
+    ref = cls.from_pretrained(plain, torch_dtype=torch.bfloat16, **place)
+    got = cls.from_pretrained(folder, torch_dtype=torch.bfloat16, **place)
+    assert any(is_compressed(m) for m in got.modules())
+    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16, device=device)
+    args = dict(timestep=torch.tensor([3], device=device), class_labels=torch.tensor([1], device=device))
+    assert torch.equal(got(x, **args).sample, ref(x, **args).sample)
+
+
 @pytest.mark.gpu
 def test_diffusers_dit_on_gpu_is_held_compressed(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-
-    from ecf8.torch import is_compressed
 
     torch.manual_seed(0)
     plain = tmp_path / "plain"
     _dit().eval().save_pretrained(plain)
     folder = _compress(plain, tmp_path)
-    cls = diffusers.DiTTransformer2DModel
-    ref = cls.from_pretrained(plain, torch_dtype=torch.bfloat16, device_map="cuda")
-    got = cls.from_pretrained(folder, torch_dtype=torch.bfloat16, device_map="cuda")
-    assert any(is_compressed(m) for m in got.modules())
-    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16, device="cuda")
-    args = dict(timestep=torch.tensor([3], device="cuda"), class_labels=torch.tensor([1], device="cuda"))
-    assert torch.equal(got(x, **args).sample, ref(x, **args).sample)
+    _assert_dit_held_and_identical(diffusers, plain, folder, "cuda")
 
 
 def _hold_compressed(folder: Path) -> None:
@@ -277,20 +284,12 @@ def test_causal_lm_held_compressed_on_the_cpu(tmp_path):
 def test_diffusers_dit_held_compressed_on_the_cpu(tmp_path):
     diffusers = pytest.importorskip("diffusers")
 
-    from ecf8.torch import is_compressed
-
     torch.manual_seed(0)
     plain = tmp_path / "plain"
     _dit().eval().save_pretrained(plain)
     folder = _compress(plain, tmp_path)
     _hold_compressed(folder)
-    cls = diffusers.DiTTransformer2DModel
-    ref = cls.from_pretrained(plain, torch_dtype=torch.bfloat16)
-    got = cls.from_pretrained(folder, torch_dtype=torch.bfloat16)
-    assert any(is_compressed(m) for m in got.modules())
-    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
-    args = dict(timestep=torch.tensor([3]), class_labels=torch.tensor([1]))
-    assert torch.equal(got(x, **args).sample, ref(x, **args).sample)
+    _assert_dit_held_and_identical(diffusers, plain, folder, "cpu")
 
 
 def test_a_module_with_a_tensor_missing_from_the_checkpoint_is_not_held_compressed(tmp_path):

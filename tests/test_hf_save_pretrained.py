@@ -211,12 +211,11 @@ def test_import_ecf8_torch_imports_neither_library():
 
 # --- Diffusers ------------------------------------------------------------------------------------
 
-def test_diffusers_pipeline_loads_and_saves_as_ecf8(tmp_path):
-    """A DiT pipeline (DiT, VAE, scheduler): every model component's folder compressed, the
-    pipeline's images identical; its save_pretrained writes ecf8 components that load again."""
-    diffusers = pytest.importorskip("diffusers")
+def _dit_pipeline(diffusers, tmp_path: Path, head_dim: int) -> None:
+    """A tiny BF16 DiT pipeline (DiT, VAE, scheduler), saved plain to tmp_path/plain and compressed to
+    tmp_path/ecf8."""
     torch.manual_seed(0)
-    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4,
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=head_dim, in_channels=4,
                                           out_channels=4, num_layers=2, sample_size=8, patch_size=2,
                                           num_embeds_ada_norm=1000)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
@@ -226,6 +225,13 @@ def test_diffusers_pipeline_loads_and_saves_as_ecf8(tmp_path):
                                  id2label={0: "a", 1: "b"}).to(torch.bfloat16)
     pipe.save_pretrained(tmp_path / "plain")
     compressed.compress_path(tmp_path / "plain", tmp_path / "ecf8", jobs=1)
+
+
+def test_diffusers_pipeline_loads_and_saves_as_ecf8(tmp_path):
+    """A DiT pipeline (DiT, VAE, scheduler): every model component's folder compressed, the
+    pipeline's images identical; its save_pretrained writes ecf8 components that load again."""
+    diffusers = pytest.importorskip("diffusers")
+    _dit_pipeline(diffusers, tmp_path, head_dim=32)
     for part in ("transformer", "vae"):
         assert model_config.is_marked(json.loads((tmp_path / "ecf8" / part / "config.json").read_text()))
 
@@ -307,17 +313,7 @@ def test_diffusers_pipeline_on_the_gpu_saves_as_ecf8(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from ecf8.torch import is_compressed
 
-    torch.manual_seed(0)
-    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=64, in_channels=4,
-                                          out_channels=4, num_layers=2, sample_size=8, patch_size=2,
-                                          num_embeds_ada_norm=1000)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(32,),
-                                  latent_channels=4, norm_num_groups=32, sample_size=16)
-    pipe = diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=diffusers.DDIMScheduler(),
-                                 id2label={0: "a", 1: "b"}).to(torch.bfloat16)
-    pipe.save_pretrained(tmp_path / "plain")
-    compressed.compress_path(tmp_path / "plain", tmp_path / "ecf8", jobs=1)
+    _dit_pipeline(diffusers, tmp_path, head_dim=64)
 
     def images(folder):
         p = diffusers.DiTPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
