@@ -24,21 +24,23 @@ GPU), so that both miss the cap by the same margin.  Working set of the LLM at b
 compressed on the CPU, 32x, and the first GPU run's footprints): FP8 model 8.46 GiB
 uncompressed (linears 6.50 at 1 byte, embedding + head 1.96 in BF16), ecf8 7.47 GiB held (frames
 and decode tables 5.45 at 6.7-6.8 bits/weight, decode buffer 0.05, the BF16 rest 1.96) plus
-~0.15 of allocator rounding (frames over 10 MiB get segments in 2 MiB steps); BF16 model 14.96
-GiB, ecf8 10.76 (frames 8.69 at 10.7 bits/weight, buffer 0.11).  Only the decoder linears are
+~0.19 of allocator rounding (a frame over 10 MiB gets a segment of its own, in 2 MiB steps; the
+first run allocated 7.48); BF16 model 14.96 GiB, ecf8 10.76 (frames 8.69 at 10.7 bits/weight,
+buffer 0.11) plus ~0.25 (10.82 allocated in the first run).  Only the decoder linears are
 compressed: the embedding (``embeddings=True``) and the head would save another 0.65 GiB (10.7
 bits/weight of 16), but each is decoded whole, into a 0.98 GiB decode buffer in place of the 56 MiB
 one (FP8): 0.92 GiB more, a net loss.
 
 1. llm-over-cap: a Llama-3-8B-shaped Transformers ``LlamaForCausalLM`` (32 layers, hidden 4096,
-   MLP 14336, 32/8 heads, vocabulary 128256, SDPA) whose uncompressed weights exceed the cap and
-   whose compressed ones fit.  FP8: every decoder linear is an E4M3 weight with a per-tensor
+   MLP 14336, 32/8 heads, vocabulary 128256, SDPA) that does not fit under the cap uncompressed
+   and does compressed.  FP8: every decoder linear is an E4M3 weight with a per-tensor
    ``torch._scaled_mm`` forward (what bench_generate/bench_tax build; Transformers' own FP8 paths
    are block-scaled Triton kernels or compressed-tensors checkpoints, another computation);
-   embedding and head BF16 and uncompressed.  Cap FP8 ~8.4 GiB: must fit 7.6 + 0.38, must not
-   8.46 + 0.38, margin ~0.4 GiB each way (the uncompressed weights alone are just over it: FP8
-   compression saves ~1 GiB, 16% of the linears); BF16 ~13.3 GiB: 10.9 + 0.37 against 14.96 +
-   0.37, margin ~2.0.  Baseline: Transformers + accelerate offloading exactly as
+   embedding and head BF16 and uncompressed.  Cap FP8 ~8.44 GiB: must fit 7.67 + 0.38, must not
+   8.46 + 0.38, margin ~0.4 GiB each way (FP8 compression saves only ~1 GiB, 16% of the linears,
+   so the uncompressed weights alone are about at the cap: the uncompressed model needs 8.54 GiB
+   even at batch 1, and accelerate gets cap - headroom); BF16 ~13.4 GiB: 11.07 + 0.37 against
+   14.96 + 0.37, margin ~1.9.  Baseline: Transformers + accelerate offloading exactly as
    ``from_pretrained(device_map="auto", max_memory={0: cap - headroom, "cpu": ...})`` does it
    (``transformers.integrations.accelerate._get_device_map`` then ``accelerate_dispatch``:
    ``dispatch_model`` with AlignDevicesHook, the CPU layers copied in per forward).  ecf8:
@@ -48,7 +50,7 @@ one (FP8): 0.92 GiB more, a net loss.
    generate - TTFT): decoding only.
 2. dit-over-cap: a FLUX.1-dev-shaped Diffusers ``FluxTransformer2DModel`` (19 double + 38 single
    blocks, BF16, 11.9 G weights) at 512x512 (1024 image + 256 text tokens), --dit-steps Euler
-   steps; s/step.  Cap ~18.9 GiB: ecf8 ~15.1 (14.99 allocated in the first run) + 0.30 working
+   steps; s/step.  Cap ~19.0 GiB: ecf8 ~15.2 (14.99 allocated in the first run) + 0.30 working
    set (activations 0.16, attention scores 0.07, workspaces 0.06) against 22.17 + 0.30, margin
    ~3.5.  Baselines as Diffusers applies them to a pipeline's transformer: sequential CPU
    offload (``accelerate.cpu_offload``), model CPU offload (``accelerate.cpu_offload_with_hook``:
@@ -62,8 +64,8 @@ one (FP8): 0.92 GiB more, a net loss.
 4. compressed-offload: the LLM of case 1 under a cap that even its compressed weights exceed:
    halfway between ecf8 with every layer streamed (the BF16 rest, two staging buffers of a
    layer's frames, a decoded layer: FP8 1.96 + 0.34 + 0.20 = 2.50 GiB, BF16 1.96 + 0.54 + 0.41 =
-   2.91) and ecf8 held whole (7.6 / 10.9), both plus the working set: FP8 ~5.4 GiB, BF16 ~7.3,
-   about half the layers resident.  Baseline: accelerate offloading as in case 1, same cap.  ecf8:
+   2.91) and ecf8 held whole (7.67 / 11.07), both plus the working set: FP8 ~5.5 GiB (11 of 32
+   layers resident), BF16 ~7.4 (12 of 32).  Baseline: accelerate offloading as in case 1, same cap.  ecf8:
    ``ecf8.torch.offload_module(model, max_gpu_memory=cap - headroom)``: the first layers resident
    compressed, the others' frames in pinned host memory, copied per forward on a copy stream and
    decoded on the GPU; it fills cap - headroom, so its spare is headroom - working set (0.6
