@@ -355,7 +355,7 @@ def generate(model, args, batch: int, device: str, vocab: int) -> tuple[float, f
     ids = torch.randint(1, vocab, (batch, args.prompt_tokens), generator=g).to(device)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
     n = args.new_tokens
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)          # warm-up
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)          # warm-up: prefill and decode steps
     t = now(device)
     model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
     ttft = now(device) - t
@@ -364,7 +364,6 @@ def generate(model, args, batch: int, device: str, vocab: int) -> tuple[float, f
     total = now(device) - t
     rate = batch * (n - 1) / (total - ttft) if total > ttft else float("nan")   # decoding alone
     return ttft, rate, out[:, ids.shape[1]:].cpu()
-
 
 
 def measure_generate(results: dict, key: tuple, model, args, device, vocab: int, cap) -> None:

@@ -2,7 +2,7 @@
 // normative), and its uncompressed twin: the same kernel reading the weight's bytes directly.
 //
 //     Y[b, n] = scale * sum_k W[n, k] * X[b, k]                 (per-tensor scale)
-//     Y[b, n] = sum_kb S[n / 128, kb] * sum_{k in kb} W * X     (128 x 128 block scales)
+//     Y[b, n] = scale * sum_kb S[n / 128, kb] * sum_{k in kb} W * X   (and 128 x 128 block scales)
 //
 // Layout assumptions
 // - W is N x K in C order, K a multiple of 512: every 512-element group (FORMAT.md §3) of every
@@ -29,7 +29,7 @@
 #define ECF8_FUSED_WARPS 8
 #endif
 #ifndef ECF8_FUSED_AHEAD
-#define ECF8_FUSED_AHEAD 2    // groups of weight bytes loaded ahead of the one being multiplied
+#define ECF8_FUSED_AHEAD 1    // groups of weight bytes loaded ahead of the one being multiplied
 #endif
 constexpr int AHEAD = ECF8_FUSED_AHEAD;
 

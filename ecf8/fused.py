@@ -10,9 +10,10 @@ compressed bytes cross device memory once.  The arithmetic is float32 in an orde
 (N, K, chunk size) alone (the kernel's header says which), so a ``FusedWeight`` and the
 ``PlainWeight`` of the same bytes and chunk size give identical bits; neither is claimed equal to
 cuBLAS (``bench/bench_fused.py`` measures the difference: 1.4e-4 to 1.9e-4 of each row's largest
-|y| on an H200).  It is an opt-in path and, today, a slow one: on Llama-3-8B shapes it ran at 0.30
-of cuBLAS at batch 1 and worse above (bench/NOTES.md), so ``ecf8.decode`` followed by the
-framework's own matmul stays the default and nothing in ``ecf8.torch`` uses this module yet.
+|y| on an H200).  It is an opt-in path and, today, a slow one: on Llama-3-8B shapes it ran at 0.41
+of cuBLAS at batch 1 on an H100 (its twin 0.74) and below the default path above batch 1
+(bench/NOTES.md), so ``ecf8.decode`` followed by the framework's own matmul stays the default and
+nothing in ``ecf8.torch`` uses this module yet.
 
 Scales: ``scale`` (a float, per tensor) multiplies each output; ``block_scales`` (float32,
 ``ceil(N/128) x ceil(K/128)``, DeepSeek's 128 x 128 recipe) weighs each block's partial sums.
@@ -144,7 +145,7 @@ class _Product:
 
     def matmul(self, x: Any, *, scale: float = 1.0, out: Any = None, workspace: Any = None,
                stream: Any = None):
-        """``scale * x @ W.T`` (or its block-scaled form), float32.
+        """``scale * x @ W.T``, W weighted per 128 x 128 block by ``block_scales`` where given; float32.
 
         x: B x K float32 on this GPU (CuPy, DLPack or ``__cuda_array_interface__``), C-contiguous,
         16-byte aligned.  Returns B x N float32 (CuPy; ``out`` if given).  Launch only: enqueued
@@ -176,7 +177,7 @@ class _Product:
                                        f"at least {need} elements")
             xp = work.data.ptr                                  # permuted x: rows x k floats
             partials = np.uint64(xp + rows * k * 4)
-            y_scale = np.float32(1.0 if self.block else scale)
+            y_scale = np.float32(scale)
             direct = self._partial_floats(rows) == 0
             permute = KERNELS.function(self.device_id, "ecf8_fused_permute_x")
             reduce = KERNELS.function(self.device_id, "ecf8_fused_reduce")

@@ -92,11 +92,13 @@ def test_whole_row_chunks_write_what_the_reduction_writes(real_weights, batch):
 
 @pytest.mark.gpu
 def test_bundled_real_linear_unchanged(real_weights):
-    """The one bundled weight whose K is a multiple of 512 (384 x 1536), as it is, block-scaled."""
+    """The one bundled weight whose K is a multiple of 512 (384 x 1536), as it is, block-scaled, and
+    with a per-tensor scale on top (both apply)."""
     (w,) = [w for w in real_weights["e4m3"].values() if w.shape[1] % 512 == 0]
     block = np.random.default_rng(1).uniform(1e-3, 1e-2, (-(-w.shape[0] // 128), w.shape[1] // 128))
     x = np.random.default_rng(2).standard_normal((4, w.shape[1])).astype(np.float32)
     check(w, x, 4096, block=block.astype(np.float32))
+    check(w, x, 4096, scale=0.37, block=block.astype(np.float32))
 
 
 @pytest.mark.gpu
