@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -322,6 +323,18 @@ def child(args, s: Shape, fmt: str, variant: str, cap: int, cuda: bool, tokens_a
         largest = max(w.numel() for b in Decoder(s, 1, fmt == "fp8", "meta").layers for w in b.parameters())
         weights = model_bytes(model, sum(frames), largest * 2 if variant == "ecf8" else 0)
     limit = None if cuda else cap - weights         # CPU smoke: an emulated out-of-memory
+    live: weakref.WeakSet = weakref.WeakSet()       # (CPU smoke) the States alive: their caches count
+
+    def state(batch: int) -> State:
+        """A State of `batch`; on the CPU, out of memory when the caches of every State alive and
+        this one's exceed the cap (as on a GPU under set_per_process_memory_fraction)."""
+        if limit is not None:
+            held = sum(cache_bytes(s, args.layers, x.ids.shape[0], args.max_len) for x in live)
+            if held + cache_bytes(s, args.layers, batch, args.max_len) > limit:
+                raise torch.OutOfMemoryError("emulated (cpu smoke)")
+        st = State(s, args.layers, batch, args.max_len, device)
+        live.add(st)
+        return st
 
     def fits(batch: int) -> bool:
         st = None
@@ -329,9 +342,7 @@ def child(args, s: Shape, fmt: str, variant: str, cap: int, cuda: bool, tokens_a
         if cuda:
             torch.cuda.empty_cache()
         try:
-            if limit is not None and cache_bytes(s, args.layers, batch, args.max_len) > limit:
-                raise torch.OutOfMemoryError("emulated (cpu smoke)")
-            st = State(s, args.layers, batch, args.max_len, device)
+            st = state(batch)
             step(model, st)
             step(model, st)
             if cuda:
@@ -361,13 +372,20 @@ def child(args, s: Shape, fmt: str, variant: str, cap: int, cuda: bool, tokens_a
     out = {"weights": weights, "batch": good, "tok_s": None, "how": ""}
     if good:
         try:
-            st = State(s, args.layers, good, args.max_len, device)
+            st = state(good)
             out["tok_s"], out["how"] = tok_s(model, st, BUDGET_TOKENS, cuda, cuda)
         except torch.OutOfMemoryError as e:
             out["how"] = f"eager: out of memory when timing ({str(e).splitlines()[0][:120]})"
         if tokens_at is not None:
-            st = State(s, args.layers, tokens_at or good, args.max_len, device)
-            out["tokens"] = tokens(model, st, BUDGET_TOKENS).tolist()
+            st = None                               # the timing State fills the budget: freed first
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()            # (and the graph's private pool)
+            try:
+                st = state(tokens_at or good)
+                out["tokens"] = tokens(model, st, BUDGET_TOKENS).tolist()
+            except torch.OutOfMemoryError as e:
+                out["tokens_error"] = f"out of memory at batch {tokens_at or good}: {str(e).splitlines()[0][:120]}"
     return out
 
 

@@ -4,10 +4,11 @@
 
     M=sm__inst_executed.sum,sm__inst_executed_pipe_alu.sum,sm__inst_executed_pipe_fma.sum
     M=$M,smsp__sass_thread_inst_executed_op_integer_pred_on.sum
-    ncu --clock-control none -k regex:ecf8_fused --launch-skip 2 --launch-count 1 --metrics $M \\
-        python bench/profile_fused.py
+    ncu --clock-control none --kernel-name-base demangled -k 'regex:ecf8_fused<' --launch-skip 2 \\
+        --launch-count 2 --metrics $M python bench/profile_fused.py
 
-The skip passes the warm-up's product and reduction.  Integer instructions per weight =
+The name matches the product kernel alone (not the permutation of x or the reduction); the skip
+passes the two warm-up products, so the two profiled launches are the twin's, then the fused one.  Integer instructions per weight =
 ``smsp__sass_thread_inst_executed_op_integer_pred_on.sum`` / (N K): the count the decoder's
 notes use (bench/NOTES.md), so the two compare directly.
 """
@@ -32,6 +33,8 @@ fw = fused.FusedWeight(ecf8.encode(w, chunk_size=chunk))
 x = cp.asarray(np.random.default_rng(0).standard_normal((batch, k)).astype(np.float32))
 for _ in range(2):
     y = fw.matmul(x)
+twin = fw.twin()
 cp.cuda.Device().synchronize()
-assert bool((y.view(cp.uint32) == fw.twin().matmul(x).view(cp.uint32)).all())
-print(f"fused product {n}x{k}, chunk {chunk}, batch {batch}: twice, equal to the twin")
+assert bool((y.view(cp.uint32) == twin.matmul(x).view(cp.uint32)).all())
+assert bool((y.view(cp.uint32) == fw.matmul(x).view(cp.uint32)).all())
+print(f"fused product {n}x{k}, chunk {chunk}, batch {batch}: twin, then fused, equal")

@@ -2,7 +2,7 @@
 // normative), and its uncompressed twin: the same kernel reading the weight's bytes directly.
 //
 //     Y[b, n] = scale * sum_k W[n, k] * X[b, k]                 (per-tensor scale)
-//     Y[b, n] = sum_kb S[n / 128, kb] * sum_{k in kb} W * X     (128 x 128 block scales)
+//     Y[b, n] = scale * sum_kb S[n / 128, kb] * sum_{k in kb} W * X   (and 128 x 128 block scales)
 //
 // Layout assumptions
 // - W is N x K in C order, K a multiple of 512: every 512-element group (FORMAT.md §3) of every
@@ -11,14 +11,16 @@
 // - One warp handles one chunk, exactly as the decoder (ecf8_decode.cu) does: the weights are
 //   decoded into registers and never written to memory.
 // - X is B x K float32, row-major, 16-byte aligned (the caller converts bf16/fp8/fp16 activations
-//   exactly). S is float32 [ceil(N / 128), ceil(K / 128)], row-major.
+//   exactly), read in the group-permuted copy Xp that ecf8_fused_permute_x makes (see run_dot).
+//   S is float32 [ceil(N / 128), ceil(K / 128)], row-major.
 // - Arithmetic is float32: each weight is converted exactly (E4M3 -> f16 -> f32), each lane
 //   accumulates its runs of one row in order (k ascending within a run, runs in group order), the
 //   warp adds its lanes by a fixed butterfly, and the chunks' row partials are added in chunk order
 //   by ecf8_fused_reduce. The order depends only on (N, K, chunk size), never on timing, so the
 //   result is deterministic and the decoding kernel equals its twin bit for bit.
 // - P (partials, a caller's workspace) holds B x nchunks x J floats, J = rows one chunk can touch
-//   (host-computed). Y is B x N float32.
+//   (host-computed). Y is B x N float32. Where the chunk size is a multiple of K, every row lies
+//   in one chunk: the product kernel then writes Y itself (y set), P and the reduction unused.
 
 #define ECF8_DEVICE_CODE_ONLY
 #include "ecf8_decode.cu"
@@ -26,6 +28,10 @@
 #ifndef ECF8_FUSED_WARPS
 #define ECF8_FUSED_WARPS 8
 #endif
+#ifndef ECF8_FUSED_AHEAD
+#define ECF8_FUSED_AHEAD 1    // groups of weight bytes loaded ahead of the one being multiplied
+#endif
+constexpr int AHEAD = ECF8_FUSED_AHEAD;
 
 // Mirrors ecf8.fused.FUSED_DESC_DTYPE: the decoder's TensorDesc fields plus the product's. It is
 // fixed per weight (uploaded once); X, P and Y are launch arguments, so a CUDA graph can capture
@@ -52,10 +58,13 @@ __device__ __forceinline__ void e4m3x4_to_f32(u32 w, float (&f)[4]) {
         : "=f"(f[2]), "=f"(f[3]) : "r"(hi));
 }
 
-// dot[b] = sum over the run's 16 weights (bytes in o, element order) of w * X[b, k + j], j ascending.
+// dot[b] = sum over the run's 16 weights (bytes in o, element order) of w * X[b, k + j], j ascending,
+// where k = col + 16 lane. xp holds X in the group-permuted layout (ecf8_fused_permute_x): the
+// lane's float4 q of the group starting at column col sits at xp[b, col + 128 q + 4 lane], so each
+// of the four loads reads 512 consecutive bytes across the warp.
 template <int B>
-__device__ __forceinline__ void run_dot(const u32 (&o)[4], const float* __restrict__ x, u64 cols, u64 k,
-                                        float (&dot)[B]) {
+__device__ __forceinline__ void run_dot(const u32 (&o)[4], const float* __restrict__ xp, u64 cols, u64 col,
+                                        u32 lane, float (&dot)[B]) {
     float w[16];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -65,11 +74,11 @@ __device__ __forceinline__ void run_dot(const u32 (&o)[4], const float* __restri
     }
 #pragma unroll
     for (int b = 0; b < B; ++b) {
-        const float4* xv = (const float4*)(x + b * cols + k);
+        const float4* xv = (const float4*)(xp + b * cols + col) + lane;
         float s = 0.f;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            const float4 v = __ldg(xv + q);
+            const float4 v = __ldg(xv + 32 * q);
             s = fmaf(w[4 * q], v.x, s);
             s = fmaf(w[4 * q + 1], v.y, s);
             s = fmaf(w[4 * q + 2], v.z, s);
@@ -79,17 +88,22 @@ __device__ __forceinline__ void run_dot(const u32 (&o)[4], const float* __restri
     }
 }
 
-// The warp's sum of acc[b] (fixed butterfly), written by lane 0 to the chunk's partial slot j.
+// The warp's sum of acc[b] (fixed butterfly) for row `row`, j-th of the chunk, written by lane 0:
+// to Y as (0 + sum) * scale when y is set (whole rows per chunk: the value ecf8_fused_reduce
+// would compute), else to the chunk's partial slot j.
 template <int B>
 __device__ __forceinline__ void flush_row(float (&acc)[B], const FusedDesc& d, float* __restrict__ partials,
-                                          u64 chunk, u64 j, u32 lane) {
+                                          float* __restrict__ y, float scale, u64 chunk, u64 row, u64 j,
+                                          u32 lane) {
 #pragma unroll
     for (int b = 0; b < B; ++b) {
         float v = acc[b];
 #pragma unroll
         for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-        if (lane == 0)
-            partials[((u64)b * d.t.nchunks + chunk) * d.rows_per_chunk + j] = v;
+        if (lane == 0) {
+            if (y) y[(u64)b * d.rows + row] = (0.f + v) * scale;
+            else partials[((u64)b * d.t.nchunks + chunk) * d.rows_per_chunk + j] = v;
+        }
         acc[b] = 0.f;
     }
 }
@@ -98,7 +112,8 @@ __device__ __forceinline__ void flush_row(float (&acc)[B], const FusedDesc& d, f
 // to P. BLOCK_SCALES: 128 x 128 scales applied per run.
 template <int B, bool DECODE, bool BLOCK_SCALES>
 __device__ __forceinline__ void fused_chunk(const FusedDesc& d, const float* __restrict__ x,
-                                            float* __restrict__ partials, u32 lut, u64 chunk, u32 lane, u32 ring) {
+                                            float* __restrict__ partials, float* __restrict__ y, float scale,
+                                            u32 lut, u64 chunk, u32 lane, u32 ring) {
     const u32 lanemask_lt = (1u << lane) - 1u;
     const u64 first = chunk << d.t.chunk_log2;
     const u64 left = d.t.n - first;
@@ -115,22 +130,40 @@ __device__ __forceinline__ void fused_chunk(const FusedDesc& d, const float* __r
         const u32* chunk_words = (const u32*)d.t.chunk_words;
         s.start((const u32*)d.t.words, __ldg(chunk_words + chunk), __ldg(chunk_words + chunk + 1), lane, ring);
     }
+    // The weight bytes of the next AHEAD groups are in flight while a group is multiplied: the raw
+    // plane's 8 bytes a lane (decoded) or the plain 16 (twin). Group g's bytes sit in slot g % AHEAD.
+    RawRun<4> raw_ahead[AHEAD];
+    uint4 plain_ahead[AHEAD];
+#pragma unroll
+    for (int i = 0; i < AHEAD; ++i) {
+        if (DECODE) raw_ahead[i] = load_raw<4>(raw + 256 * i, 512u * i < span);
+        else plain_ahead[i] = 512u * i < span ? __ldg((const uint4*)(plain + 512 * i)) : make_uint4(0, 0, 0, 0);
+    }
+    raw += 256 * AHEAD;
+    plain += 512 * AHEAD;
     for (u32 base = 0; base < span; base += 512) {
+        const bool more = base + 512 * AHEAD < span;          // warp-uniform
         u32 o[4];
         if (DECODE) {
-            const RawRun<4> rr = load_raw<4>(raw, true);
+            const RawRun<4> rr = raw_ahead[0];
+#pragma unroll
+            for (int i = 0; i + 1 < AHEAD; ++i) raw_ahead[i] = raw_ahead[i + 1];
+            raw_ahead[AHEAD - 1] = load_raw<4>(raw, more);
             u32 sym[Kind<1, 4, 3>::SYMBOLS];
             decode_symbols<1, 4, 3>(s, lut, lanemask_lt, sym);
             assemble<1, 4, 3>(sym, rr, o);
             raw += 256;
         } else {
-            const uint4 q = __ldg((const uint4*)plain);
+            const uint4 q = plain_ahead[0];
+#pragma unroll
+            for (int i = 0; i + 1 < AHEAD; ++i) plain_ahead[i] = plain_ahead[i + 1];
+            plain_ahead[AHEAD - 1] = more ? __ldg((const uint4*)plain) : make_uint4(0, 0, 0, 0);
             o[0] = q.x; o[1] = q.y; o[2] = q.z; o[3] = q.w;
             plain += 512;
         }
         const u64 k = col + (lane << 4);
         float dot[B];
-        run_dot<B>(o, x, d.cols, k, dot);
+        run_dot<B>(o, x, d.cols, col, lane, dot);
         if (BLOCK_SCALES) {
             const float sc = __ldg((const float*)d.scales + (row >> 7) * d.scale_cols + (k >> 7));
 #pragma unroll
@@ -141,17 +174,18 @@ __device__ __forceinline__ void fused_chunk(const FusedDesc& d, const float* __r
         }
         col += 512;
         if (col == d.cols) {                      // warp-uniform: the row ends with this group
-            flush_row<B>(acc, d, partials, chunk, row - row0, lane);
+            flush_row<B>(acc, d, partials, y, scale, chunk, row, row - row0, lane);
             ++row;
             col = 0;
         }
     }
-    if (col != 0) flush_row<B>(acc, d, partials, chunk, row - row0, lane);   // the chunk ends mid-row
+    if (col != 0) flush_row<B>(acc, d, partials, y, scale, chunk, row, row - row0, lane);   // the chunk ends mid-row
 }
 
 template <int B, bool DECODE, bool BLOCK_SCALES>
 __global__ void __launch_bounds__(ECF8_FUSED_WARPS * 32)
-ecf8_fused(const FusedDesc* __restrict__ desc, const float* __restrict__ x, float* __restrict__ partials) {
+ecf8_fused(const FusedDesc* __restrict__ desc, const float* __restrict__ x, float* __restrict__ partials,
+           float* __restrict__ y, float scale) {
     extern __shared__ __align__(16) u16 luts[];
     __shared__ __align__(512) u32 rings[ECF8_FUSED_WARPS][ECF8_RING];
     const FusedDesc d = *desc;
@@ -160,9 +194,18 @@ ecf8_fused(const FusedDesc* __restrict__ desc, const float* __restrict__ x, floa
     const u64 chunk = (u64)blockIdx.x * ECF8_FUSED_WARPS + warp;
     if (chunk < d.t.nchunks) {
         const u32 lut = DECODE ? smem_addr(luts) + ((const u8*)d.t.chunk_tables)[chunk] * (2 * ECF8_LUT_SIZE) : 0;
-        fused_chunk<B, DECODE, BLOCK_SCALES>(d, x, partials, lut, chunk, lane, smem_addr(rings[warp]));
+        fused_chunk<B, DECODE, BLOCK_SCALES>(d, x, partials, y, scale, lut, chunk, lane, smem_addr(rings[warp]));
     }
     if (DECODE) cp_async_wait<0>();
+}
+
+// Xp = X with every 512-column group permuted for run_dot: float4 index r = 32 q + l of a group
+// (128 float4s) takes the group's float4 4 l + q. X and Xp are n4 float4s (B x K, K % 512 == 0).
+__global__ void ecf8_fused_permute_x(const float4* __restrict__ x, float4* __restrict__ xp, u64 n4) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    const u32 r = (u32)i & 127u;
+    xp[i] = x[(i - r) + ((r & 31u) << 2) + (r >> 5)];
 }
 
 // Y[b, n] = scale * (chunk partials of row n, in chunk order); one thread per (b, n).
@@ -180,11 +223,12 @@ __global__ void ecf8_fused_reduce(const FusedDesc* __restrict__ desc, const floa
 }
 
 // Instantiations, named by ecf8.fused: batch 1, 2, 4, 8; decoded and twin; per-tensor and block scales.
-#define ECF8_FUSED_INSTANCES(B)                                                     \
-    template __global__ void ecf8_fused<B, true, false>(const FusedDesc*, const float*, float*);  \
-    template __global__ void ecf8_fused<B, false, false>(const FusedDesc*, const float*, float*); \
-    template __global__ void ecf8_fused<B, true, true>(const FusedDesc*, const float*, float*);   \
-    template __global__ void ecf8_fused<B, false, true>(const FusedDesc*, const float*, float*);
+#define ECF8_FUSED_ARGS const FusedDesc*, const float*, float*, float*, float
+#define ECF8_FUSED_INSTANCES(B)                                                 \
+    template __global__ void ecf8_fused<B, true, false>(ECF8_FUSED_ARGS);       \
+    template __global__ void ecf8_fused<B, false, false>(ECF8_FUSED_ARGS);      \
+    template __global__ void ecf8_fused<B, true, true>(ECF8_FUSED_ARGS);        \
+    template __global__ void ecf8_fused<B, false, true>(ECF8_FUSED_ARGS);
 ECF8_FUSED_INSTANCES(1)
 ECF8_FUSED_INSTANCES(2)
 ECF8_FUSED_INSTANCES(4)

@@ -10,9 +10,10 @@ compressed bytes cross device memory once.  The arithmetic is float32 in an orde
 (N, K, chunk size) alone (the kernel's header says which), so a ``FusedWeight`` and the
 ``PlainWeight`` of the same bytes and chunk size give identical bits; neither is claimed equal to
 cuBLAS (``bench/bench_fused.py`` measures the difference: 1.4e-4 to 1.9e-4 of each row's largest
-|y| on an H200).  It is an opt-in path and, today, a slow one: on Llama-3-8B shapes it ran at 0.30
-of cuBLAS at batch 1 and worse above (bench/NOTES.md), so ``ecf8.decode`` followed by the
-framework's own matmul stays the default and nothing in ``ecf8.torch`` uses this module yet.
+|y| on an H200).  It is an opt-in path and, today, a slow one: on Llama-3-8B shapes it ran at 0.41
+of cuBLAS at batch 1 on an H100 (its twin 0.74) and below the default path above batch 1
+(bench/NOTES.md), so ``ecf8.decode`` followed by the framework's own matmul stays the default and
+nothing in ``ecf8.torch`` uses this module yet.
 
 Scales: ``scale`` (a float, per tensor) multiplies each output; ``block_scales`` (float32,
 ``ceil(N/128) x ceil(K/128)``, DeepSeek's 128 x 128 recipe) weighs each block's partial sums.
@@ -70,7 +71,7 @@ def compile_module(device_id: int):
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(code=gpu.kernel_source("ecf8_fused.cu"),
                                 options=("-std=c++17", f"-I{_cuda_dir()}", f"-DECF8_FUSED_WARPS={WARPS}"),
-                                name_expressions=SLAB_NAMES + ["ecf8_fused_reduce"])
+                                name_expressions=SLAB_NAMES + ["ecf8_fused_reduce", "ecf8_fused_permute_x"])
         module.compile()
     return module
 
@@ -112,6 +113,7 @@ class _Product:
         self.chunk_size = 1 << chunk_log2
         self.nchunks = -(-(n * k) // self.chunk_size)
         self.rows_per_chunk = -(-self.chunk_size // k) + 1
+        self._direct = self.chunk_size % k == 0      # whole rows per chunk: no reduction launch
         d = np.zeros((), FUSED_DESC_DTYPE)
         if base_desc is not None:
             for f in dc.DESC_FIELDS:
@@ -129,20 +131,28 @@ class _Product:
             d["scales"] = self._scales.data.ptr
         self._desc = cupy.asarray(d.reshape(1).view(np.uint8))     # fixed: uploaded once
 
-    def workspace_floats(self, batch: int) -> int:
-        """float32 elements of the scratch a ``matmul`` of `batch` rows needs (its largest slab)."""
+    def _partial_floats(self, batch: int) -> int:
+        """Row partials of the largest slab of `batch` rows; 0 where the chunk size is a multiple
+        of K (every row is summed inside one chunk and written directly)."""
+        if self._direct:
+            return 0
         return next(s for s in SLABS if s <= max(batch, 1)) * self.nchunks * self.rows_per_chunk
+
+    def workspace_floats(self, batch: int) -> int:
+        """float32 elements of the scratch a ``matmul`` of `batch` rows needs: the permuted copy
+        of x (B x K) and, where chunks end inside rows, the row partials of the largest slab."""
+        return max(batch, 1) * self.shape[1] + self._partial_floats(batch)
 
     def matmul(self, x: Any, *, scale: float = 1.0, out: Any = None, workspace: Any = None,
                stream: Any = None):
-        """``scale * x @ W.T`` (or its block-scaled form), float32.
+        """``scale * x @ W.T``, W weighted per 128 x 128 block by ``block_scales`` where given; float32.
 
-        x: B x K float32 on this GPU (CuPy, DLPack or ``__cuda_array_interface__``), C-contiguous.
-        Returns B x N float32 (CuPy; ``out`` if given).  Launch only: enqueued on ``stream``
-        (default: CuPy's current), no synchronization.  ``workspace``: float32 scratch of at least
-        ``workspace_floats(B)`` elements, by default one kept per device and stream; give one
-        (and ``out``) to capture the call in a CUDA graph, which then allocates and uploads nothing.
-        Raises UnsupportedError for a wrong shape, dtype, layout or workspace.
+        x: B x K float32 on this GPU (CuPy, DLPack or ``__cuda_array_interface__``), C-contiguous,
+        16-byte aligned.  Returns B x N float32 (CuPy; ``out`` if given).  Launch only: enqueued
+        on ``stream`` (default: CuPy's current), no synchronization.  ``workspace``: float32
+        scratch of at least ``workspace_floats(B)`` elements, by default one kept per device and
+        stream; give one (and ``out``) to capture the call in a CUDA graph, which then allocates
+        and uploads nothing.  Raises UnsupportedError for a wrong shape, dtype, layout or workspace.
         """
         cupy = gpu.cupy()
         n, k = self.shape
@@ -152,26 +162,39 @@ class _Product:
             if x.ndim != 2 or x.shape[1] != k or x.dtype != np.float32 or not x.flags.c_contiguous:
                 raise UnsupportedError(f"x must be a C-contiguous B x {k} float32 array, not "
                                        f"{x.dtype} {tuple(x.shape)}")
+            if x.data.ptr % 16:
+                raise UnsupportedError("x must be 16-byte aligned")
             rows = x.shape[0]
             y = cupy.empty((rows, n), np.float32) if out is None else _as_cupy(out)
             if y.shape != (rows, n) or y.dtype != np.float32 or not y.flags.c_contiguous:
                 raise UnsupportedError(f"out must be a C-contiguous {rows} x {n} float32 array")
+            if rows == 0:
+                return y
             need = self.workspace_floats(rows)
             work = _workspace(self.device_id, st.ptr, need) if workspace is None else _as_cupy(workspace)
-            if work.dtype != np.float32 or work.size < need:
-                raise UnsupportedError(f"workspace must hold at least {need} float32 elements")
+            if work.dtype != np.float32 or work.size < need or not work.flags.c_contiguous or work.data.ptr % 16:
+                raise UnsupportedError(f"workspace must be a contiguous, 16-byte aligned float32 array of "
+                                       f"at least {need} elements")
+            xp = work.data.ptr                                  # permuted x: rows x k floats
+            partials = np.uint64(xp + rows * k * 4)
+            y_scale = np.float32(scale)
+            direct = self._partial_floats(rows) == 0
+            permute = KERNELS.function(self.device_id, "ecf8_fused_permute_x")
             reduce = KERNELS.function(self.device_id, "ecf8_fused_reduce")
             blocks = -(-self.nchunks // WARPS)
             done = 0
             with st:
+                n4 = rows * k // 4
+                permute((-(-n4 // 256),), (256,), (x, np.uint64(xp), np.uint64(n4)))
                 while done < rows:
                     slab = next(s for s in SLABS if s <= rows - done)
+                    y_ptr = np.uint64(y.data.ptr + done * n * 4)
                     _kernel(self.device_id, slab, self.decode, self.block)(
-                        (blocks,), (WARPS * 32,), (self._desc, np.uint64(x.data.ptr + done * k * 4), work),
+                        (blocks,), (WARPS * 32,), (self._desc, np.uint64(xp + done * k * 4), partials,
+                                                   y_ptr if direct else np.uint64(0), y_scale),
                         shared_mem=self._shared)
-                    reduce((-(-(slab * n) // 256),), (256,),
-                           (self._desc, work, np.int32(slab), np.float32(1.0 if self.block else scale),
-                            np.uint64(y.data.ptr + done * n * 4)))
+                    if not direct:
+                        reduce((-(-(slab * n) // 256),), (256,), (self._desc, partials, np.int32(slab), y_scale, y_ptr))
                     done += slab
         return y
 

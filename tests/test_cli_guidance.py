@@ -215,6 +215,27 @@ def test_quiet_leaves_only_results(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("note: ")
 
 
+def test_every_command_takes_quiet_and_then_prints_only_its_results(tmp_path, capsys):
+    """Every subcommand the parser has, so that a new one without -q fails here."""
+    src = _model(tmp_path / "x.safetensors")
+    compressed.compress_file(src, tmp_path / "c.safetensors", jobs=1, progress=False)
+    np.save(tmp_path / "w.npy", weights_like(4096, np.float16))
+    (tmp_path / "w.ecf8").write_bytes(encoder.encode(weights_like(4096, np.float16)))
+    args = {"compress": [str(src), "-o", str(tmp_path / "c2.safetensors")],
+            "decompress": [str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "d.safetensors")],
+            "encode": [str(tmp_path / "w.npy"), "-o", str(tmp_path / "w2.ecf8")],
+            "decode": [str(tmp_path / "w.ecf8"), "-o", str(tmp_path / "w2.npy")],
+            "info": [str(tmp_path / "c.safetensors")], "verify": [str(tmp_path / "c.safetensors")],
+            "analyze": [str(src)], "bench": [str(src), "--tensor", "w"]}
+    commands = ecf8.cli._parser()._subparsers._group_actions[0].choices
+    assert set(commands) == set(args)
+    for name in commands:
+        assert main([name, "-q", *args[name]]) == 0, name
+        out, err = capsys.readouterr()
+        assert err == "", (name, err)
+        assert (out == "") == (name in ("compress", "decompress", "encode", "decode")), (name, out)
+
+
 # --- analyze's wording -------------------------------------------------------------------------
 
 def test_analyze_says_what_its_bounds_assume_and_holds_to_it(tmp_path, capsys):

@@ -45,6 +45,8 @@ def test_dlpack_export_outlives_its_producer(producer_kind, dtype):
     x = weights_like(1 << 22, dtype)
     expected, blob = bits(x), ecf8.encode(x)
     spin = cupy.RawKernel(SPIN, "spin")
+    ecf8.decode(blob, device="cuda")                       # kernels compiled before the spin starts
+    spin((1,), (1,), (np.int64(1000),))
     cupy.cuda.Device().synchronize()
     if producer_kind == "cupy-stream":
         producer = cupy.cuda.Stream(non_blocking=True)

@@ -73,12 +73,32 @@ def test_real_weights_equal_twin_and_reference(real_weights, batch, shape, chunk
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 5])
+def test_whole_row_chunks_write_what_the_reduction_writes(real_weights, batch):
+    """Where every row lies in one chunk the product kernel writes Y itself; the two-kernel route
+    (row partials, then their reduction) must give the same bits."""
+    import cupy as cp
+
+    w = np.resize(real_e4m3(real_weights), 256 * 2048).reshape(256, 2048)
+    x = cp.asarray(np.random.default_rng(batch).standard_normal((batch, 2048)).astype(np.float32))
+    for block in (None, cp.asarray(np.random.default_rng(3).uniform(1e-3, 1e-2, (2, 16)).astype(np.float32))):
+        fw = fused.FusedWeight(ecf8.encode(w, chunk_size=4096, allow_stored=False), block_scales=block)
+        assert fw._partial_floats(batch) == 0                    # two rows a chunk: written directly
+        direct = fw.matmul(x, scale=0.37).get()
+        fw._direct = False                                       # the same product through partials
+        assert fw._partial_floats(batch) > 0
+        np.testing.assert_array_equal(fw.matmul(x, scale=0.37).get().view(np.uint32), direct.view(np.uint32))
+
+
+@pytest.mark.gpu
 def test_bundled_real_linear_unchanged(real_weights):
-    """The one bundled weight whose K is a multiple of 512 (384 x 1536), as it is, block-scaled."""
+    """The one bundled weight whose K is a multiple of 512 (384 x 1536), as it is, block-scaled, and
+    with a per-tensor scale on top (both apply)."""
     (w,) = [w for w in real_weights["e4m3"].values() if w.shape[1] % 512 == 0]
     block = np.random.default_rng(1).uniform(1e-3, 1e-2, (-(-w.shape[0] // 128), w.shape[1] // 128))
     x = np.random.default_rng(2).standard_normal((4, w.shape[1])).astype(np.float32)
     check(w, x, 4096, block=block.astype(np.float32))
+    check(w, x, 4096, scale=0.37, block=block.astype(np.float32))
 
 
 @pytest.mark.gpu

@@ -52,12 +52,12 @@ def view_writes(m):
 
 
 def plus_equals(m):                                 # what PEFT's merge does
-    m[1].weight.data += torch.full((DIM, DIM), 0.5, dtype=m[1].weight.dtype)
+    m[1].weight.data += torch.full((DIM, DIM), 0.5, dtype=m[1].weight.dtype, device=m[1].weight.device)
 
 
 def safe_merge(m):                                  # what PEFT's merge(safe_merge=True) does
     w = m[1].weight.data.clone()
-    w += torch.full((DIM, DIM), 0.5, dtype=w.dtype)
+    w += torch.full((DIM, DIM), 0.5, dtype=w.dtype, device=w.device)
     m[1].weight.data = w
 
 
@@ -73,7 +73,7 @@ def state_dict_copy(m):                             # the old "own_state[name].c
 def kept_reference(m):
     w = m[0].weight
     w.data.mul_(2)
-    m[0](torch.zeros(1, DIM, dtype=w.dtype))        # a forward in between
+    m[0](torch.zeros(1, DIM, dtype=w.dtype, device=w.device))        # a forward in between
     w.data.add_(1)                                  # the same tensor keeps taking edits
 
 
@@ -236,7 +236,8 @@ def test_load_state_dict_assign_with_tied_weights_matches_pytorch():
 # --- GPU ----------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("edit", ["data.add_", "data +=", "data = merged copy", "nn.init.zeros_", "views"])
+@pytest.mark.parametrize("edit", ["data.add_", "data +=", "data = merged copy", "nn.init.zeros_", "views",
+                                  "kept reference"])
 def test_cuda_edit_takes_effect_bit_exactly(edit):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA build of PyTorch and a GPU")
