@@ -279,8 +279,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/ecf8_bench_load"))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--fp8-layers", type=int, default=16)
-    ap.add_argument("--bf16-layers", type=int, default=12)
+    ap.add_argument("--fp8-layers", type=int, default=12)
+    ap.add_argument("--bf16-layers", type=int, default=8)
     ap.add_argument("--shards", type=int, default=4, help="files of the sharded checkpoints")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each row: the fastest load and the highest peaks are shown")
