@@ -52,7 +52,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def _frame_line(path: Path) -> str:
     m = api.info(Path(path).read_bytes())
-    how = "stored" if m.stored else f"{m.chunks} chunks of {m.chunk_size}, {m.tables} tables"
+    layout = f"{m.chunks} chunk{'s' * (m.chunks != 1)} of {m.chunk_size}, {m.tables} table{'s' * (m.tables != 1)}"
+    how = "stored" if m.stored else layout
     return (f"{path}: {m.dtype} {m.shape}, {m.original_bytes} -> {m.compressed_bytes} bytes, "
             f"{m.bits_per_weight:.3f} bits/weight ({how})")
 

@@ -67,7 +67,9 @@ def _pct(saving: float | None) -> str:
 
 def _frame_line(f: dict) -> str:
     n = math.prod(f["shape"])
-    how = "stored" if f["codec"] == "none" else f"{f['chunks']} chunks of {f['chunk_size']}, {f['tables']} tables"
+    tables = f"{f['tables']} table{'s' * (f['tables'] != 1)}"
+    chunks = f"{f['chunks']} chunk{'s' * (f['chunks'] != 1)}"
+    how = "stored" if f["codec"] == "none" else f"{chunks} of {f['chunk_size']}, {tables}"
     bpw = f"{f['stored_bytes'] * 8 / n:.3f}" if n else "-"
     return (f"{f['path']}: {f['dtype']} {tuple(f['shape'])}, {f['original_bytes']} -> {f['stored_bytes']} bytes, "
             f"{bpw} bits/weight ({how})")
