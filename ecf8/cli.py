@@ -244,7 +244,9 @@ def _message(e: BaseException, args=None) -> str:
     and for an I/O error that names none (a full disk), the command's input and output."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     name, other = getattr(e, "filename", None), getattr(e, "filename2", None)
-    if isinstance(e, OSError) and e.strerror:
+    if isinstance(e, FileNotFoundError) and isinstance(name, (str, bytes, os.PathLike)) and not other:
+        text = f"{os.fsdecode(name)}: no such file"        # as every command says it
+    elif isinstance(e, OSError) and e.strerror:
         if isinstance(name, (str, bytes, os.PathLike)):
             text = f"{e.strerror}: {os.fsdecode(name)}" + (f" -> {os.fsdecode(other)}" if other else "")
         elif getattr(args, "output", None) is not None:
