@@ -36,7 +36,7 @@ import numpy as np
 from . import api, compressed, encoder
 from . import format as fmt
 from .errors import ECF8Error, UnsupportedError
-from .info_cli import refuse_plain, run_info
+from .info_cli import file_info, frame_line, refuse_plain, run_info
 from .names import device_name, short_name
 from .output_files import check_parent
 from .numpy import load_npy
@@ -48,14 +48,6 @@ from .tensor_codecs import ZSTD_LEVEL
 def write_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)
-
-
-def _frame_line(path: Path) -> str:
-    m = api.info(Path(path).read_bytes())
-    layout = f"{m.chunks} chunk{'s' * (m.chunks != 1)} of {m.chunk_size}, {m.tables} table{'s' * (m.tables != 1)}"
-    how = "stored" if m.stored else layout
-    return (f"{path}: {m.dtype} {m.shape}, {m.original_bytes} -> {m.compressed_bytes} bytes, "
-            f"{m.bits_per_weight:.3f} bits/weight ({how})")
 
 
 def _whole(text: str) -> int:
@@ -435,7 +427,7 @@ def _run(args) -> int:
             raise type(e)(f"{args.input}: {e}") from None
         write_atomic(args.output, blob)
         if not args.quiet:
-            print(_frame_line(args.output))
+            print(frame_line(file_info(args.output)))
     else:
         if args.input.is_file() and not fmt.is_frame_file(args.input):
             try:
