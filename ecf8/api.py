@@ -103,7 +103,9 @@ class Info:
     code_lengths: np.ndarray = dataclasses.field(repr=False)   # (tables, alphabet) uint8
 
     def __repr__(self) -> str:
-        how = "stored" if self.stored else f"{self.chunks} chunks of {self.chunk_size}, {self.tables} tables"
+        tables = f"{self.tables} table{'s' * (self.tables != 1)}"
+        chunks = f"{self.chunks} chunk{'s' * (self.chunks != 1)}"
+        how = "stored" if self.stored else f"{chunks} of {self.chunk_size}, {tables}"
         return (f"Info({self.dtype} {self.shape}, {self.original_bytes:,} -> {self.compressed_bytes:,} "
                 f"bytes, {self.bits_per_weight:.3f} bits/weight, {how})")
 

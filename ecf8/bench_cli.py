@@ -126,7 +126,8 @@ def gpu_status() -> tuple[Any, str]:
     try:
         import cupy
     except ImportError:
-        return None, "GPU: not measured (CuPy is not installed: pip install 'ecf8[cuda13]' or 'ecf8[cuda12]')"
+        return None, ("GPU: not measured (CuPy is not installed: pip install 'ecf8[cuda13]' or 'ecf8[cuda12]'; "
+                      "from a clone: pip install '.[cuda13]')")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
         if count < 1:

@@ -36,7 +36,7 @@ import numpy as np
 from . import api, compressed, encoder
 from . import format as fmt
 from .errors import ECF8Error, UnsupportedError
-from .info_cli import refuse_plain, run_info
+from .info_cli import file_info, frame_line, refuse_plain, run_info
 from .names import device_name, short_name
 from .output_files import check_parent
 from .numpy import load_npy
@@ -48,13 +48,6 @@ from .tensor_codecs import ZSTD_LEVEL
 def write_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)
-
-
-def _frame_line(path: Path) -> str:
-    m = api.info(Path(path).read_bytes())
-    how = "stored" if m.stored else f"{m.chunks} chunks of {m.chunk_size}, {m.tables} tables"
-    return (f"{path}: {m.dtype} {m.shape}, {m.original_bytes} -> {m.compressed_bytes} bytes, "
-            f"{m.bits_per_weight:.3f} bits/weight ({how})")
 
 
 def _whole(text: str) -> int:
@@ -243,7 +236,9 @@ def _message(e: BaseException, args=None) -> str:
     and for an I/O error that names none (a full disk), the command's input and output."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     name, other = getattr(e, "filename", None), getattr(e, "filename2", None)
-    if isinstance(e, OSError) and e.strerror:
+    if isinstance(e, FileNotFoundError) and isinstance(name, (str, bytes, os.PathLike)) and not other:
+        text = f"{os.fsdecode(name)}: no such file"        # as every command says it
+    elif isinstance(e, OSError) and e.strerror:
         if isinstance(name, (str, bytes, os.PathLike)):
             text = f"{e.strerror}: {os.fsdecode(name)}" + (f" -> {os.fsdecode(other)}" if other else "")
         elif getattr(args, "output", None) is not None:
@@ -432,7 +427,7 @@ def _run(args) -> int:
             raise type(e)(f"{args.input}: {e}") from None
         write_atomic(args.output, blob)
         if not args.quiet:
-            print(_frame_line(args.output))
+            print(frame_line(file_info(args.output)))
     else:
         if args.input.is_file() and not fmt.is_frame_file(args.input):
             try:

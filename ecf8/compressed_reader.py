@@ -70,7 +70,8 @@ class PackedFile:
         self.header_bytes = len(packed.text)
         meta = packed.metadata.get(META_KEY)
         if meta is None:
-            raise UnsupportedError(f"{path}: not an ecf8-compressed checkpoint (no __metadata__['{META_KEY}'])")
+            raise UnsupportedError(f"{path}: a plain safetensors file, not an ecf8-compressed one (no "
+                                   f"__metadata__['{META_KEY}']; `ecf8 compress` compresses it)")
         info = load_json(meta, f"{path}: __metadata__['{META_KEY}']")
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise CorruptDataError(f"{path}: malformed __metadata__['{META_KEY}']")

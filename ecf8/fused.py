@@ -178,7 +178,6 @@ class _Product:
             xp = work.data.ptr                                  # permuted x: rows x k floats
             partials = np.uint64(xp + rows * k * 4)
             y_scale = np.float32(scale)
-            direct = self._partial_floats(rows) == 0
             permute = KERNELS.function(self.device_id, "ecf8_fused_permute_x")
             reduce = KERNELS.function(self.device_id, "ecf8_fused_reduce")
             blocks = -(-self.nchunks // WARPS)
@@ -191,9 +190,9 @@ class _Product:
                     y_ptr = np.uint64(y.data.ptr + done * n * 4)
                     _kernel(self.device_id, slab, self.decode, self.block)(
                         (blocks,), (WARPS * 32,), (self._desc, np.uint64(xp + done * k * 4), partials,
-                                                   y_ptr if direct else np.uint64(0), y_scale),
+                                                   y_ptr if self._direct else np.uint64(0), y_scale),
                         shared_mem=self._shared)
-                    if not direct:
+                    if not self._direct:
                         reduce((-(-(slab * n) // 256),), (256,), (self._desc, partials, np.int32(slab), y_scale, y_ptr))
                     done += slab
         return y

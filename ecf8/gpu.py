@@ -21,7 +21,7 @@ def cupy() -> Any:
         import cupy as module
     except ImportError:
         raise UnsupportedError("GPU encoding and decoding need CuPy: pip install 'ecf8[cuda13]' "
-                               "(or cuda12)") from None
+                               "(or cuda12; from a clone: pip install '.[cuda13]')") from None
     return module
 
 

@@ -14,7 +14,7 @@ from . import format as fmt
 from .safetensors_io import model_files, read_layout
 from .errors import ECF8Error, UnsupportedError
 
-__all__ = ["file_info", "folder_total", "run_info", "refuse_plain"]
+__all__ = ["file_info", "folder_total", "frame_line", "run_info", "refuse_plain"]
 
 
 def refuse_plain(path: Path) -> None:
@@ -65,9 +65,12 @@ def _pct(saving: float | None) -> str:
     return "-" if saving is None else f"{saving:.1%}"
 
 
-def _frame_line(f: dict) -> str:
+def frame_line(f: dict) -> str:
+    """One line on a frame, from its ``file_info``: dtype, shape, sizes, bits/weight, layout."""
     n = math.prod(f["shape"])
-    how = "stored" if f["codec"] == "none" else f"{f['chunks']} chunks of {f['chunk_size']}, {f['tables']} tables"
+    tables = f"{f['tables']} table{'s' * (f['tables'] != 1)}"
+    chunks = f"{f['chunks']} chunk{'s' * (f['chunks'] != 1)}"
+    how = "stored" if f["codec"] == "none" else f"{chunks} of {f['chunk_size']}, {tables}"
     bpw = f"{f['stored_bytes'] * 8 / n:.3f}" if n else "-"
     return (f"{f['path']}: {f['dtype']} {tuple(f['shape'])}, {f['original_bytes']} -> {f['stored_bytes']} bytes, "
             f"{bpw} bits/weight ({how})")
@@ -91,7 +94,7 @@ def _checkpoint_table(f: dict) -> str:
 
 
 def _text(f: dict) -> str:
-    return _frame_line(f) if f["kind"] == "frame" else _checkpoint_table(f)
+    return frame_line(f) if f["kind"] == "frame" else _checkpoint_table(f)
 
 
 def _total_line(path: Path, t: dict, failed: int) -> str:

@@ -168,13 +168,32 @@ def read_layout(path: Path, check: bool = True) -> Layout:
     return _read(path)
 
 
+# What a file that is not safetensors most likely is, by its first bytes (for the error message).
+_KNOWN_STARTS = ((b"PK\x03\x04", "a zip archive, as PyTorch's torch.save writes: load it with torch and save "
+                  "it with safetensors first"),
+                 (b"\x80", "a Python pickle, as older torch.save writes: load it with torch and save it with "
+                  "safetensors first"),
+                 (b"\x93NUMPY", "a NumPy .npy array: `ecf8 encode` compresses one array"),
+                 (b"ECF8", "an ECF8 frame: `ecf8 decode` and `ecf8 info` read it"),
+                 (b"{", "it starts like JSON"))
+
+
+def _what_it_is(head: bytes, n: int, size: int) -> str:
+    for start, what in _KNOWN_STARTS:
+        if head.startswith(start):
+            return what
+    if len(head) < 8:
+        return f"{size} bytes, shorter than a safetensors header"
+    return f"its first 8 bytes give a header of {n:,} bytes, the file has {size:,}"
+
+
 def _read(path: Path) -> Layout:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little")
         if len(head) < 8 or n > MAX_HEADER or 8 + n > size:
-            raise CorruptDataError(f"{path}: not a safetensors file (header length {n})")
+            raise CorruptDataError(f"{path}: not a safetensors file ({_what_it_is(head, n, size)})")
         text = f.read(n)
     layout = parse_header(text, str(path))
     if layout.data_start + layout.data_size != size:

@@ -224,7 +224,7 @@ def test_no_temporary_file_name_leaks(tmp_path, capsys):
         assert str(tmp_path / "no") in err and ".tmp" not in err
     assert list(tmp_path.glob("**/*.tmp")) == []
     e = FileNotFoundError(2, "No such file or directory", "/data/.model.safetensors.k2j_x9q.tmp")
-    assert cli._message(e) == "No such file or directory: /data/model.safetensors"
+    assert cli._message(e) == "/data/model.safetensors: no such file"
     e = ecf8.ECF8Error("/d/.x.safetensors.plain.tmp: tensor 'a' is bad")
     assert cli._message(e) == "/d/x.safetensors: tensor 'a' is bad"
 
@@ -272,6 +272,13 @@ def test_newcomer_rough_edges(tmp_path, capsys, monkeypatch):
     for cmd in ("info", "verify"):
         assert main([cmd, "nope.safetensors"]) == 1
         _one_error_line(capsys, "nope.safetensors: no such file")
+    assert main(["decode", "nope.ecf8", "-o", "nope.npy"]) == 1
+    _one_error_line(capsys, "nope.ecf8: no such file")
+    np.save(tmp_path / "a.npy", np.zeros(4, np.uint8))
+    (tmp_path / "j.json").write_text('{"a": 1}')
+    for name, what in (("a.npy", "`ecf8 encode`"), ("j.json", "JSON")):
+        assert main(["compress", name, "-o", "out.safetensors"]) == 1
+        _one_error_line(capsys, f"{name}: not a safetensors file", what)
     _plain(tmp_path / "x.safetensors")
     before = (tmp_path / "x.safetensors").stat().st_size
     assert main(["compress", "x.safetensors", "-o", "y.safetensors"]) == 0

@@ -108,6 +108,9 @@ def test_plain_files_point_to_the_right_command(tmp_path, capsys):
     for cmd in ("info", "verify"):
         assert main([cmd, str(src)]) == 1
         _error(capsys, f"{src}: a plain safetensors file", "`ecf8 compress`", "`ecf8 analyze`")
+    assert main(["decompress", str(src), "-o", str(tmp_path / "r.safetensors")]) == 1
+    _error(capsys, f"{src}: a plain safetensors file", "`ecf8 compress`")
+    assert not (tmp_path / "r.safetensors").exists()
     compressed.compress_file(src, tmp_path / "c.safetensors", jobs=1, progress=False)
     assert main(["decode", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "x.npy")]) == 1
     _error(capsys, "not an ECF8 frame", "`ecf8 decompress`")

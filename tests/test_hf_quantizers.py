@@ -199,14 +199,19 @@ def _dit():
                                            num_embeds_ada_norm=10).to(torch.bfloat16)
 
 
+def _dit_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """(plain folder, ecf8 folder) of one seeded DiT."""
+    torch.manual_seed(0)
+    plain = tmp_path / "plain"
+    _dit().eval().save_pretrained(plain)
+    return plain, _compress(plain, tmp_path)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, None], ids=["bf16", "default-dtype"])
 def test_diffusers_dit_loads_bit_identical(tmp_path, dtype):
     diffusers = pytest.importorskip("diffusers")
 
-    torch.manual_seed(0)
-    plain = tmp_path / "plain"
-    _dit().eval().save_pretrained(plain)
-    folder = _compress(plain, tmp_path)
+    plain, folder = _dit_folders(tmp_path)
     cls = diffusers.DiTTransformer2DModel
     ref = cls.from_pretrained(plain, torch_dtype=dtype)
     got = cls.from_pretrained(folder, torch_dtype=dtype)
@@ -253,10 +258,7 @@ def _assert_dit_held_and_identical(diffusers, plain: Path, folder: Path, device:
 def test_diffusers_dit_on_gpu_is_held_compressed(tmp_path):
     diffusers = pytest.importorskip("diffusers")
 
-    torch.manual_seed(0)
-    plain = tmp_path / "plain"
-    _dit().eval().save_pretrained(plain)
-    folder = _compress(plain, tmp_path)
+    plain, folder = _dit_folders(tmp_path)
     _assert_dit_held_and_identical(diffusers, plain, folder, "cuda")
 
 
@@ -284,10 +286,7 @@ def test_causal_lm_held_compressed_on_the_cpu(tmp_path):
 def test_diffusers_dit_held_compressed_on_the_cpu(tmp_path):
     diffusers = pytest.importorskip("diffusers")
 
-    torch.manual_seed(0)
-    plain = tmp_path / "plain"
-    _dit().eval().save_pretrained(plain)
-    folder = _compress(plain, tmp_path)
+    plain, folder = _dit_folders(tmp_path)
     _hold_compressed(folder)
     _assert_dit_held_and_identical(diffusers, plain, folder, "cpu")
 
