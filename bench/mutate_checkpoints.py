@@ -576,19 +576,22 @@ def _original_tensors(state) -> dict[str, bytes]:
 
 
 def _load_gpu_standin(path: Path) -> dict:
-    """What ``compressed.load_file(path, "cuda")`` checks, with the GPU decoder and upload replaced by
-    their CPU equivalents (this machine has no GPU): every check of the compressed-checkpoint layer still runs."""
-    from ecf8 import api
+    """What ``compressed.safe_open(path, device="cuda")`` checks tensor by tensor, with the GPU
+    decoder and upload replaced by their CPU equivalents (this machine has no GPU): every check of
+    the compressed-checkpoint layer still runs.  (``load_file`` on a GPU reads ahead through
+    pinned staging buffers, which need CuPy; its checks are those of ``tests/test_read_ahead.py``.)"""
+    from ecf8 import api, compressed_stream
 
-    decode, to_device = api.decode, getattr(compressed, "_to_device", None)
+    decode, upload = api.decode, getattr(compressed_stream, "upload_array", None)
     api.decode = lambda blob, device="cpu", **kw: decode(blob, "cpu", **kw)
-    compressed._to_device = lambda x, device: x
+    compressed_stream.upload_array = lambda x, device: x
     try:
-        return compressed.load_file(path, "cuda")
+        with compressed.safe_open(path, device="cuda") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
     finally:
         api.decode = decode
-        if to_device is not None:
-            compressed._to_device = to_device
+        if upload is not None:
+            compressed_stream.upload_array = upload
 
 
 def check_load(state, path: Path, verified: str) -> tuple[str, str] | None:

@@ -14,7 +14,7 @@ from .errors import CorruptDataError, ECF8Error, UnsupportedError
 _HOME = {"encode": "api", "decode": "api", "info": "api", "Info": "api",
          "to_device": "decoder_cuda", "decode_batch": "decoder_cuda", "BatchDecoder": "decoder_cuda",
          "DeviceTensor": "decoder_cuda", "CudaArray": "decoder_cuda",
-         "save_file": "compressed", "load_file": "compressed", "safe_open": "compressed"}
+         "save_file": "compressed", "load_file": "compressed_reader", "safe_open": "compressed_reader"}
 
 __all__ = ["encode", "decode", "info", "Info", "to_device", "decode_batch", "BatchDecoder",
            "DeviceTensor", "CudaArray", "save_file", "load_file", "safe_open", "ECF8Error", "CorruptDataError",

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from .errors import CorruptDataError
 from .safetensors_io import load_json, tensor_files
 
-__all__ = ["index", "model_weight_files", "read_file", "read_files"]
+__all__ = ["index", "model_weight_files", "read_file", "read_files", "window_per_file"]
 
 T = TypeVar("T")
 
@@ -52,21 +52,32 @@ def model_weight_files(path: str | Path) -> list[Path]:
     return list(named)
 
 
-def read_file(path: Path, device: str, *, frames: bool = False) -> Iterator[tuple[str, Any]]:
-    """(name, value) of each tensor of one ecf8 checkpoint file, in data order, one at a time.
-    device "cpu": every value a decoded NumPy array, or with frames=True each ECF8 frame as its
-    checked bytes (not decoded); "cuda:N": ECF8 frames stay compressed there (a
-    ``DeviceTensor``), other tensors are decoded there (a ``CudaArray``)."""
-    from .compressed import CompressedFile, iter_decoded
+def read_file(path: Path, device: str, *, frames: bool = False, window: int | None = None
+              ) -> Iterator[tuple[str, Any]]:
+    """(name, value) of each tensor of one ecf8 checkpoint file, in data order, read ahead by
+    worker threads (at most `window` bytes ahead, default ``compressed_stream.WINDOW``; each
+    tensor checked before it is yielded).  device "cpu": every value a decoded NumPy array, or
+    with frames=True each ECF8 frame as its checked bytes (not decoded); "cuda:N": ECF8 frames
+    uploaded as stored and kept compressed there (a ``DeviceTensor``), other tensors decoded
+    there (a ``CudaArray``)."""
+    from .compressed_reader import iter_decoded
+    from .compressed_stream import WINDOW
 
-    if device == "cpu" and frames:
-        with CompressedFile(path, "cpu") as f:
-            for name in f.keys():
-                frame = f.get_frame(name)
-                yield name, f.get_tensor(name) if frame is None else frame
-        return
-    for name, _, x in iter_decoded(path, device, compressed=device != "cpu"):
-        yield name, x
+    items = iter_decoded(path, device, compressed=device != "cpu", frames=frames and device == "cpu",
+                         window=window or WINDOW)
+    try:
+        for name, _, x in items:
+            yield name, x
+    finally:
+        items.close()               # (its reads end here, not whenever it is collected)
+
+
+def window_per_file(threads: int, files: int) -> int:
+    """Bytes each file may read ahead when `threads` of `files` files are read at once: the one
+    ``compressed_stream.WINDOW`` shared, so host memory stays bounded however many shards."""
+    from .compressed_stream import WINDOW
+
+    return WINDOW // max(1, min(threads, files))
 
 
 def read_files(files: list[Path], read: Callable[[Path], Iterator[T]], threads: int) -> Iterator[T]:

@@ -232,13 +232,14 @@ def _aux_offsets(frame: fmt.Frame) -> tuple[int, int]:
 
 
 def to_device(blob: Any, device: str = "cuda", *, verify: bool = True) -> DeviceTensor:
-    """Validate a frame on the host, upload it and its decode tables to a GPU once."""
+    """Validate a frame on the host, upload it and its decode tables to a GPU once (on the current
+    stream; the host bytes are not kept, nor copied into CuPy's pinned memory pool)."""
     cupy = gpu.cupy()
     view = fmt.as_buffer(blob)
     frame = fmt.parse(view, verify=verify)
     dev = gpu.device_id(device)
     with cupy.cuda.Device(dev):
-        return resident(frame, dev, cupy.asarray(np.frombuffer(view, np.uint8)))
+        return resident(frame, dev, gpu.upload(view))
 
 
 def resident(frame: fmt.Frame, dev: int, payload: Any, cls: type | None = None, **extra) -> DeviceTensor:
@@ -252,12 +253,12 @@ def resident(frame: fmt.Frame, dev: int, payload: Any, cls: type | None = None, 
         aux[:tables_at] = frame.chunk_words.astype("<u4").view(np.uint8)
         aux[tables_at : tables_at + frame.nchunks] = frame.chunk_tables
         aux[luts_at:] = decode_luts(frame.lengths, fmt.MAX_CODE_LEN).astype("<u2").view(np.uint8).reshape(-1)
-        aux_d, blocks = cupy.asarray(aux), -(-frame.nchunks // (WARPS * CHUNKS_PER_WARP))
+        aux_d, blocks = gpu.upload(aux), -(-frame.nchunks // (WARPS * CHUNKS_PER_WARP))
     else:
         aux_d, blocks = cupy.zeros(0, np.uint8), 0
     dt = (cls or DeviceTensor)(frame, dev, payload, aux_d, None,
-                               cupy.asarray(np.array([0, blocks], np.uint32)), blocks, **extra)
-    dt.desc = (cupy.asarray(dt.descriptor().reshape(1).view(np.uint8)) if frame.mode == fmt.MODE_CODED
+                               gpu.upload(np.array([0, blocks], np.uint32)), blocks, **extra)
+    dt.desc = (gpu.upload(dt.descriptor().reshape(1).view(np.uint8)) if frame.mode == fmt.MODE_CODED
                else cupy.zeros(0, np.uint8))
     return dt
 
@@ -328,13 +329,12 @@ def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = No
 def _batch_state(tensors: Sequence[DeviceTensor], out_ptrs: Sequence[int]) -> tuple:
     """(descriptors, block starts, blocks, shared bytes, coded count, stored copies) of tensors of
     one dtype on the current device, tensor i written at out_ptrs[i] (an address or an offset)."""
-    cupy = gpu.cupy()
     coded = [(t, p) for t, p in zip(tensors, out_ptrs) if t.frame.mode == fmt.MODE_CODED]
     copies = [(p, t) for t, p in zip(tensors, out_ptrs) if t.frame.mode == fmt.MODE_STORED and t.frame.n]
     descs = starts = None
     if coded:
-        descs = cupy.asarray(np.concatenate([t.descriptor(p).reshape(1) for t, p in coded]).view(np.uint8))
-        starts = cupy.asarray(np.cumsum([0] + [t.blocks for t, _ in coded]).astype(np.uint32))
+        descs = gpu.upload(np.concatenate([t.descriptor(p).reshape(1) for t, p in coded]).view(np.uint8))
+        starts = gpu.upload(np.cumsum([0] + [t.blocks for t, _ in coded]).astype(np.uint32))
     smem = max([t.frame.ntables * LUT_BYTES for t, _ in coded], default=0)
     return descs, starts, sum(t.blocks for t, _ in coded), smem, len(coded), copies
 

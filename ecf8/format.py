@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CorruptDataError, UnsupportedError
 
-__all__ = ["DtypeSpec", "Frame", "DTYPES", "spec_for_dtype", "parse", "header_crc", "as_buffer", "is_frame_file", "MAX_CODE_LEN"]
+__all__ = ["DtypeSpec", "Frame", "DTYPES", "spec_for_dtype", "parse", "header_size", "header_crc", "as_buffer", "is_frame_file", "MAX_CODE_LEN"]
 
 MAGIC = b"ECF8"
 VERSION = 2                # written by the encoder; version 1 frames are still read
@@ -38,6 +38,7 @@ MAX_TABLES = 8
 MAX_NDIM = 8
 MAX_ELEMENTS = 1 << 40     # per frame; also bounds the product of the non-zero shape extents
 HEADER = struct.Struct("<4sBBBBBBHIQ")  # magic ver dtype mode ndim chunk_log2 ntables rsv words n
+HEADER_PROBE = HEADER.size + 8 * MAX_NDIM + 4  # bytes that tell a header's length (header_size)
 MODE_CODED, MODE_STORED = 0, 1
 
 
@@ -206,18 +207,10 @@ def header_crc(head: bytes) -> int:
     return struct.unpack_from("<I", head, len(head) - 4)[0]
 
 
-def parse(blob: memoryview, verify: bool = True, size: int | None = None) -> Frame:
-    """Parse and validate a frame; CorruptDataError on any inconsistency.
-
-    Every size is checked against the frame's length before anything is allocated.  With verify,
-    the payload CRC is checked too (the header CRC always is).  size: the frame's length when blob
-    holds its header only (the payload lies elsewhere, e.g. on a GPU); verify must then be False.
-    """
+def _fixed_header(blob: memoryview) -> tuple:
+    """(spec, mode, shape, n, chunk_log2, ntables, nchunks, exp_words, version, offset of the
+    HeaderCRC) from a frame's fixed header and shape, validated; CorruptDataError otherwise."""
     have = len(blob)
-    if size is None:
-        size = have
-    elif verify:
-        raise UnsupportedError("a frame given by its header alone cannot have its payload verified")
     if have < HEADER.size:
         raise CorruptDataError(f"blob of {have} bytes is shorter than the {HEADER.size}-byte header")
     magic, version, dcode, mode, ndim, chunk_log2, ntables, rsv, exp_words, n = HEADER.unpack_from(blob)
@@ -243,19 +236,42 @@ def parse(blob: memoryview, verify: bool = True, size: int | None = None) -> Fra
     if prod != n or nonzero > MAX_ELEMENTS:
         raise CorruptDataError(f"element count {n} does not match shape {shape}, or the product of "
                                "its non-zero extents exceeds 2**40")
-    alphabet = spec.alphabet
     if mode == MODE_CODED:
         if not (MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2) or not (1 <= ntables <= MAX_TABLES) or n == 0:
             raise CorruptDataError("invalid chunk size, table count or element count in coded frame")
         nchunks = -(-n // (1 << chunk_log2))
-        meta = ntables * alphabet // 2 + nchunks + 4 * nchunks
+        meta = ntables * spec.alphabet // 2 + nchunks + 4 * nchunks
     else:
         if chunk_log2 or ntables or exp_words:
             raise CorruptDataError("stored frame with coded-frame fields set")
         nchunks, meta = 0, 0
-    if have < pos + meta + 4:
+    return spec, mode, shape, n, chunk_log2, ntables, nchunks, exp_words, version, pos + meta
+
+
+def header_size(blob: memoryview) -> int:
+    """Bytes from a frame's start through its HeaderCRC (where the payload CRC's coverage begins),
+    from its first HEADER_PROBE bytes or all of a shorter frame; CorruptDataError (UnsupportedError
+    for an unknown version) where parse would refuse that much of the header."""
+    return _fixed_header(blob[:HEADER_PROBE])[-1] + 4
+
+
+def parse(blob: memoryview, verify: bool = True, size: int | None = None) -> Frame:
+    """Parse and validate a frame; CorruptDataError on any inconsistency.
+
+    Every size is checked against the frame's length before anything is allocated.  With verify,
+    the payload CRC is checked too (the header CRC always is).  size: the frame's length when blob
+    holds its header only (the payload lies elsewhere, e.g. on a GPU); verify must then be False.
+    """
+    have = len(blob)
+    if size is None:
+        size = have
+    elif verify:
+        raise UnsupportedError("a frame given by its header alone cannot have its payload verified")
+    spec, mode, shape, n, chunk_log2, ntables, nchunks, exp_words, version, crc_at = _fixed_header(blob)
+    pos = HEADER.size + 8 * len(shape)
+    alphabet = spec.alphabet
+    if have < crc_at + 4:
         raise CorruptDataError("blob truncated inside the header")
-    crc_at = pos + meta
     (head_crc,) = struct.unpack_from("<I", blob, crc_at)
     if zlib.crc32(blob[:crc_at]) != head_crc:
         raise CorruptDataError("header checksum mismatch")

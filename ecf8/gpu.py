@@ -8,9 +8,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from .errors import UnsupportedError
 
-__all__ = ["cupy", "device_id", "stream", "kernel_source", "KernelCache"]
+__all__ = ["cupy", "device_id", "stream", "kernel_source", "KernelCache", "upload", "pinned_buffers"]
 
 
 def cupy() -> Any:
@@ -128,3 +130,32 @@ class KernelCache:
             for key in [k for k in self._functions if k[0] == device]:
                 del self._functions[key]
         return old
+
+
+def upload(host: Any, stream_: Any = None) -> Any:
+    """A host NumPy array (any numeric dtype and shape) or bytes-like (uint8), in ordinary
+    (pageable, not pinned) memory, copied into a new CuPy array on the current device, ordered on
+    stream_ (default: the current stream); the driver stages pageable memory before it returns, so
+    the host memory may be reused then.  Not through CuPy's pinned memory pool, which keeps a
+    block of every size it served: one per tensor uploaded, host memory that grew with the model."""
+    cp = cupy()
+    src = np.ascontiguousarray(host) if isinstance(host, np.ndarray) else np.frombuffer(host, np.uint8)
+    out = cp.empty(src.shape, src.dtype)
+    if src.nbytes:
+        cp.cuda.runtime.memcpyAsync(out.data.ptr, src.ctypes.data, src.nbytes,
+                                    cp.cuda.runtime.memcpyHostToDevice, stream(stream_).ptr)
+    return out
+
+
+def pinned_buffers(count: int, size: int) -> tuple[list[np.ndarray], list[int]]:
+    """count uint8 arrays of `size` bytes in pinned (page-locked) host memory, which GPU copies
+    read directly, and their addresses.  Allocated for the caller alone, not from CuPy's pinned
+    memory pool: freed when the arrays are (after the last copy from them has finished: the
+    caller's to ensure)."""
+    cp = cupy()
+    arrays, addresses = [], []
+    for _ in range(count):
+        mem = cp.cuda.pinned_memory.PinnedMemoryPointer(cp.cuda.pinned_memory.PinnedMemory(size), 0)
+        arrays.append(np.frombuffer(mem, np.uint8, size))      # (the array keeps mem alive)
+        addresses.append(mem.ptr)
+    return arrays, addresses

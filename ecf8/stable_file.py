@@ -69,29 +69,34 @@ class StableFile:
 
     def read(self, offset: int, n: int) -> np.ndarray:
         """n bytes from offset, as a new writeable uint8 array (checked: the file is unchanged)."""
-        if self._fd is None:
+        out = np.empty(n, np.uint8)
+        self.read_into(offset, memoryview(out))
+        return out
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """len(view) bytes from offset into a writeable byte buffer (a NumPy array's, pinned host
+        memory's); checked like read.  Safe to call from several threads at once."""
+        fd, n = self._fd, len(view)
+        if fd is None:
             raise CorruptDataError(f"{self.path}: the file is closed")
         if offset + n > self.identity.size:
             raise self.changed()
-        out = np.empty(n, np.uint8)
-        view = memoryview(out)
         got = 0
         while got < n:
-            step = self._pread(view[got:got + _READ_STEP], offset + got)
+            step = self._pread(fd, view[got:got + _READ_STEP], offset + got)
             if step <= 0:
                 raise self.changed()
             got += step
         self.check()
-        return out
 
-    def _pread(self, view: memoryview, offset: int) -> int:
+    def _pread(self, fd: int, view: memoryview, offset: int) -> int:
         """Bytes read into view from offset, without moving a shared file position (preadv), or
         under a lock where the platform has no positional reads (Windows)."""
         if hasattr(os, "preadv"):
-            return os.preadv(self._fd, [view], offset)
+            return os.preadv(fd, [view], offset)
         with self._lock:
-            os.lseek(self._fd, offset, os.SEEK_SET)
-            data = os.read(self._fd, len(view))
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, len(view))
             view[:len(data)] = data
             return len(data)
 

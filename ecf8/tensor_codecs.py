@@ -22,8 +22,8 @@ from .safetensors_io import DTYPE_NAMES, Layout, Tensor
 from .signals import held, worker_init, worker_parent
 from .stable_file import Identity, StableFile
 
-__all__ = ["choose_codec", "checksum", "stored_checksum", "compress_tensors", "daemonic", "CODED",
-           "ZSTD_LEVEL", "INLINE"]
+__all__ = ["choose_codec", "checksum", "checksum_seed", "stored_checksum", "compress_tensors", "daemonic",
+           "CODED", "ZSTD_LEVEL", "INLINE"]
 
 CODED = fmt.CODED_NAMES       # dtype names stored as ECF8 frames
 ZSTD_LEVEL = 19
@@ -32,8 +32,13 @@ INLINE = 1 << 16             # smaller tensors are compressed in the calling pro
 
 def checksum(t: Tensor, data) -> int:
     """crc32 of a tensor's bytes, seeded with the crc32 of "name NUL dtype NUL d0,d1,..." (UTF-8)."""
+    return zlib.crc32(data, checksum_seed(t))
+
+
+def checksum_seed(t: Tensor) -> int:
+    """The starting value of a tensor's checksums: crc32 of "name NUL dtype NUL d0,d1,..." (UTF-8)."""
     seed = f"{t.name}\0{t.dtype}\0{','.join(map(str, t.shape))}".encode("utf-8", "surrogatepass")
-    return zlib.crc32(data, zlib.crc32(seed))
+    return zlib.crc32(seed)
 
 
 def choose_codec(dtype_name: str, shape: tuple, raw: np.ndarray, options: dict

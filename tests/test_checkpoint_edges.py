@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 import ecf8
-from ecf8 import cli, compressed, safetensors_io
+from ecf8 import cli, compressed, compressed_reader, safetensors_io
 from ecf8.errors import CorruptDataError, ECF8Error
 
 from checkpoint_helpers import header_of, weights
@@ -105,8 +105,8 @@ def test_a_zstandard_frame_claiming_more_than_any_frame_can_hold_is_refused_befo
     original header does too: refused from the sizes alone (it raised MemoryError, allocating)."""
     frame = (b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + (1 << 40).to_bytes(8, "little")
              + (1 | 1 << 1 | 1 << 3).to_bytes(3, "little") + b"\x00")
-    assert len(frame) * compressed.ZSTD_MAX_RATIO < 1 << 40
+    assert len(frame) * compressed_reader.ZSTD_MAX_RATIO < 1 << 40
     with pytest.raises(CorruptDataError, match="a zstandard frame of 17 bytes cannot hold"):
-        compressed._unzstd(frame, 1 << 40, "t")
+        compressed_reader._unzstd(frame, 1 << 40, "t")
     real = zstandard.ZstdCompressor(level=19).compress(bytes(1 << 24))   # the most a frame holds
-    assert compressed._unzstd(real, 1 << 24, "t") == bytes(1 << 24)
+    assert compressed_reader._unzstd(real, 1 << 24, "t") == bytes(1 << 24)

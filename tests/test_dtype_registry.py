@@ -48,7 +48,7 @@ def test_registry_entries_are_consistent():
 def test_derived_tables_follow_the_registry():
     from ecf8.safetensors_io import DTYPE_NAMES
     from ecf8.decoder_cuda import DLPACK_CODES, KERNEL_NAMES
-    from ecf8.compressed import CODED
+    from ecf8.compressed_reader import CODED
 
     assert set(CODED) == fmt.CODED_NAMES
     assert all(DTYPE_NAMES[s.name] == s.dtype for s in fmt.DTYPES.values())

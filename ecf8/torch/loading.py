@@ -8,7 +8,10 @@
 On a GPU every eligible weight (a 2-D FP8/BF16/FP16 ``weight`` of a Linear-like module) is
 uploaded as its ECF8 frame and stays compressed (a DeviceTensor), decoded just in time before its
 module's forward, as ``compress_module`` does; every other tensor is decoded once on the GPU.  The
-checkpoint is read one tensor at a time, so neither GPU nor host ever holds the uncompressed model.
+checkpoint is read one tensor at a time, so neither GPU nor host ever holds the uncompressed model:
+worker threads read and checksum the next tensors while the current one is placed, at most a
+window of tens of MB ahead (``ecf8.compressed_stream``; on a GPU through pinned staging buffers,
+the frames uploaded as stored), so host memory beyond the model's own stays about that window.
 On the CPU (device="cpu") tensors are decoded at load into ordinary parameters (host memory is
 what CPU inference runs from) unless compress=True: eligible weights then keep the file's frames,
 as read.  offload="cpu" loads that way, then streams the blocks that do not fit the GPU from
@@ -21,7 +24,7 @@ tensor, so every rank reads and decodes each whole tensor (on a GPU: uploaded as
 decoded there, which is fast), cuts out its slice and drops the rest; an eligible weight's slice
 is then re-encoded where it is (GPU encoder on a GPU, CPU encoder on the CPU) and held compressed.
 Transient memory: one whole decoded tensor at a time (on a GPU, plus up to 2 * threads whole
-frames read ahead); resident: only this rank's slices.
+frames waiting to be placed); resident: only this rank's slices.
 """
 
 from __future__ import annotations
@@ -44,25 +47,30 @@ from .tensors import TORCH_DTYPES, check_device, cuda_index, decode, encode, to_
 __all__ = ["load_model", "from_pretrained"]
 
 
-def _read(path: Path, device: str, frames: bool = False) -> Iterator[tuple[str, Any]]:
-    """(name, value) of each tensor of one ecf8 checkpoint file, one at a time: on a GPU, ECF8
+def _read(path: Path, device: str, frames: bool = False, window: int | None = None
+          ) -> Iterator[tuple[str, Any]]:
+    """(name, value) of each tensor of one ecf8 checkpoint file, one at a time, read ahead by
+    worker threads (at most `window` bytes: ``checkpoint_folder.read_file``): on a GPU, ECF8
     frames stay compressed (a DeviceTensor, uploaded into torch's memory) and other tensors are
     torch tensors there; on the CPU every value is a decoded torch tensor, or with frames=True
     each ECF8 frame its checked bytes."""
-    items = checkpoint_folder.read_file(path, device, frames=frames)
-    if device == "cpu":
-        for name, x in items:
-            yield name, x if isinstance(x, bytes) else to_torch(x)
-        return
-    from ..decoder_cuda import DeviceTensor
-
-    while True:
-        with torch_memory():                 # uploads come from torch's allocator
-            item = next(items, None)
-        if item is None:
+    items = checkpoint_folder.read_file(path, device, frames=frames, window=window)
+    try:
+        if device == "cpu":
+            for name, x in items:
+                yield name, x if isinstance(x, bytes) else to_torch(x)
             return
-        name, x = item
-        yield name, x if isinstance(x, DeviceTensor) else to_torch(x)
+        from ..decoder_cuda import DeviceTensor
+
+        while True:
+            with torch_memory():                 # uploads come from torch's allocator
+                item = next(items, None)
+            if item is None:
+                return
+            name, x = item
+            yield name, x if isinstance(x, DeviceTensor) else to_torch(x)
+    finally:
+        items.close()
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -144,7 +152,9 @@ def _load(model, path, device, embeddings, min_numel, strict, chunk_size, thread
     weights: list[Weight] = []
     try:
         seen = set()
-        for name, value in checkpoint_folder.read_files(files, lambda f: _read(f, target, keep), threads):
+        window = checkpoint_folder.window_per_file(threads, len(files))
+        for name, value in checkpoint_folder.read_files(files, lambda f: _read(f, target, keep, window),
+                                                        threads):
             if name not in plan:                # a second name of a tied parameter
                 continue
             seen.add(name)
