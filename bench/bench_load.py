@@ -254,7 +254,10 @@ def run_child(args, variant, layers, mode, layout, cap=0.0) -> dict:
     """One row's run in a fresh process; mode "before" is ecf8's load from the ecf8 tree --before."""
     cmd = [sys.executable, __file__, "--child", variant, "ecf8" if mode == "before" else mode, str(layers),
            layout, "--dir", str(args.dir), "--device", args.device, "--cap", str(cap)]
-    env = dict(os.environ, PYTHONPATH=str(args.before)) if mode == "before" else None
+    env = None
+    if mode == "before":                        # the earlier tree first; the rest (e.g. zstandard) kept
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(args.before),
+                                                                      os.environ.get("PYTHONPATH")])))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
     if p.returncode or not lines:

@@ -136,7 +136,8 @@ def upload(host: Any, stream_: Any = None) -> Any:
     """A host NumPy array (any numeric dtype and shape) or bytes-like (uint8), in ordinary
     (pageable, not pinned) memory, copied into a new CuPy array on the current device, ordered on
     stream_ (default: the current stream); the driver stages pageable memory before it returns, so
-    the host memory may be reused then.  Not through CuPy's pinned memory pool, which keeps a
+    the host memory may be reused then, and for all but small copies it first waits for the
+    stream's earlier work (CUDA's documented behaviour for pageable memory).  Not through CuPy's pinned memory pool, which keeps a
     block of every size it served: one per tensor uploaded, host memory that grew with the model."""
     cp = cupy()
     src = np.ascontiguousarray(host) if isinstance(host, np.ndarray) else np.frombuffer(host, np.uint8)

@@ -1,10 +1,22 @@
 """Array builders used across test modules."""
 
+import os
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 
 DTYPES = [np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2),
           np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)]
+
+ROOT = Path(__file__).resolve().parents[1]      # the checkout
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python process: this checkout first on PYTHONPATH, the rest of
+    PYTHONPATH (packages installed beside it, say) kept, plus `extra`."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def uint_of(dtype) -> np.dtype:

@@ -17,6 +17,7 @@ from ecf8 import compressed, safetensors_io, tensor_codecs
 from ecf8.errors import CorruptDataError
 
 from checkpoint_helpers import weights
+from helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD = (1_600_000_000, 1_600_000_000)        # an mtime no write made during the test can have
@@ -118,7 +119,7 @@ def test_compress_of_a_file_truncated_meanwhile_is_one_error_line(tmp_path, jobs
     out = tmp_path / "out.safetensors"
     run = subprocess.run([sys.executable, "-c", _TRUNCATE_MID_COMPRESS, str(src), str(out), jobs],
                          capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env=child_env())
     assert run.returncode == 1, (run.returncode, run.stderr)
     assert run.stderr.splitlines() == [f"ecf8: error: {src}: the file changed while being read "
                                        "(replaced, written to or truncated meanwhile)"]
@@ -175,7 +176,7 @@ def test_truncating_a_loaded_file_kills_nothing(tmp_path):
     """(The arrays were views of a memory map: reading them after the truncation was SIGBUS.)"""
     path, arrays = _packed(tmp_path)
     run = subprocess.run([sys.executable, "-c", _TRUNCATE_AFTER_LOAD, str(path)], capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         text=True, timeout=120, env=child_env())
     assert run.returncode == 0, (run.returncode, run.stderr)
     assert int(run.stdout) == sum(int(x.view(np.uint8).sum()) for x in arrays.values())
 

@@ -25,6 +25,7 @@ from ecf8 import compressed, signals, tensor_codecs
 from ecf8.cli import main
 from ecf8.safetensors_io import atomic_dir, atomic_file, write_safetensors
 from checkpoint_helpers import header_of, patch, processes, still_running, weights
+from helpers import child_env
 
 
 def _packed(path, seed=0):
@@ -183,7 +184,7 @@ def test_sigint_to_the_pid_while_workers_start_stops_them_all(tmp_path, kind, ar
            "-o", str(tmp_path / "out"), *args]
     with open(tmp_path / "stderr.txt", "wb") as err:      # (a file: a left worker cannot block a read)
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+                                env=child_env(), start_new_session=True)
     try:
         code = proc.wait(timeout=60)
     finally:
@@ -210,7 +211,7 @@ compressed.compress_path(sys.argv[1], sys.argv[2], jobs=2, progress=False)
 def test_workers_die_with_the_command(tmp_path):
     src = _folder(tmp_path / "model", shards=1)
     proc = subprocess.Popen([sys.executable, "-c", _KILL_THE_PARENT, str(src), str(tmp_path / "out")],
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                            env=child_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     left = _gone(proc.pid)
@@ -296,5 +297,5 @@ def test_ctrl_c_that_an_import_turns_into_another_error_is_still_ctrl_c():
             "from ecf8.__main__ import main\n"
             "main()\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                         env=child_env())
     assert (run.returncode, run.stderr.splitlines()) == (130, ["ecf8: interrupted"])

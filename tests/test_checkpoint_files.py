@@ -15,6 +15,7 @@ import ecf8
 from ecf8 import compressed, tensor_codecs
 from ecf8.safetensors_io import write_safetensors
 from checkpoint_helpers import alive, interrupt, processes, still_running
+from helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def test_an_interrupt_without_workers_stays_an_interrupt(tmp_path):
               "try: compressed.compress_file(sys.argv[1], sys.argv[2], jobs=1)\n"
               "except KeyboardInterrupt: sys.exit(0)\n")
     done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "out.safetensors")],
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)
+                          env=child_env(), capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-500:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
 
@@ -94,7 +95,7 @@ def test_an_interrupted_compress_leaves_nothing(tmp_path, sig, code):
             "from ecf8.cli import main; sys.exit(main())")
     cmd = [sys.executable, "-c", slow, "compress", str(src), "-o", str(out), "--jobs", "2"]
     # (the job takes 8 s or more: 1 s after two workers show, they are up)
-    workers = interrupt(cmd, tmp_path, sig, code, _family, 2, 1.0, dict(os.environ, PYTHONPATH=str(ROOT)))
+    workers = interrupt(cmd, tmp_path, sig, code, _family, 2, 1.0, child_env())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors", "stderr.txt"]
     # (the workers, and a forkserver or resource tracker, end too)
     left = still_running(lambda: _running(str(out)) + [p for p in workers if alive(p)])

@@ -25,7 +25,7 @@ from conftest import cuda_available
 from ecf8 import gpu_pool, progress, compressed
 from ecf8.cli import main
 from ecf8.safetensors_io import read_layout, write_safetensors
-from helpers import weights_like
+from helpers import weights_like, child_env
 from checkpoint_helpers import alive, interrupt, processes, still_running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_an_interrupt_stops_every_worker_and_leaves_nothing(tmp_path, sig, code)
     cmd = [sys.executable, "-c", script, "compress", str(src), "-o", str(tmp_path / "out"), "--device", "cuda"]
     # (two workers and the resource tracker)
     family = interrupt(cmd, tmp_path, sig, code, lambda pid: processes(1, pid), 3, 0.5,
-                       dict(os.environ, PYTHONPATH=str(ROOT)))
+                       child_env())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "stderr.txt"]
     left = still_running(lambda: [p for p in family if alive(p)])
     assert not left, f"processes left running: {left}"

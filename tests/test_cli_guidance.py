@@ -17,7 +17,7 @@ import ecf8
 from ecf8 import compressed, encoder
 from ecf8.safetensors_io import write_safetensors
 from ecf8.cli import main
-from helpers import weights_like
+from helpers import weights_like, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_a_closed_pipe_ends_quietly_with_the_sigpipe_status(tmp_path, cmd):
                                 jobs=1, progress=False)
         args = [str(tmp_path / "m")] * 1000
     proc = subprocess.Popen([sys.executable, "-m", "ecf8", cmd, "-q", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            stderr=subprocess.PIPE, env=child_env())
     proc.stdout.readline()
     proc.stdout.close()                             # the reader leaves after one line, as head does
     err = proc.stderr.read().decode()

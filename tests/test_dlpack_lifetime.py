@@ -2,8 +2,9 @@
 produced it is gone before the consumer reads it: the CudaArray, the compressed DeviceTensor the
 kernel reads, the producer stream (a CuPy stream, or a torch stream passed as a raw handle, whose
 ecf8 wrapper is dropped too), with the decode still queued behind a spin on that stream, and the
-GPU memory pool busy handing out (and overwriting) freed blocks meanwhile.  (ecf8.decode of bytes
-uploads them on the decode's stream, so that their memory is reused only after the decode.)
+GPU memory pool busy handing out (and overwriting) freed blocks meanwhile.  The frame goes up
+with ``to_device`` before the spin (an upload from pageable host memory waits for the stream's
+earlier work, so ``ecf8.decode`` of bytes would wait out the spin instead of queueing behind it).
 
 Marked ``gpu``: skipped without CuPy, a CUDA build of PyTorch and a GPU.
 """
@@ -41,11 +42,13 @@ def test_dlpack_export_outlives_its_producer(producer_kind, dtype):
         pytest.skip("needs a CUDA build of PyTorch and a GPU")
     import cupy
     from ecf8 import gpu
+    from ecf8.decoder_cuda import to_device
 
     x = weights_like(1 << 22, dtype)
     expected, blob = bits(x), ecf8.encode(x)
     spin = cupy.RawKernel(SPIN, "spin")
     ecf8.decode(blob, device="cuda")                       # kernels compiled before the spin starts
+    dt = to_device(blob)                                   # the compressed bytes, up before the spin
     spin((1,), (1,), (np.int64(1000),))
     cupy.cuda.Device().synchronize()
     if producer_kind == "cupy-stream":
@@ -58,12 +61,12 @@ def test_dlpack_export_outlives_its_producer(producer_kind, dtype):
     with cupy_stream:
         spin((1,), (1,), (np.int64(2_000_000_000),))       # ~1 s: the decode stays queued
     del cupy_stream
-    y = ecf8.decode(blob, device="cuda", stream=handle)   # bytes, no out=: ecf8 allocates both
+    y = ecf8.decode(dt, device="cuda", stream=handle)     # no out=: ecf8 allocates it
     consumer = torch.cuda.Stream()
     with torch.cuda.stream(consumer):
         t = torch.from_dlpack(y)                           # the consumer waits for the decode
     pending = not (producer.done if producer_kind == "cupy-stream" else producer.query())
-    del y, handle, producer                                # the CudaArray, its DeviceTensor, the stream
+    del y, dt, handle, producer                            # the CudaArray, the DeviceTensor, the stream
     gpu._external_streams.clear()                 # (ecf8's cached wrapper of a raw handle)
     gc.collect()
     _churn(cupy, x.nbytes)

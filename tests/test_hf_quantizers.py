@@ -127,6 +127,24 @@ def test_causal_lm_loads_bit_identical(tmp_path, make):
         assert torch.equal(out[key], out_ref[key])
 
 
+def test_causal_lm_loads_when_transformers_passes_no_model(tmp_path, monkeypatch):
+    """Transformers releases before update_weight_conversions(weight_conversions, model) call it
+    with the conversions alone: the model being loaded is used, and the logits stay identical."""
+    from ecf8.torch.transformers_quantizer import ECF8Quantizer
+
+    torch.manual_seed(0)
+    plain = _save(_llama().eval(), tmp_path)
+    folder = _compress(plain, tmp_path)
+    update = ECF8Quantizer.update_weight_conversions
+    calls = []
+    monkeypatch.setattr(ECF8Quantizer, "update_weight_conversions",
+                        lambda self, conversions, model=None: calls.append(1) or update(self, conversions))
+    ids = torch.randint(0, 300, (2, 9))
+    got = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert calls
+    assert torch.equal(got(ids).logits, transformers.AutoModelForCausalLM.from_pretrained(plain)(ids).logits)
+
+
 def _bert(layers=2, hidden=64, heads=4, inter=128, vocab=200):
     cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                   num_attention_heads=heads, intermediate_size=inter, max_position_embeddings=64,

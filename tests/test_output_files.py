@@ -18,7 +18,7 @@ import ecf8
 from ecf8 import compressed, safetensors_io
 from ecf8.safetensors_io import atomic_dir, atomic_file, write_safetensors
 from ecf8.cli import main
-from helpers import weights_like
+from helpers import weights_like, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process and rlimit semantics")
@@ -84,7 +84,7 @@ def test_a_killed_compress_leaves_a_temporary_the_next_run_removes_and_mentions(
               "tensor_codecs.choose_codec = die      # killed as the first tensor is compressed\n"
               "compressed.compress_file(sys.argv[1], sys.argv[2], jobs=1, progress=False)\n")
     proc = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "c.safetensors")],
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, timeout=120)
+                          env=child_env(), capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL
     left = _leftovers(tmp_path)
     assert len(left) == 1 and left[0].startswith(".c.safetensors.")
@@ -221,7 +221,7 @@ def test_a_real_write_limit_names_the_output(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     proc = subprocess.run([sys.executable, "-m", "ecf8", "compress", "-q", "-j", "1", str(src), "-o", str(out)],
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1"),
+                          env=child_env(PYTHONDONTWRITEBYTECODE="1"),
                           capture_output=True, text=True, preexec_fn=limit, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr == f"ecf8: error: File too large: {out}\n"

@@ -23,6 +23,7 @@ from ecf8 import compressed, compressed_reader, compressed_stream, crc32
 from ecf8.errors import CorruptDataError
 from ecf8.read_ahead import ReadAhead, Span, Staging
 from ecf8.stable_file import StableFile
+from helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = ml_dtypes.bfloat16
@@ -314,7 +315,7 @@ def big_file(tmp_path_factory) -> tuple[Path, int]:
 
 def _growth(path: Path, how: str, window: int) -> tuple[int, int]:
     run = subprocess.run([sys.executable, "-c", _MEASURE, str(path), how, str(window)], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         text=True, timeout=300, env=child_env())
     assert run.returncode == 0, run.stderr
     grown, held = map(int, run.stdout.split())
     return grown, held
@@ -477,7 +478,7 @@ def test_cuda_loading_keeps_host_memory_to_the_staging_window(big_file):
     grew with the model) and the host's peak is the window, not the file."""
     path, largest = big_file
     run = subprocess.run([sys.executable, "-c", _MEASURE_CUDA, str(path)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         timeout=300, env=child_env())
     assert run.returncode == 0, run.stderr
     grown, pooled = map(int, run.stdout.split())
     assert pooled == 0

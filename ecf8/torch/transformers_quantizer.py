@@ -28,6 +28,7 @@ an UnsupportedError: ecf8 does not compress while loading (load the folder, then
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 import torch
@@ -130,12 +131,15 @@ class ECF8Quantizer(HfQuantizer):
         cfg = self.quantization_config
         self.reader = Reader(checkpoint_files, min_numel=cfg.min_numel, embeddings=cfg.embeddings,
                              compress=cfg.compress)
+        self._model = weakref.ref(model)          # for Transformers versions that do not pass it below
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         model._keys_to_ignore_on_load_unexpected = ignore | {RECORD_PATTERN}
 
-    def update_weight_conversions(self, weight_conversions: list, model) -> list:
+    def update_weight_conversions(self, weight_conversions: list, model=None) -> list:
         """Every checkpoint entry goes through _Load: entries the model's own converters take are
-        decoded first (decode_only), all others get one converter per final name component."""
+        decoded first (decode_only), all others get one converter per final name component.
+        Older Transformers releases call it without the model: then it is the one being loaded."""
+        model = model if model is not None else self._model()
         index = self.reader.index if self.reader is not None else {}
         leaves = sorted({n.rpartition(".")[2] for n in index})
         ours = [WeightConverter(re.escape(leaf), leaf, [_Load(self)], force_cpu=True) for leaf in leaves]
