@@ -122,6 +122,8 @@ class CudaArray:
         default, -1 no synchronization, else a handle).  Versioned capsules when max_version asks.
         """
         bits = self.bits.reshape(self.shape)
+        if self._source is not None and bits.size:
+            bits = _kept_with(bits, self._source)
         kwargs = {"stream": stream}
         if max_version is not None:
             kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
@@ -148,6 +150,15 @@ class CudaArray:
 
     def __repr__(self) -> str:
         return f"CudaArray(shape={self.shape}, dtype={self.dtype.name}, device={self.bits.device.id})"
+
+
+def _kept_with(a: Any, source: Any) -> Any:
+    """A view of CuPy array a whose memory keeps `source` alive too: an export of decoded bits
+    (whose consumer may outlive the CudaArray) keeps the compressed tensor the decode reads until
+    the consumer lets go, whatever stream the decode is still queued on."""
+    cupy = gpu.cupy()
+    mem = cupy.cuda.UnownedMemory(a.data.ptr, a.nbytes, (a, source), a.device.id)
+    return cupy.ndarray(a.shape, a.dtype, cupy.cuda.MemoryPointer(mem, 0))
 
 
 @dataclasses.dataclass

@@ -49,6 +49,8 @@ def test_dlpack_export_outlives_its_producer(producer_kind, dtype):
     spin = cupy.RawKernel(SPIN, "spin")
     ecf8.decode(blob, device="cuda")                       # kernels compiled before the spin starts
     dt = to_device(blob)                                   # the compressed bytes, up before the spin
+    consumer = torch.cuda.Stream()                         # (torch's CUDA start-up, before the spin too)
+    torch.from_dlpack(ecf8.decode(dt, device="cuda"))
     spin((1,), (1,), (np.int64(1000),))
     cupy.cuda.Device().synchronize()
     if producer_kind == "cupy-stream":
@@ -62,7 +64,6 @@ def test_dlpack_export_outlives_its_producer(producer_kind, dtype):
         spin((1,), (1,), (np.int64(2_000_000_000),))       # ~1 s: the decode stays queued
     del cupy_stream
     y = ecf8.decode(dt, device="cuda", stream=handle)     # no out=: ecf8 allocates it
-    consumer = torch.cuda.Stream()
     with torch.cuda.stream(consumer):
         t = torch.from_dlpack(y)                           # the consumer waits for the decode
     pending = not (producer.done if producer_kind == "cupy-stream" else producer.query())
