@@ -14,7 +14,9 @@ and its own tables and lane layout (lane l of a chunk owns elements 16l..16l+15 
 - lookups: v2 looks up one symbol per table access.  A W-bit table whose entry holds two symbols
   whenever both codes fit in the W bits decodes k symbols per access (greedy, per lane).  Lanes of
   a warp run in lockstep, so a warp needs as many accesses as its slowest lane: "warp" divides a
-  chunk's symbols per lane by that maximum.  Codes longer than W (W < 12) need a second access,
+  chunk's symbols per lane by that maximum, over the whole chunk (lanes run ahead freely: their
+  symbols go to a buffer) or over each run of 16 or 8 symbols (lanes wait for each other there:
+  symbols kept in registers, 8 a group).  Codes longer than W (W < 12) need a second access,
   counted as one more.
 
 The prediction to test on a GPU: integer instructions per weight scale with table accesses per
@@ -37,6 +39,7 @@ from ecf8 import format as fmt  # noqa: E402
 from ecf8.encoder import symbols  # noqa: E402
 from ecf8.safetensors_io import iter_tensors  # noqa: E402
 
+RUNS = (None, 16, 8)        # warp lockstep: over the chunk, every 16 symbols, every 8 (one group)
 DEFAULT = Path(__file__).resolve().parents[1] / "ecf8" / "data" / "minilm-layer0-e4m3.safetensors"
 
 
@@ -63,8 +66,9 @@ def lane_symbols(x: np.ndarray, chunk: int) -> np.ndarray:
 
 
 def accesses(lens: np.ndarray, window: int) -> np.ndarray:
-    """Table accesses per lane (rows of lens: code lengths of a lane's symbols in order), decoding
-    two symbols per access when both codes fit in `window` bits, and a long code (> window) in two."""
+    """Table accesses per row of lens (code lengths of a lane's symbols in order, or of one run of
+    them), decoding two symbols per access when both codes fit in `window` bits (never past the
+    row's end), and a long code (> window) in two."""
     rows, n = lens.shape
     count = np.zeros(rows, np.int64)
     i = np.zeros(rows, np.int64)
@@ -81,10 +85,20 @@ def accesses(lens: np.ndarray, window: int) -> np.ndarray:
         i[r] = k + 1 + pair
 
 
+def warp_accesses(lens: np.ndarray, window: int, run: int | None) -> int:
+    """Lockstep accesses of the warps over lens (nchunks, 32, S): each warp as many as its slowest
+    lane, over the whole chunk (run None: lanes run ahead freely) or over each run of `run`
+    symbols (lanes wait for each other at every run), times 32 lanes."""
+    nch, lanes, s = lens.shape
+    step = s if run is None else run
+    a = accesses(lens.reshape(-1, step), window).reshape(nch, lanes, s // step)
+    return int(a.max(axis=1).sum()) * lanes
+
+
 def study(tensors: dict[str, np.ndarray], chunk: int, windows: list[int]) -> dict:
     n_weights = v2_bits = v3_bits = 0
     syms = 0
-    per = {w: [0, 0] for w in windows}          # window -> [lane accesses summed, warp accesses summed]
+    per = {w: [0] * (1 + len(RUNS)) for w in windows}   # window -> [lane accesses, warp accesses a run]
     for name, x in tensors.items():
         blob = ecf8.encode(x, chunk_size=chunk)
         f = fmt.parse(memoryview(blob))
@@ -103,13 +117,12 @@ def study(tensors: dict[str, np.ndarray], chunk: int, windows: list[int]) -> dic
         v3_bits += len(blob) * 8 * whole / x.size - stream_v2 + stream_v3
         n_weights += whole
         syms += lens.size
-        flat = lens.reshape(-1, lens.shape[2])
         for w in windows:
-            a = accesses(flat, w).reshape(nch, fmt.LANES)
-            per[w][0] += int(a.sum())
-            per[w][1] += int(a.max(axis=1).sum()) * fmt.LANES
+            per[w][0] += int(accesses(lens.reshape(-1, lens.shape[2]), w).sum())
+            for j, run in enumerate(RUNS):
+                per[w][1 + j] += warp_accesses(lens, w, run)
     return {"weights": n_weights, "v2": v2_bits / n_weights, "v3": v3_bits / n_weights,
-            "symbols": syms, **{w: (syms / per[w][0], syms / per[w][1]) for w in windows}}
+            "symbols": syms, **{w: [syms / a for a in per[w]] for w in windows}}
 
 
 def main() -> None:
@@ -124,12 +137,12 @@ def main() -> None:
     total = sum(x.size for x in tensors.values())
     print(f"{source}: {len(tensors)} E4M3 tensors, {total / 1e6:.1f} M weights\n")
     head = "| chunk | weights studied | v2 bits/w | v3 lane streams bits/w | " + " | ".join(
-        f"W={w}: symbols per access, lane / warp" for w in args.windows) + " |"
+        f"W={w}: symbols per access: lane / warp, chunk / 16 / 8" for w in args.windows) + " |"
     print(head)
     print("|" + "---:|" * (4 + len(args.windows)))
     for c in args.chunks:
         r = study(tensors, c, args.windows)
-        cells = " | ".join(f"{r[w][0]:.3f} / {r[w][1]:.3f}" for w in args.windows)
+        cells = " | ".join(" / ".join(f"{v:.2f}" for v in r[w]) for w in args.windows)
         print(f"| {c} | {r['weights'] / 1e6:.2f} M | {r['v2']:.4f} | {r['v3']:.4f} | {cells} |")
 
 
