@@ -10,18 +10,25 @@ from .tables import decode_luts
 __all__ = ["decode_frame"]
 
 BATCH_CHUNK_ELEMENTS = 1 << 24   # elements decoded per vectorized pass
+ASSEMBLE_ELEMENTS = 1 << 22      # elements assembled per pass (a multiple of 8: whole raw bytes)
 
 
 def decode_frame(blob: memoryview, frame: fmt.Frame) -> np.ndarray:
-    """Decode a parsed frame to a NumPy array of its dtype and shape."""
+    """Decode a parsed frame to a NumPy array of its dtype and shape.
+
+    Working memory beside the result: the exponent stream widened to 8 bytes a word, and passes
+    of BATCH_CHUNK_ELEMENTS (lanes decoded) and ASSEMBLE_ELEMENTS (elements assembled).
+    """
     spec = frame.spec
     if frame.mode == fmt.MODE_STORED:
         u = np.frombuffer(blob, spec.uint(0).dtype.newbyteorder("<"), frame.n, frame.raw_offset)
         return u.astype(spec.uint).view(spec.dtype).reshape(frame.shape)
-    words = np.frombuffer(blob, "<u4", frame.exp_words, frame.exp_offset).astype(np.uint64)
-    words = np.append(words, np.uint64(0))  # slot exp_words: the zero word read past a chunk's end
+    words = np.empty(frame.exp_words + 1, np.uint64)
+    words[:-1] = np.frombuffer(blob, "<u4", frame.exp_words, frame.exp_offset)
+    words[-1] = 0                           # slot exp_words: the zero word read past a chunk's end
     luts = decode_luts(frame.lengths, fmt.MAX_CODE_LEN).astype(np.int64)
-    exp = np.empty(-(-frame.n // fmt.GROUP) * fmt.GROUP, np.uint8)
+    plane = np.frombuffer(blob, np.uint8, frame.raw_bytes, frame.raw_offset)
+    u = np.empty(frame.n, spec.uint)
     chunk = 1 << frame.chunk_log2
     per_batch = max(1, BATCH_CHUNK_ELEMENTS // chunk)
     first = 0
@@ -31,13 +38,20 @@ def decode_frame(blob: memoryview, frame: fmt.Frame) -> np.ndarray:
             sym = _decode_lanes(words, luts, frame, c0, c1, groups * fmt.LANE_RUN // spec.per_symbol)
             fields = _unpair(sym, spec)                                # (B, 32, groups*16)
             fields = fields.reshape(c1 - c0, fmt.LANES, groups, fmt.LANE_RUN).transpose(0, 2, 1, 3)
-            exp[c0 * chunk : c0 * chunk + fields.size] = fields.reshape(-1)
+            lo = c0 * chunk
+            _assemble(u, lo, fields.reshape(-1)[: frame.n - lo], plane, spec)
         first += count
-    raw = unpack_raw(np.frombuffer(blob, np.uint8, frame.raw_bytes, frame.raw_offset), spec, frame.n)
-    m = spec.man_bits
-    e = exp[: frame.n].astype(spec.uint)
-    u = ((raw >> m) << (spec.exp_bits + m)) | (e << m) | (raw & ((1 << m) - 1))
-    return u.astype(spec.uint).view(spec.dtype).reshape(frame.shape)
+    return u.view(spec.dtype).reshape(frame.shape)
+
+
+def _assemble(u: np.ndarray, first: int, exp: np.ndarray, plane: np.ndarray, spec: fmt.DtypeSpec) -> None:
+    """Elements first.. of u from their exponent fields exp (uint8) and the packed raw plane."""
+    m, r = spec.man_bits, spec.raw_bits
+    for k in range(0, exp.size, ASSEMBLE_ELEMENTS):     # first and k: multiples of 8 (whole raw bytes)
+        lo, hi = first + k, first + min(k + ASSEMBLE_ELEMENTS, exp.size)
+        raw = unpack_raw(plane[lo * r // 8 : -(-hi * r // 8)], spec, hi - lo)
+        e = exp[k : k + hi - lo].astype(spec.uint)
+        np.bitwise_or(((raw >> m) << (spec.exp_bits + m)) | (e << m), raw & ((1 << m) - 1), out=u[lo:hi])
 
 
 def _decode_lanes(words, luts, frame, c0, c1, nsym):
