@@ -220,6 +220,10 @@ def _check_output(args) -> None:
         if out.exists() and not (out.is_dir() and not any(out.iterdir())):
             raise ECF8Error(f"{out}: already exists and is not an empty folder (a folder output is never "
                             "replaced, even with -f: remove it first)")
+        if out.suffix == ".safetensors" and not out.is_dir():
+            raise ECF8Error(f"{args.input} is a folder, and the output of a folder is a folder of its "
+                            f"files; {text} names one file: give a folder name, as in "
+                            f"{out.with_suffix('')}")
     else:
         if out.is_dir() or text.endswith(("/", os.sep)):
             like = f", as in {out / src.name}" if args.command in ("compress", "decompress") else ""

@@ -60,6 +60,18 @@ def test_an_output_that_is_the_input_is_refused_even_with_force(tmp_path, capsys
     _error(capsys, "is the input")
 
 
+def test_an_output_naming_a_file_for_a_folder_is_refused(tmp_path, capsys, monkeypatch):
+    """`compress FOLDER -o out.safetensors` made a folder named out.safetensors without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    _model(tmp_path / "m" / "model.safetensors")
+    for command in ("compress", "decompress"):
+        assert main([command, "m", "-o", "out.safetensors"]) == 1
+        _error(capsys, "m is a folder", "out.safetensors names one file", "as in out")
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert main(["compress", "-q", "m", "-o", "out"]) == 0
+
+
 def test_an_output_naming_a_folder_for_a_file_is_refused(tmp_path, capsys, monkeypatch):
     """`-o newdir/` wrote a file named newdir; `-o existing_dir` said only 'is a directory'."""
     monkeypatch.chdir(tmp_path)
