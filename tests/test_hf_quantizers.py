@@ -238,6 +238,55 @@ def test_diffusers_dit_loads_bit_identical(tmp_path, dtype):
     assert torch.equal(got(x, **args).sample, ref(x, **args).sample)
 
 
+# --- a fresh process: ecf8's quantizer modules imported first --------------------------------------
+
+_FIRST_IMPORT = r'''
+import sys
+{first}
+import torch
+plain, folder, which = sys.argv[1:4]
+if which == "transformers":
+    import transformers
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(plain)(ids).logits
+    for options in ({{}}, {{"quantization_config": Config(compress=True)}}):
+        got = transformers.AutoModelForCausalLM.from_pretrained(folder, **options)
+        assert torch.equal(got(ids).logits, ref), options
+else:
+    import diffusers
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    args = dict(timestep=torch.tensor([3]), class_labels=torch.tensor([1]))
+    cls = diffusers.DiTTransformer2DModel
+    assert torch.equal(cls.from_pretrained(folder)(x, **args).sample, cls.from_pretrained(plain)(x, **args).sample)
+print("loaded")
+'''
+
+
+@pytest.mark.parametrize("first", [
+    "from ecf8.torch.transformers_quantizer import ECF8Config as Config",
+    "import ecf8.torch\nConfig = ecf8.torch.transformers_quantizer.ECF8Config",
+    "import ecf8.torch.diffusers_quantizer",
+], ids=["transformers-from-import", "transformers-attribute", "diffusers-import"])
+def test_quantizer_module_imported_first_still_registers(tmp_path, first):
+    """Importing ecf8's quantizer module before anything else imported the library's registry
+    from within that import, whose registration then found the module half-imported: a warning,
+    nothing registered, and every ecf8 folder failed to load in that process.  The README's
+    ``ecf8.torch.transformers_quantizer.ECF8Config`` failed in a fresh process (no attribute)."""
+    which = "diffusers" if "diffusers" in first else "transformers"
+    if which == "diffusers":
+        plain, folder = _dit_folders(tmp_path)
+    else:
+        torch.manual_seed(0)
+        plain = _save(_llama().eval(), tmp_path)
+        folder = _compress(plain, tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", _FIRST_IMPORT.format(first=first), str(plain), str(folder), which],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("loaded")
+    assert "could not register" not in run.stderr
+
+
 # --- GPU: weights held compressed -----------------------------------------------------------------
 
 @pytest.mark.gpu

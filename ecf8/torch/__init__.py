@@ -58,3 +58,15 @@ __all__ = ["encode", "decode", "save_file", "load_file", "compress_module", "dec
 _rebuild, _Weight, _Pool, _Group, _Layout = rebuild, Weight, Pool, Group, Layout
 
 watch()         # ecf8's quantizers join Transformers' and Diffusers' registries when those load
+
+_LAZY = ("transformers_quantizer", "diffusers_quantizer")   # import their library: only on use
+
+
+def __getattr__(name: str):
+    """``ecf8.torch.transformers_quantizer`` (e.g. its ``ECF8Config``) and ``diffusers_quantizer``
+    as attributes, imported on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

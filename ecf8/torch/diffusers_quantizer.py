@@ -142,3 +142,6 @@ def register() -> None:
     function: its two registries are filled directly)."""
     dq_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = ECF8DiffusersConfig
     dq_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = ECF8DiffusersQuantizer
+
+
+register()      # importing this module imported Diffusers' registry: ecf8 joins it now (idempotent)

@@ -30,8 +30,14 @@ _lock = threading.RLock()
 
 
 def _register(registry: str) -> None:
-    """Register ecf8's quantizer with the (imported) registry module `registry`."""
-    importlib.import_module(_WATCHED[registry][0]).register()
+    """Register ecf8's quantizer with the (imported) registry module `registry`.  When that
+    quantizer module is itself being imported (it imports the registry first), nothing happens
+    here: the module registers at the end of its own import."""
+    name = _WATCHED[registry][0]
+    module = sys.modules.get(name)
+    if module is not None and not hasattr(module, "register"):      # partly imported
+        return
+    importlib.import_module(name).register()
 
 
 def _register_quietly(registry: str) -> None:

@@ -236,3 +236,6 @@ def register() -> None:
     types = getattr(quantizers_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
     if isinstance(types, tuple) and ECF8Config not in types:
         quantizers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = types + (ECF8Config,)
+
+
+register()      # importing this module imported Transformers' registry: ecf8 joins it now (idempotent)
