@@ -281,7 +281,7 @@ def _compress_summary(src: Path, before: int, outs: list[Path], zstd_level: int,
     """'src: original -> compressed bytes (saving)', and a note when nothing was entropy-coded
     (chosen: each output's {tensor: codec}, as compress_path reports it)."""
     after = sum(f.stat().st_size for f in outs)
-    line = f"{src}: {before:,} -> {after:,} bytes ({1 - after / max(before, 1):.1%} saved) in {len(outs)} file" \
+    line = f"{src}: {before:,} -> {after:,} file bytes ({1 - after / max(before, 1):.1%} saved) in {len(outs)} file" \
         + "s" * (len(outs) != 1)
     codecs = {codec for f in outs for codec in (chosen.get(f) or {
         r.name: r.codec for r in compressed.inspect_file(f)}).values()}

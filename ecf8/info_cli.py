@@ -99,7 +99,7 @@ def _text(f: dict) -> str:
 
 def _total_line(path: Path, t: dict, failed: int) -> str:
     line = (f"{path}: {t['files']} file{'s' * (t['files'] != 1)}, {t['tensors']} tensors, "
-            f"{t['original_bytes']:,} -> {t['stored_bytes']:,} bytes ({_pct(t['saving'])} saved)")
+            f"{t['original_bytes']:,} -> {t['stored_bytes']:,} tensor bytes ({_pct(t['saving'])} saved)")
     return line + (f"; {failed} more file{'s' * (failed != 1)} could not be read" if failed else "")
 
 

@@ -123,7 +123,7 @@ def test_compress_reports_sizes_and_when_only_zstd_acted(tmp_path, capsys):
     assert main(["compress", str(fp8), "-o", str(tmp_path / "a.safetensors"), "-j", "1"]) == 0
     out = capsys.readouterr().out
     before, after = fp8.stat().st_size, (tmp_path / "a.safetensors").stat().st_size
-    assert f"{before:,} -> {after:,} bytes ({1 - after / before:.1%} saved)" in out
+    assert f"{before:,} -> {after:,} file bytes ({1 - after / before:.1%} saved)" in out
     assert "nothing was entropy-coded" not in out
     f32 = _checkpoint(tmp_path / "f32.safetensors", fp8=False)
     sizes = {}

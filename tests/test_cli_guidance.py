@@ -184,7 +184,7 @@ def test_info_of_a_folder_prints_its_total_and_json_says_the_same(tmp_path, caps
     assert main(["info", str(tmp_path / "m"), str(frame)]) == 0
     lines = capsys.readouterr().out.splitlines()
     total = next(line for line in lines if line.startswith(f"{tmp_path / 'm'}:"))
-    assert total == (f"{tmp_path / 'm'}: 2 files, 6 tensors, {orig:,} -> {sum(sizes):,} bytes "
+    assert total == (f"{tmp_path / 'm'}: 2 files, 6 tensors, {orig:,} -> {sum(sizes):,} tensor bytes "
                      f"({1 - sum(sizes) / orig:.1%} saved)")
     assert lines[-1].startswith(f"{frame}: F16 (4096,)")
     assert main(["info", "--json", str(tmp_path / "m"), str(frame)]) == 0
