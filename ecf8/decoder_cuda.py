@@ -244,8 +244,9 @@ def _aux_offsets(frame: fmt.Frame) -> tuple[int, int]:
 
 def to_device(blob: Any, device: str = "cuda", *, verify: bool = True) -> DeviceTensor:
     """Validate a frame on the host, upload it and its decode tables to a GPU once (on the current
-    stream, which the host may wait for: see ``gpu.upload``; the host bytes are not kept, nor
-    copied into CuPy's pinned memory pool, which would keep a block of each frame's size)."""
+    stream, the copies done when it returns, so any stream may decode it: see ``gpu.upload``; the
+    host bytes are not kept, nor copied into CuPy's pinned memory pool, which would keep a block
+    of each frame's size)."""
     cupy = gpu.cupy()
     view = fmt.as_buffer(blob)
     frame = fmt.parse(view, verify=verify)
@@ -318,9 +319,9 @@ def decode(blob: Any, device: str = "cuda", *, out: Any = None, stream: Any = No
 
     For a DeviceTensor with ``out`` given, this only enqueues the kernel on ``stream``: no
     allocation, no host-device copy, no synchronization.  Bytes are first copied up on ``stream``
-    from ordinary (pageable) host memory, so the host may wait for the stream's earlier work, as
-    it does for ``torch.Tensor.to("cuda", non_blocking=True)`` from pageable memory; to enqueue
-    without waiting, upload once with ``to_device`` and decode the DeviceTensor.
+    from ordinary (pageable) host memory, and the host waits for that copy and the stream's
+    earlier work; to enqueue without waiting, upload once with ``to_device`` and decode the
+    DeviceTensor.
     """
     cupy = gpu.cupy()
     dt = blob if isinstance(blob, DeviceTensor) else None

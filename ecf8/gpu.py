@@ -134,17 +134,20 @@ class KernelCache:
 
 def upload(host: Any, stream_: Any = None) -> Any:
     """A host NumPy array (any numeric dtype and shape) or bytes-like (uint8), in ordinary
-    (pageable, not pinned) memory, copied into a new CuPy array on the current device, ordered on
-    stream_ (default: the current stream); the driver stages pageable memory before it returns, so
-    the host memory may be reused then, and for all but small copies it first waits for the
-    stream's earlier work (CUDA's documented behaviour for pageable memory).  Not through CuPy's pinned memory pool, which keeps a
-    block of every size it served: one per tensor uploaded, host memory that grew with the model."""
+    (pageable, not pinned) memory, copied into a new CuPy array on the current device on stream_
+    (default: the current stream), and done when this returns: a kernel on any stream may read
+    it then (a copy left in flight on one stream would race a decode queued on another).  The
+    host so waits for stream_'s earlier work too.  Not through CuPy's pinned memory pool, which
+    keeps a block of every size it served: one per tensor uploaded, host memory that grew with
+    the model."""
     cp = cupy()
     src = np.ascontiguousarray(host) if isinstance(host, np.ndarray) else np.frombuffer(host, np.uint8)
     out = cp.empty(src.shape, src.dtype)
     if src.nbytes:
+        st = stream(stream_)
         cp.cuda.runtime.memcpyAsync(out.data.ptr, src.ctypes.data, src.nbytes,
-                                    cp.cuda.runtime.memcpyHostToDevice, stream(stream_).ptr)
+                                    cp.cuda.runtime.memcpyHostToDevice, st.ptr)
+        st.synchronize()
     return out
 
 

@@ -236,6 +236,30 @@ def test_dlpack_consumer_waits_for_the_decode_stream():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]], ids=lambda d: d.name)
+def test_bytes_decoded_on_another_stream_than_their_upload(dtype):
+    """ecf8.torch.decode of bytes under a side stream uploads them on CuPy's current stream (the
+    legacy default stream), which torch's side streams do not wait for: with a spin queued there
+    first, a small copy left in flight would still be waiting behind it when the decode on the side
+    stream read its memory.  Uploads are done when they return."""
+    _torch_cuda()
+    import cupy
+
+    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")
+    x = weights_like(1 << 14, dtype)                   # a frame of a few KB: staged without waiting
+    blob = ecf8.encode(x)
+    ecf8.torch.decode(blob, "cuda")                    # kernels compiled first
+    side = torch.cuda.Stream()
+    for _ in range(3):
+        spin((1,), (1,), (np.int64(200_000_000),))     # on CuPy's current (legacy default) stream
+        with torch.cuda.stream(side):
+            y = ecf8.torch.decode(blob, "cuda")
+            got = y.view(torch.uint8 if y.element_size() == 1 else torch.uint16).cpu()
+        np.testing.assert_array_equal(got.numpy().reshape(-1), bits(x).reshape(-1))
+
+
+@pytest.mark.gpu
 def test_compress_module_cuda():
     _torch_cuda()
     model, ids = small_model()
