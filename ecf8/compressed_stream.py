@@ -131,7 +131,7 @@ def _gather(ra: ReadAhead, size: int) -> tuple[np.ndarray, int]:
         piece = ra.take()
         data[piece.start:piece.start + len(piece.data)] = piece.data
         ra.release(piece)
-        crc = piece.crc if piece.start == 0 else crc32.combine(crc, piece.crc, piece.crc_bytes)
+        crc = piece.fold(crc)
         if piece.last:
             return data, crc
 
@@ -164,7 +164,7 @@ def _upload_frame(p, name: str, ra: ReadAhead, addresses: list[int], size: int, 
             event = cp.cuda.Event(block=False, disable_timing=True)
             event.record(st)
             ra.release(piece, event)
-            crc = piece.crc if piece.start == 0 else crc32.combine(crc, piece.crc, piece.crc_bytes)
+            crc = piece.fold(crc)
             if piece.last:
                 break
         p.check_stored(name, crc)

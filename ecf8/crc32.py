@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["combine", "shift"]
+__all__ = ["combine", "shift", "multiply", "zeros", "POLY", "X2N"]
 
-_POLY = 0xEDB88320            # the CRC-32 polynomial, bit-reversed
+POLY = 0xEDB88320             # the CRC-32 polynomial, bit-reversed
 
 
-def _multiply(a: int, b: int) -> int:
+def multiply(a: int, b: int) -> int:
     """a(x) * b(x) modulo the polynomial (bit-reversed: bit 31 is x**0)."""
     m, p = 1 << 31, 0
     while True:
@@ -22,21 +22,21 @@ def _multiply(a: int, b: int) -> int:
             if not a & (m - 1):
                 return p
         m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+        b = (b >> 1) ^ POLY if b & 1 else b >> 1
 
 
-_X2N = [1 << 30]              # x**(2**k) modulo the polynomial, k = 0..31
+X2N = [1 << 30]               # x**(2**k) modulo the polynomial, k = 0..31
 for _ in range(31):
-    _X2N.append(_multiply(_X2N[-1], _X2N[-1]))
+    X2N.append(multiply(X2N[-1], X2N[-1]))
 
 
 @functools.lru_cache(maxsize=256)
-def _zeros(n: int) -> int:
+def zeros(n: int) -> int:
     """x**(8 * n) modulo the polynomial: the operator of n zero bytes (cached: pieces share sizes)."""
     p, k = 1 << 31, 3
     while n:
         if n & 1:
-            p = _multiply(_X2N[k & 31], p)
+            p = multiply(X2N[k & 31], p)
         n >>= 1
         k += 1
     return p
@@ -45,7 +45,7 @@ def _zeros(n: int) -> int:
 def shift(crc: int, n: int) -> int:
     """crc carried through n bytes of the linear part of CRC-32: ``zlib.crc32(b, a) ^ zlib.crc32(b, c)
     == shift(a ^ c, len(b))`` for any bytes b and starting values a, c."""
-    return _multiply(_zeros(n), crc) if n and crc else crc
+    return multiply(zeros(n), crc) if n and crc else crc
 
 
 def combine(crc1: int, crc2: int, n2: int) -> int:

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import crc32
 from . import decoder_cuda as dc
 from . import encoder as cpu_encoder
 from . import format as fmt
@@ -65,37 +66,6 @@ KERNELS = gpu.KernelCache(_compile)       # the encoder's, per device
 
 # --- host-side pieces (pure NumPy; tests/test_encoder_cuda.py checks them without a GPU) ---------
 
-_POLY = 0xEDB88320
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a * b modulo the CRC-32 polynomial, reflected (bit 31 is x^0)."""
-    p = 0
-    for i in range(32):
-        if a & (0x80000000 >> i):
-            p ^= b
-        b = (b >> 1) ^ (_POLY if b & 1 else 0)
-    return p
-
-
-def _x2n() -> list[int]:
-    t = [1 << 30]                                  # x^1
-    for _ in range(31):
-        t.append(_multmodp(t[-1], t[-1]))
-    return t
-
-
-def _shift_bytes(nbytes: int, x2n: list[int]) -> int:
-    """x^(8 nbytes) mod P."""
-    p, k = 1 << 31, 3
-    while nbytes:
-        if nbytes & 1:
-            p = _multmodp(x2n[k & 31], p)
-        nbytes >>= 1
-        k += 1
-    return p
-
-
 def crc_constants() -> np.ndarray:
     """The CRC kernel's constants (u32): 4 slicing tables of 256, x^(2^k) mod P for k < 32, and
     x^(8 * 256 * 2^k) mod P for the 5 levels of the warp tree."""
@@ -103,15 +73,14 @@ def crc_constants() -> np.ndarray:
     for i in range(256):
         c = i
         for _ in range(8):
-            c = (c >> 1) ^ (_POLY if c & 1 else 0)
+            c = (c >> 1) ^ (crc32.POLY if c & 1 else 0)
         t0[i] = c
     tables = [t0]
     for _ in range(3):
         prev = tables[-1]
         tables.append((prev >> 8) ^ t0[prev & 0xFF])
-    x2n = _x2n()
-    levels = [_shift_bytes(CRC_PIECE << k, x2n) for k in range(5)]
-    return np.concatenate([*tables, np.array(x2n + levels, np.uint32)]).astype(np.uint32)
+    levels = [crc32.zeros(CRC_PIECE << k) for k in range(5)]
+    return np.concatenate([*tables, np.array(crc32.X2N + levels, np.uint32)]).astype(np.uint32)
 
 
 def padding(last_row: np.ndarray, last_bits: int, spec: fmt.DtypeSpec, n: int, chunk_log2: int

@@ -50,8 +50,8 @@ class Span(NamedTuple):
 
 class Piece(NamedTuple):
     """Bytes start .. start + len(data) of span `index`, read.  crc: CRC-32 of their first
-    crc_bytes bytes, from the span's seed for its first piece, from 0 for the others (fold them
-    with ``crc32.combine``).  last: the span's last piece.  slot: the staging buffer holding them."""
+    crc_bytes bytes, from the span's seed for its first piece, from 0 for the others (``fold``
+    joins them).  last: the span's last piece.  slot: the staging buffer holding them."""
 
     index: int
     start: int
@@ -60,6 +60,10 @@ class Piece(NamedTuple):
     crc_bytes: int
     last: bool
     slot: int
+
+    def fold(self, crc: int) -> int:
+        """The span's CRC-32 so far (`crc`, over the pieces before this one) with this piece's."""
+        return self.crc if self.start == 0 else crc32.combine(crc, self.crc, self.crc_bytes)
 
 
 class Staging(NamedTuple):
@@ -177,7 +181,7 @@ class ReadAhead:
             piece = self.take()
             if piece is None:
                 return None
-            crc = piece.crc if piece.start == 0 else crc32.combine(crc, piece.crc, piece.crc_bytes)
+            crc = piece.fold(crc)
             if piece.last:
                 array = self._arrays.pop(piece.index)
                 self._ahead -= array.nbytes

@@ -11,7 +11,6 @@ sample."""
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -67,8 +68,7 @@ SHELL = [b for b in BLOCKS if b.lang == "sh"]
 
 def _env() -> dict[str, str]:
     """This checkout first on the path; nothing fetched from the Hub."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def _run_python(block: Block, cwd: Path, env: dict[str, str], run: str = "") -> str | None:
