@@ -287,6 +287,17 @@ def test_quantizer_module_imported_first_still_registers(tmp_path, first):
     assert "could not register" not in run.stderr
 
 
+def test_ecf8_from_pretrained_of_a_diffusers_folder_names_the_way(tmp_path):
+    """ecf8.torch.from_pretrained reads Transformers configs; a Diffusers folder gave Transformers'
+    bare ValueError (no model_type) instead of an ECF8Error saying what loads it."""
+    from ecf8.errors import UnsupportedError
+    from ecf8.torch import from_pretrained
+
+    _, folder = _dit_folders(tmp_path)
+    with pytest.raises(UnsupportedError, match="not a Transformers model folder.*Diffusers' own from_pretrained"):
+        from_pretrained(folder, device="cpu", compress=True)
+
+
 # --- GPU: weights held compressed -----------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -311,8 +311,9 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cuda", *, 
     folder's generation_config.json when there is one, and a ``save_pretrained`` that writes an
     ecf8 folder (``ecf8.torch.pretrained_save``).  Its config has no ecf8 quantization_config (the
     model's modules say what is compressed).  dtype: for tensors the checkpoint does not hold
-    (default: the config's).  Raises UnsupportedError without transformers/accelerate, or when
-    the config names no class Transformers has and model_class is not given.
+    (default: the config's).  Raises UnsupportedError without transformers/accelerate, for a
+    config.json Transformers does not read (a Diffusers model's), or when the config names no
+    class Transformers has and model_class is not given.
     """
     try:
         import transformers
@@ -326,7 +327,12 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cuda", *, 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UnsupportedError(f"{folder}: no config.json (give a folder written by save_pretrained)")
-    config = transformers.AutoConfig.from_pretrained(folder)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError) as e:                  # e.g. a Diffusers folder: no model_type
+        raise UnsupportedError(f"{folder}: not a Transformers model folder ({str(e).splitlines()[0]}); a "
+                               "Diffusers model loads through Diffusers' own from_pretrained after "
+                               "`import ecf8.torch`") from None
     if is_marked({"quantization_config": getattr(config, "quantization_config", None)}):
         del config.quantization_config          # ecf8 loads it here, not a Transformers quantizer
     dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
