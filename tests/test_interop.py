@@ -260,6 +260,61 @@ def test_bytes_decoded_on_another_stream_than_their_upload(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]], ids=lambda d: d.name)
+def test_bytes_decoded_on_a_given_stream_hold_their_upload_until_the_decode(dtype):
+    """ecf8.torch.decode(bytes, stream=side) with the side stream behind a spin returns before the
+    decode runs and drops its upload; memory that torch then hands out on the current stream and
+    overwrites must not be the upload the queued decode will read."""
+    _torch_cuda()
+    import cupy
+
+    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")
+    x = weights_like(1 << 20, dtype)
+    blob = ecf8.encode(x)
+    ecf8.torch.decode(blob, "cuda")                    # kernels compiled first
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    for _ in range(3):
+        spin((1,), (1,), (np.int64(200_000_000),), stream=cupy.cuda.ExternalStream(side.cuda_stream))
+        y = ecf8.torch.decode(blob, "cuda", stream=side)
+        assert not side.query()                        # the decode is still queued
+        junk = [torch.full((len(blob),), 255, dtype=torch.uint8, device="cuda") for _ in range(4)]
+        side.synchronize()
+        got = y.view(torch.uint8 if y.element_size() == 1 else torch.uint16).cpu()
+        np.testing.assert_array_equal(got.numpy().reshape(-1), bits(x).reshape(-1))
+        del junk
+
+
+@pytest.mark.gpu
+def test_cupy_decode_holds_the_compressed_tensor_it_reads():
+    """ecf8.cupy.decode of a DeviceTensor on a stream behind a spin, the DeviceTensor then dropped
+    and its memory handed out again and overwritten: the queued decode still reads the frame."""
+    import cupy
+
+    import ecf8.cupy
+
+    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")
+    x = weights_like(1 << 20, DTYPES[0])
+    blob = ecf8.encode(x)
+    ecf8.cupy.decode(blob)                             # kernels compiled first
+    side = cupy.cuda.Stream(non_blocking=True)
+    for _ in range(3):
+        dt = ecf8.to_device(blob)
+        cupy.cuda.Device().synchronize()
+        with side:
+            spin((1,), (1,), (np.int64(200_000_000),))
+        y = ecf8.cupy.decode(dt, stream=side)
+        assert not side.done
+        del dt
+        junk = [cupy.full(len(blob) + k, 255, cupy.uint8) for k in range(4)]
+        side.synchronize()
+        np.testing.assert_array_equal(y.get().reshape(-1), bits(x).reshape(-1))
+        del junk
+
+
+@pytest.mark.gpu
 def test_compress_module_cuda():
     _torch_cuda()
     model, ids = small_model()

@@ -86,6 +86,15 @@ def _stream_handle(stream: Any, device: torch.device) -> int:
     return stream
 
 
+def _torch_stream(stream: Any, device: torch.device) -> torch.cuda.Stream:
+    """stream (None: torch's current; a torch stream; or a raw CUDA stream handle) as a torch stream."""
+    if stream is None:
+        return torch.cuda.current_stream(device)
+    if isinstance(stream, torch.cuda.Stream):
+        return stream
+    return torch.cuda.ExternalStream(gpu.stream(stream).ptr, device=device)
+
+
 def decode(blob: Any, device: str | torch.device = "cpu", out: torch.Tensor | None = None,
            stream: Any = None) -> torch.Tensor:
     """Decode a frame (bytes-like, or a DeviceTensor for GPUs) to a tensor of its dtype and shape.
@@ -107,8 +116,12 @@ def decode(blob: Any, device: str | torch.device = "cpu", out: torch.Tensor | No
         raise UnsupportedError(f"device must be cpu or cuda, not {device}")
     from .. import decoder_cuda
 
-    dt = blob if isinstance(blob, decoder_cuda.DeviceTensor) else upload(
-        blob, cuda_index(device))
+    if isinstance(blob, decoder_cuda.DeviceTensor):
+        dt = blob
+    else:       # allocated on the decode's stream: freed, it is reused only after the decode ran
+        index = cuda_index(device)
+        with torch.cuda.stream(_torch_stream(stream, torch.device("cuda", index))):
+            dt = upload(blob, index)
     dev = torch.device("cuda", dt.device_id)
     code, n = dt.frame.spec.code, dt.frame.n
     width = dt.frame.spec.dtype.itemsize
