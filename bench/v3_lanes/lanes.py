@@ -15,9 +15,9 @@ is encoded first and its tables reused), so only the layout differs:
   first bit relative to its chunk's first word (nchunks x 32, u32 here; u16 would do up to
   chunk 8192 and is what the size study counts);
 - `luts`: per table 4096 u32 entries indexed by the next 12 stream bits: sym1 | sym2 << 8 |
-  len1 << 16 | len12 << 21 | two << 26, where two says that a second whole code (sym2, total
-  length len12 <= 12) follows the first inside the 12 bits.  A lane whose last symbol is next
-  takes only the first.
+  count << 16 | bits << 27, where count is 2 when a second whole code (sym2) follows the first
+  inside the 12 bits, else 1, and bits is the length of the count codes.  A lane whose last
+  symbol is next takes only sym1.
 - `raw`: v2's raw plane (two sign+mantissa nibbles a byte), copied from the v2 frame.
 """
 
@@ -65,8 +65,8 @@ def two_symbol_lut(lengths: np.ndarray) -> np.ndarray:
     rest = (v << len1) & ((1 << W) - 1)                     # the bits after the first code
     sym2, len2 = one[rest] & 0xFF, one[rest] >> 8
     two = (len1 + len2 <= W) & (lengths[sym2] == len2)      # a whole real code within the window
-    len12 = np.where(two, len1 + len2, len1)
-    return (sym1 | (np.where(two, sym2, 0) << 8) | (len1 << 16) | (len12 << 21) | (two.astype(np.int64) << 26)
+    length = np.where(two, len1 + len2, len1)
+    return (sym1 | (np.where(two, sym2, 0) << 8) | ((1 + two.astype(np.int64)) << 16) | (length << 27)
             ).astype(np.uint32)
 
 
@@ -128,8 +128,8 @@ def emulate(lf: LaneFrame) -> np.ndarray:
             wi = base + (p >> 5)
             win = ((words[wi] << 32 | words[wi + 1]) >> (32 - (p & 31)).astype(np.uint64)) & 0xFFFFFFFF
             e = lut[(win.astype(np.int64) >> (32 - W))]
-            two = ((e >> 26) & 1).astype(bool) & (k + 1 < S)
-            ln = np.where(two, (e >> 21) & 31, (e >> 16) & 31)
+            two = (((e >> 16) & 3) == 2) & (k + 1 < S)
+            ln = np.where(k + 1 < S, e >> 27, 0)           # the last symbol alone: no advance
             r = ar[live]
             sym[r, k[r]] = e[live] & 0xFF
             sym[r, k[r] + 1] = np.where(two[live], (e[live] >> 8) & 0xFF, sym[r, k[r] + 1])

@@ -61,8 +61,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=14336 * 4096)
     ap.add_argument("--chunks", type=int, nargs="+", default=[4096, 8192])
-    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--warps", type=int, nargs="+", default=[8, 16, 24, 32])
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--registers", action="store_true",
+                    help="stage the next chunk's words through registers (one shared buffer a warp)")
     ap.add_argument("--once", action="store_true", help="one launch of each (for ncu), no timing")
     args = ap.parse_args()
     x = weights(args.n)
@@ -75,8 +77,8 @@ def main() -> None:
     copy_us = timed(lambda: cp.cuda.runtime.memcpyAsync(out.data.ptr, expected.data.ptr, args.n,
                                                         cp.cuda.runtime.memcpyDeviceToDevice, 0), args.reps)
     print(f"# device copy of {args.n:,} bytes: {copy_us:.1f} us\n")
-    print("| chunk | warps | v2 bits/w | lanes bits/w | v2 us | lanes us | lanes / v2 time | v2 x copy | lanes x copy |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| chunk | warps | v2 bits/w | lanes bits/w | v2 us | lanes us | lanes / v2 time | v2 x copy | lanes x copy | blocks/SM x regs |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for chunk in args.chunks:
         blob = ecf8.encode(x, chunk_size=chunk)
         dt = decoder_cuda.to_device(blob)
@@ -90,19 +92,23 @@ def main() -> None:
         d = {k: cp.asarray(getattr(lf, k)) for k in ("words", "chunk_words", "lane_bits", "chunk_tables", "luts", "raw")}
         nchunks = lf.chunk_tables.size
         max_words = int(np.diff(lf.chunk_words).max())
+        wbuf = max_words + 4
         for warps in args.warps:
-            mod = cp.RawModule(code=src, options=("-std=c++17", f"-DWARPS={warps}"))
+            maxq = -(-max_words // 128) if args.registers else 0
+            mod = cp.RawModule(code=src, options=("-std=c++17", f"-DWARPS={warps}", f"-DMAXQ={maxq}"))
             kern = mod.get_function("lanes_decode")
-            srow = chunk // 64 + 8
-            smem = 4 * (lf.luts.shape[0] * 4096 + warps * (max_words + 4 + 8 * srow))
+            srow = chunk // 64 + 4
+            smem = 4 * (lf.luts.shape[0] * 4096 + warps * ((1 if maxq else 2) * wbuf + 8 * srow))
             if smem > props["sharedMemPerBlockOptin"]:
                 print(f"| {chunk} | {warps} | needs {smem:,} bytes of shared memory a block |")
                 continue
             kern.max_dynamic_shared_size_bytes = smem
-            grid = -(-nchunks // warps)
+            per_sm = min(props["sharedMemPerMultiprocessor"] // (smem + 1024), 2048 // (32 * warps),
+                         65536 // (max(kern.num_regs, 1) * 32 * warps))
+            grid = min(-(-nchunks // warps), per_sm * props["multiProcessorCount"])
             argv = (d["words"], d["chunk_words"], d["lane_bits"], d["chunk_tables"], d["luts"],
                     np.uint32(lf.luts.shape[0]), d["raw"], out, np.uint32(nchunks),
-                    np.uint32(chunk.bit_length() - 1), np.uint32(args.n), np.uint32(max_words))
+                    np.uint32(chunk.bit_length() - 1), np.uint32(args.n), np.uint32(wbuf))
 
             def launch():
                 kern((grid,), (warps * 32,), argv, shared_mem=smem)
@@ -125,9 +131,8 @@ def main() -> None:
             v2_again = timed(lambda: dt.launch(out.data.ptr), args.reps)    # drift check
             print(f"| {chunk} | {warps} | {len(blob) * 8 / args.n:.4f} | {lf.nbytes * 8 / args.n:.4f} | "
                   f"{v2_us:.1f} / {v2_again:.1f} | {lanes_us:.1f} | {lanes_us / v2_us:.3f} | "
-                  f"{copy_us / v2_us:.2f} | {copy_us / lanes_us:.2f} |")
-        print(f"# chunk {chunk}: {nchunks} chunks, max {max_words} words a chunk, shared memory "
-              f"{smem:,} bytes a block at the last warps, prototype encoder {enc_s:.1f} s")
+                  f"{copy_us / v2_us:.2f} | {copy_us / lanes_us:.2f} | {per_sm} x {kern.num_regs} |")
+        print(f"# chunk {chunk}: {nchunks} chunks, max {max_words} words a chunk, prototype encoder {enc_s:.1f} s")
 
 
 if __name__ == "__main__":
