@@ -26,10 +26,12 @@ every run, eager or graph, on that one stream, so ecf8 keeps one decode buffer).
    ecf8 and base token histories are compared ("tokens identical"; a mismatch is printed, not
    fatal).  ratio = ecf8 tok/s / base tok/s (1.0 = no tax).  A failed capture falls back to eager
    for that cell, marked "(eager)", with the error on its own line.
-   With --fused (FP8, GPU): a third model whose decoder linears multiply through ``ecf8.fused``
-   (each weight an ECF8 frame decoded inside the product, never written to memory): the same
-   FP8 activations as float32, float32 sums in the kernel's order, times the weight's scale, then
-   BF16.  It is not cuBLAS's arithmetic, so its tokens may differ from the base's; the table says
+   With --fused (GPU): a third model whose decoder linears multiply through ``ecf8.fused`` (each
+   weight an ECF8 frame decoded inside the product, never written to memory).  FP8: this file's
+   ``FusedLinear`` (the same FP8 activations as float32, float32 sums in the kernel's order,
+   times the weight's scale, then BF16).  BF16 (``torch.nn.Linear``): ``compress_module(fused=
+   True)``, which times both paths per shape and rows at first use (the choices are printed).
+   It is not cuBLAS's arithmetic, so its tokens may differ from the base's; the table says
    whether they do, and the ratio is fused tok/s / base tok/s.
 2. Fixed memory budget: cap = the uncompressed model's bytes + --kv-gib, enforced with
    ``torch.cuda.set_per_process_memory_fraction`` in a fresh process per measurement, set once
@@ -64,6 +66,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ecf8.torch
+from ecf8.torch import fused_linear
 
 BF16, E4M3 = torch.bfloat16, torch.float8_e4m3fn
 BUDGET_TOKENS, PAPER_EAGER_B16 = 16, 0.67
@@ -83,6 +86,16 @@ class Shape:
 
 
 LLAMA3_8B, TINY = Shape(), Shape(256, 512, 4, 2, 512)
+
+
+def linear(n_in: int, n_out: int, fp8: bool, device: str) -> torch.nn.Module:
+    """An FP8 ``Linear`` (below), or a bias-free BF16 ``torch.nn.Linear`` initialized the same way."""
+    if fp8:
+        return Linear(n_in, n_out, True, device)
+    lin = torch.nn.Linear(n_in, n_out, bias=False, dtype=BF16, device=device)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, device=device) / n_in ** 0.5)
+    return lin
 
 
 class Linear(torch.nn.Module):
@@ -164,11 +177,11 @@ class Block(torch.nn.Module):
         kv = s.kv_heads * s.head_dim
         self.s = s
         self.attn_norm = torch.nn.RMSNorm(s.hidden, dtype=BF16, device=device)
-        self.q, self.k = Linear(s.hidden, s.hidden, fp8, device), Linear(s.hidden, kv, fp8, device)
-        self.v, self.o = Linear(s.hidden, kv, fp8, device), Linear(s.hidden, s.hidden, fp8, device)
+        self.q, self.k = linear(s.hidden, s.hidden, fp8, device), linear(s.hidden, kv, fp8, device)
+        self.v, self.o = linear(s.hidden, kv, fp8, device), linear(s.hidden, s.hidden, fp8, device)
         self.mlp_norm = torch.nn.RMSNorm(s.hidden, dtype=BF16, device=device)
-        self.gate, self.up = Linear(s.hidden, s.mlp, fp8, device), Linear(s.hidden, s.mlp, fp8, device)
-        self.down = Linear(s.mlp, s.hidden, fp8, device)
+        self.gate, self.up = linear(s.hidden, s.mlp, fp8, device), linear(s.hidden, s.mlp, fp8, device)
+        self.down = linear(s.mlp, s.hidden, fp8, device)
 
     def forward(self, h, cache_k, cache_v, pos, mask):
         s, b = self.s, h.shape[0]
@@ -313,8 +326,15 @@ def e2e(args, s: Shape, fmt: str, cuda: bool) -> list[str]:
     print(f"# {fmt}: compress_module of {stats.weights} weights in {time.perf_counter() - t:.2f} s, "
           f"{bits:.3f} bits/weight, decode buffer {stats.buffer_bytes / 2**20:.1f} MiB", flush=True)
     models = [("base", base), ("ecf8", comp)]
-    if args.fused and fmt == "fp8" and cuda:
+    if args.fused and cuda and fmt == "fp8":
         models.append(("fused", fuse(copy.deepcopy(base))))
+    elif args.fused and cuda:                   # BF16 nn.Linear: the library's own fused path
+        fused_linear._choices = fused_linear.Choices(None)      # timed afresh, kept in memory
+        model = copy.deepcopy(base)
+        fstats = ecf8.torch.compress_module(model.layers, fused=True, group_bytes=args.group_bytes)
+        print(f"# {fmt}: compress_module(fused=True): {fstats.fused} of {fstats.weights} weights with the "
+              f"fused path", flush=True)
+        models.append(("fused", model))
     rows = []
     for batch in args.batches:
         try:
@@ -340,6 +360,10 @@ def e2e(args, s: Shape, fmt: str, cuda: bool) -> list[str]:
                     except Exception as e:  # noqa: BLE001
                         fail(f"{fmt} batch {batch} {name} {mode}", e)
             rows.append(row(fmt, batch, r, same))
+            if len(models) > 2 and fmt == "bf16":
+                print("# bf16 fused choices (timed at first use): " + "; ".join(
+                    f"{k.split('|', 1)[1]}: {v['path']} ({v['fused_ms']:.3f} vs {v['default_ms']:.3f} ms)"
+                    for k, v in sorted(fused_linear.choices().entries().items())), flush=True)
             del st
         except Exception as e:  # noqa: BLE001
             fail(f"{fmt} batch {batch}", e)
