@@ -139,6 +139,9 @@ def fused_skip_reason(base: type, w: Any) -> str | None:
     return why
 
 
+_device_names: dict[torch.device, str] = {}
+
+
 def _bucket(rows: int) -> int:
     return next(b for b in BUCKETS if b >= rows)
 
@@ -173,9 +176,12 @@ class FusedLinear:
             self._product = self._blob = None
 
     def key(self, rows: int) -> str:
+        """The choice's key: GPU name, weight shape and dtype, chunk size, rows bucket."""
         w = self.weight
-        name = torch.cuda.get_device_name(w.device)
-        return f"{name}|{w.shape[0]}x{w.shape[1]}|bfloat16|chunk {w.blob.frame.chunk_size}|rows {_bucket(rows)}"
+        name = _device_names.get(w.device)
+        if name is None:
+            name = _device_names[w.device] = torch.cuda.get_device_name(w.device)
+        return f"{name}|{w.shape[0]}x{w.shape[1]}|bfloat16|chunk {1 << w.blob.frame.chunk_log2}|rows {_bucket(rows)}"
 
     def product(self, capturing: bool):
         """The FusedWeight of the weight's current frame; None inside a capture if it needs
