@@ -12,8 +12,9 @@ compressed bytes cross device memory once.  The arithmetic is float32 in an orde
 cuBLAS (``bench/bench_fused.py`` measures the difference: 1.4e-4 to 1.9e-4 of each row's largest
 |y| on an H200).  It is an opt-in path and, today, a slow one: on Llama-3-8B shapes it ran at 0.41
 of cuBLAS at batch 1 on an H100 (its twin 0.74) and below the default path above batch 1
-(bench/NOTES.md), so ``ecf8.decode`` followed by the framework's own matmul stays the default and
-nothing in ``ecf8.torch`` uses this module yet.
+(bench/NOTES.md), so ``ecf8.decode`` followed by the framework's own matmul stays the default;
+``ecf8.torch`` uses this module only where asked (``compress_module(fused=True)``: BF16
+``nn.Linear`` weights, where a timed first forward finds it faster).
 
 Scales: ``scale`` (a float, per tensor) multiplies each output; ``block_scales`` (float32,
 ``ceil(N/128) x ceil(K/128)``, DeepSeek's 128 x 128 recipe; E4M3 only) weighs each block's partial
@@ -136,7 +137,9 @@ class _Product:
                 raise UnsupportedError(f"block_scales must have shape {want}, not {tuple(scales.shape)}")
             self._scales = cupy.ascontiguousarray(scales)
             d["scales"] = self._scales.data.ptr
-        self._desc = cupy.asarray(d.reshape(1).view(np.uint8))     # fixed: uploaded once
+        # Fixed: uploaded once, done when gpu.upload returns (as the scales' copy on the same
+        # stream): a copy left in flight would race a product enqueued on another stream.
+        self._desc = gpu.upload(d.reshape(1).view(np.uint8))
 
     def _partial_floats(self, batch: int) -> int:
         """Row partials of the largest slab of `batch` rows; 0 where the chunk size is a multiple
