@@ -159,6 +159,74 @@ def test_default_path_where_fused_does_not_apply(forced):
         assert torch.equal(lin(x1), ref1)
 
 
+def _outcome(fn):
+    """fn()'s result, or the type of the RuntimeError it raised."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        return type(e)
+
+
+@pytest.mark.gpu
+def test_bias_of_another_dtype_and_autocast_take_the_default_path(forced):
+    """Autocast to float16 computes (and returns) float16, and a float32 bias is F.linear's to
+    accept or refuse: the fused path must not quietly answer in BF16 instead."""
+    _cuda()
+    forced("fused")
+    lin = torch.nn.Linear(1024, 512, dtype=BF16, device="cuda")
+    x = torch.randn(2, 1024, dtype=BF16, device="cuda")
+    weight, bias32 = lin.weight.detach().clone(), lin.bias.detach().float()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        ref = lin(x)
+    ecf8.torch.compress_module(lin, fused=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        y = lin(x)
+    assert y.dtype == torch.float16 and torch.equal(y, ref)
+    lin.bias.data = bias32.clone()
+    with torch.no_grad():
+        want = _outcome(lambda: torch.nn.functional.linear(x, weight, bias32))
+        got = _outcome(lambda: lin(x))
+    if isinstance(want, type):
+        assert got is want
+    else:
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_weight_reloaded_incompressible_takes_the_default_path(real_weights, forced):
+    """A weight re-encoded as a stored frame (random bits) has nothing to decode: the forward
+    takes the default path (F.linear on its bits) instead of failing."""
+    _cuda()
+    forced("fused")
+    lin = real_bf16_linear(real_weights, 512, 1024)
+    ecf8.torch.compress_module(lin, fused=True)
+    x = torch.randn(2, 1024, dtype=BF16, device="cuda")
+    with torch.no_grad():
+        lin(x)                                            # the fused product of the coded frame
+        g = torch.Generator(device="cuda").manual_seed(0)
+        new = torch.randint(-2 ** 15, 2 ** 15, (512, 1024), dtype=torch.int16, device="cuda", generator=g)
+        bias = lin.bias.detach().clone()
+        lin.load_state_dict({"weight": new.view(BF16), "bias": bias})
+        assert "stored" in fused_linear.fused_skip_reason(torch.nn.Linear, lin.__dict__["_ecf8"])
+        y = lin(x)
+        ref = torch.nn.functional.linear(x, new.view(BF16), bias)
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_compressed_on_the_cpu_then_moved_reaches_the_fused_path(real_weights, forced):
+    _cuda()
+    forced("fused")
+    lin = real_bf16_linear(real_weights, 512, 1024).cpu()
+    weight, bias = lin.weight.detach().cuda(), lin.bias.detach().cuda()
+    assert ecf8.torch.compress_module(lin, fused=True).fused == 1
+    lin.cuda()
+    x = torch.randn(3, 1024, dtype=BF16, device="cuda")
+    with torch.no_grad():
+        y = lin(x)
+    assert torch.equal(y.view(torch.int16), twin_output(lin, weight, bias, x).view(torch.int16))
+
+
 @pytest.mark.gpu
 def test_first_forward_times_both_paths_and_keeps_the_choice(monkeypatch, tmp_path):
     _cuda()

@@ -15,7 +15,9 @@ the same kernel run on the uncompressed weight (``ecf8.fused.PlainWeight``).  Th
 
 - for inputs of more than ``MAX_ROWS`` rows (tokens), where the fused kernel is slower;
 - when autograd needs a graph (grad enabled and anything requiring grad), under
-  ``torch.compile``, and for anything but one positional input of the weight's dtype on its GPU;
+  ``torch.compile`` or autocast to another dtype, for anything but one positional input of the
+  weight's dtype on its GPU, and for a bias of another dtype (which ``F.linear`` refuses);
+- for a weight re-encoded as a stored (incompressible) frame, which has nothing to decode;
 - inside a CUDA-graph capture for a (shape, rows) not yet timed, or a weight re-encoded since the
   last forward outside a capture (neither can be set up without a host synchronization).
 """
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import format as fmt
+from ..errors import UnsupportedError
+from .tensors import torch_memory
 
 __all__ = ["FusedLinear", "Choices", "choices", "choices_path", "fused_skip_reason", "MAX_ROWS"]
 
@@ -160,7 +164,7 @@ class FusedLinear:
 
     def __init__(self, w: Any):
         self.weight = w
-        self._product: Any = None          # ecf8.fused.FusedWeight of _blob
+        self._product: Any = None          # ecf8.fused.FusedWeight of _blob (None: _blob not fusable)
         self._blob: Any = None
         self._lock = threading.Lock()
 
@@ -184,15 +188,21 @@ class FusedLinear:
         return f"{name}|{w.shape[0]}x{w.shape[1]}|bfloat16|chunk {1 << w.blob.frame.chunk_log2}|rows {_bucket(rows)}"
 
     def product(self, capturing: bool):
-        """The FusedWeight of the weight's current frame; None inside a capture if it needs
-        building (a re-encoded weight: the build uploads)."""
+        """The FusedWeight of the weight's current frame; None where the frame has none (re-encoded
+        as a stored frame) or, inside a capture, where it needs building (the build uploads)."""
         from .. import fused
 
         with self._lock:
-            if self._blob is not self.weight.blob:
+            blob = self.weight.blob
+            if self._blob is not blob:
                 if capturing:
                     return None
-                self._product, self._blob = fused.FusedWeight(self.weight.blob), self.weight.blob
+                try:
+                    with torch_memory():
+                        product = fused.FusedWeight(blob)
+                except UnsupportedError:         # a stored frame: the default path copies it
+                    product = None
+                self._product, self._blob = product, blob
             return self._product
 
     def _fused(self, x2: torch.Tensor, bias: torch.Tensor | None, product: Any) -> torch.Tensor:
@@ -214,8 +224,10 @@ class FusedLinear:
             return None
         x, bias = args[0], module.bias
         if (w.device.type != "cuda" or not isinstance(x, torch.Tensor) or x.device != w.device
-                or x.dtype != torch.bfloat16
-                or x.dim() < 1 or x.shape[-1] != w.shape[1] or (bias is not None and bias.device != w.device)):
+                or x.dtype != torch.bfloat16 or x.dim() < 1 or x.shape[-1] != w.shape[1]
+                or (bias is not None and (bias.device != w.device or bias.dtype != torch.bfloat16))):
+            return None
+        if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != torch.bfloat16:
             return None
         rows = x.numel() // w.shape[1]
         if rows == 0 or rows > MAX_ROWS:
@@ -231,6 +243,8 @@ class FusedLinear:
             if capturing:
                 return None
             product = self.product(False)
+            if product is None:
+                return None
             path = table.put(key, *self._time(module, x.reshape(rows, -1), bias, product))
         if path != "fused":
             return None
@@ -252,15 +266,16 @@ class FusedLinear:
             self._fused(x2, bias, product)
 
         times = {}
+        stream = torch.cuda.current_stream(x2.device)       # the events on the weight's GPU
         for name, fn in (("fused", fused_path), ("default", default)):
             fn()
             fn()
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(TIMING_REPS)]
             for start, stop in events:
-                start.record()
+                start.record(stream)
                 fn()
-                stop.record()
+                stop.record(stream)
             events[-1][1].synchronize()
             times[name] = sorted(a.elapsed_time(b) for a, b in events)[TIMING_REPS // 2]
         return times["fused"], times["default"]
