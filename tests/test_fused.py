@@ -132,7 +132,13 @@ def test_arbitrary_bit_patterns(data):
     seed = data.draw(st.integers(0, 2 ** 32 - 1))
     rng = np.random.default_rng(seed)
     dtype = data.draw(st.sampled_from([E4M3, BF16]))
-    w = rng.integers(0, 1 << (8 * dtype.itemsize), (rows, cols), dtype=f"u{dtype.itemsize}").view(dtype)
+    bits = rng.integers(0, 1 << (8 * dtype.itemsize), (rows, cols), dtype=f"u{dtype.itemsize}")
+    if dtype == BF16 and data.draw(st.booleans()):
+        # |w| < 2 (exponent's top bit clear: zeros, subnormals, no Inf/NaN): products and sums stay
+        # finite and below 2^127, so every output is checked against the reference, whereas with
+        # all 256 exponents nearly every row holds an Inf/NaN or a product too large to check.
+        bits &= np.uint16(0xBFFF)
+    w = bits.view(dtype)
     x = rng.standard_normal((batch, cols)).astype(np.float32) * data.draw(st.sampled_from([1e-3, 1.0, 1e3]))
     block = None
     if dtype == E4M3 and data.draw(st.booleans()):
