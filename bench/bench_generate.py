@@ -531,7 +531,8 @@ def main() -> None:
     ap.add_argument("--group-bytes", type=int, default=None,
                     help="compress_module's group_bytes (default: its own; 0: one decode launch per weight)")
     ap.add_argument("--fused", action="store_true",
-                    help="FP8 end to end: also a model whose linears multiply through ecf8.fused")
+                    help="end to end (GPU): also a model whose linears multiply through ecf8.fused (FP8: "
+                         "this file's FusedLinear; BF16: compress_module(fused=True))")
     ap.add_argument("--skip-budget", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, BF16, eager, on the CPU")
