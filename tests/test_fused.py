@@ -27,6 +27,27 @@ def test_supports_names_what_it_does_not_cover():
     assert "2-D" in fused.supports((512,), "float8_e4m3fn")
 
 
+def instantiated(source: str) -> set[str]:
+    """The ecf8_fused<...> instantiations that ecf8_fused.cu's ECF8_FUSED_INSTANCES(B) lines make."""
+    import re
+
+    body = re.search(r"#define ECF8_FUSED_INSTANCES\(B\)(.*?)\n(?!\s)", source, re.S).group(1)
+    templates = re.findall(r"ecf8_fused<B, (\w+), (\w+), (\d)>", body)
+    batches = re.findall(r"^ECF8_FUSED_INSTANCES\((\d+)\)", source, re.M)
+    return {f"ecf8_fused<{b}, {d}, {s}, {e}>" for b in batches for d, s, e in templates}
+
+
+def test_kernel_names_match_the_instantiations():
+    """Every name matmul launches is a name compile_module asks NVRTC for, and the CUDA source
+    instantiates exactly those (a mismatch fails only at run time on a GPU)."""
+    source = (fused._cuda_dir() / "ecf8_fused.cu").read_text()
+    assert instantiated(source) == set(fused.SLAB_NAMES)
+    launched = {f"ecf8_fused<{b}, {str(d).lower()}, {str(s).lower()}, {e}>" for b in fused.SLABS
+                for d in (True, False) for name, e in fused.ELEM_BYTES.items()
+                for s in ((False, True) if name == "float8_e4m3fn" else (False,))}    # block scales: E4M3
+    assert launched == set(fused.SLAB_NAMES)
+
+
 def reference(w: np.ndarray, x: np.ndarray, scale: float, block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(float64 product, float64 bound on float32 rounding: |W| |x| summed, times 2^-20, and where
     no float32 partial sum can overflow: that sum, unscaled, below 2^127)."""
