@@ -170,10 +170,10 @@ def _load(model, path, device, embeddings, min_numel, strict, chunk_size, thread
         raise
     pool.warm(weights)
     if not weights and keep:
-        warn_nothing_held("load_model", reasons)
+        warn_nothing_held("ecf8 loading", reasons)       # (load_model or from_pretrained)
     elif not weights and compress is None and None in reasons:
         n = reasons.count(None)
-        warnings.warn(f"load_model: on the CPU the {n} weight{'s' * (n != 1)} ecf8 could hold compressed "
+        warnings.warn(f"ecf8 loading: on the CPU the {n} weight{'s' * (n != 1)} ecf8 could hold compressed "
                       "{} decoded into ordinary parameters; pass compress=True to hold them compressed "
                       "(decoded at each forward), or compress=False to decode them without this warning"
                       .format("were" if n != 1 else "was"), UserWarning, stacklevel=2)
