@@ -80,6 +80,20 @@ def test_choices_path_follows_the_environment(monkeypatch, tmp_path):
     assert fused_linear.choices_path() == tmp_path / "ecf8" / "fused-choices.json"
 
 
+def test_choices_are_keyed_by_the_kernels_sources():
+    """Choices timed with other kernels (another ecf8) are not reused: the key starts with a
+    CRC-32 of the decoder's and the fused kernel's sources."""
+    import re
+    import zlib
+
+    from ecf8 import gpu
+
+    tag = fused_linear._kernels_tag()
+    assert re.fullmatch(r"kernels [0-9a-f]{8}", tag)
+    text = gpu.kernel_source("ecf8_decode.cu") + gpu.kernel_source("ecf8_fused.cu")
+    assert tag == f"kernels {zlib.crc32(text.encode()):08x}"
+
+
 # --- GPU ------------------------------------------------------------------------------------------
 
 def _cuda():
@@ -239,6 +253,7 @@ def test_first_forward_times_both_paths_and_keeps_the_choice(monkeypatch, tmp_pa
         lin(torch.randn(5, 4096, dtype=BF16, device="cuda"))
     data = json.loads((tmp_path / "choices.json").read_text())
     assert sorted(k.rsplit("|", 1)[1] for k in data) == ["rows 1", "rows 8"]
+    assert all(k.startswith(fused_linear._kernels_tag() + "|NVIDIA") for k in data)
     assert all(v["path"] in ("fused", "default") and v["fused_ms"] > 0 and v["default_ms"] > 0 for v in data.values())
 
 

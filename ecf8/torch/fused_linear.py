@@ -28,6 +28,7 @@ import json
 import os
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,18 @@ def fused_skip_reason(base: type, w: Any) -> str | None:
 
 
 _device_names: dict[torch.device, str] = {}
+_tag: list[str] = []
+
+
+def _kernels_tag() -> str:
+    """'kernels XXXXXXXX': a CRC-32 of the decoder and fused-kernel sources, so that choices timed
+    with other kernels (another ecf8) are timed again rather than reused."""
+    if not _tag:
+        from .. import gpu
+
+        text = gpu.kernel_source("ecf8_decode.cu") + gpu.kernel_source("ecf8_fused.cu")
+        _tag.append(f"kernels {zlib.crc32(text.encode()):08x}")
+    return _tag[0]
 
 
 def _bucket(rows: int) -> int:
@@ -180,12 +193,14 @@ class FusedLinear:
             self._product = self._blob = None
 
     def key(self, rows: int) -> str:
-        """The choice's key: GPU name, weight shape and dtype, chunk size, rows bucket."""
+        """The choice's key: the kernels' version, GPU name, weight shape and dtype, chunk size,
+        rows bucket."""
         w = self.weight
         name = _device_names.get(w.device)
         if name is None:
             name = _device_names[w.device] = torch.cuda.get_device_name(w.device)
-        return f"{name}|{w.shape[0]}x{w.shape[1]}|bfloat16|chunk {1 << w.blob.frame.chunk_log2}|rows {_bucket(rows)}"
+        return (f"{_kernels_tag()}|{name}|{w.shape[0]}x{w.shape[1]}|bfloat16|chunk {1 << w.blob.frame.chunk_log2}"
+                f"|rows {_bucket(rows)}")
 
     def product(self, capturing: bool):
         """The FusedWeight of the weight's current frame; None where the frame has none (re-encoded
