@@ -129,7 +129,9 @@ class _Product:
                 raise UnsupportedError(f"block_scales must have shape {want}, not {tuple(scales.shape)}")
             self._scales = cupy.ascontiguousarray(scales)
             d["scales"] = self._scales.data.ptr
-        self._desc = cupy.asarray(d.reshape(1).view(np.uint8))     # fixed: uploaded once
+        # Fixed: uploaded once, done when gpu.upload returns (as the scales' copy on the same
+        # stream): a copy left in flight would race a product enqueued on another stream.
+        self._desc = gpu.upload(d.reshape(1).view(np.uint8))
 
     def _partial_floats(self, batch: int) -> int:
         """Row partials of the largest slab of `batch` rows; 0 where the chunk size is a multiple
