@@ -12,7 +12,8 @@ is code 2^k - 1 followed (in a separate escape stream) by its raw exponent bits.
 chunk: k bits per exponent, the raw bits of each escape, the chunk's table ((2^k - 1) raw
 exponents) and a 32-bit escape-stream offset.  Tiered variants ("tiers 2+2": rank-2 whose escapes
 are coded rank-2 among the next 3 values, and so on; see tiers_bits) keep every stream
-fixed-length.  Sign and mantissa bits stay raw, as in ecf8.
+fixed-length.  Sign and mantissa bits stay raw, as in ecf8; a frame header (~100 bytes a tensor)
+is not counted for these codes.
 
 For scale: the order-0 entropy of the exponents per chunk (what no per-chunk code beats), and ecf8's
 own frames (``ecf8.encode`` at that chunk size: header, tables and every side field included).
