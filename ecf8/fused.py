@@ -11,7 +11,7 @@ compressed bytes cross device memory once.  The arithmetic is float32 in an orde
 ``PlainWeight`` of the same bytes and chunk size give identical bits; neither is claimed equal to
 cuBLAS (``bench/bench_fused.py`` measures the difference: 1.4e-4 to 1.9e-4 of each row's largest
 |y| on an H200).  It is an opt-in path and, today, a slow one: on Llama-3-8B shapes it ran at 0.41
-of cuBLAS at batch 1 on an H100 (its twin 0.74) and below the default path above batch 1
+of cuBLAS at batch 1 on an H100 (its twin 0.71-0.74) and below the default path above batch 1
 (bench/NOTES.md), so ``ecf8.decode`` followed by the framework's own matmul stays the default;
 ``ecf8.torch`` uses this module only where asked (``compress_module(fused=True)``: BF16
 ``nn.Linear`` weights, where a timed first forward finds it faster).
