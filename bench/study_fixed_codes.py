@@ -70,18 +70,29 @@ def tiers_bits(counts: np.ndarray, widths: tuple[int, ...], exp_bits: int) -> in
     return int((total + remaining * exp_bits).sum())
 
 
-def escapes_per_run(e: np.ndarray, chunk: int, values: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per exponent its rank in its chunk (0 = most frequent), and per 512-element group and lane
-    (16 consecutive exponents, ecf8's lane runs) how many fall outside the first tier (rank >= 3)."""
-    n = e.size - e.size % 512
-    e = e[:n]
-    ids = np.arange(n) // chunk
-    counts = per_chunk_counts(e, chunk, values)
-    order = np.argsort(-counts, axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(values), order.shape).copy(), axis=1)
-    r = rank[ids, e]
-    return r, (r >= 3).reshape(-1, 32, 16).sum(axis=2)
+def escape_stats(exps: list[np.ndarray], chunk: int, values: int) -> str:
+    """What decoding the escapes would cost, at one chunk size: the share of exponents per tier of
+    2-bit codes, and the escapes of a 16-exponent lane run (ecf8's lane runs: lane l of a group
+    owns its exponents 16l..16l+15) beyond tier 1 (rank >= 3) and beyond rank-3's 7 values
+    (rank >= 7): their mean, and the mean of each warp's largest (a SIMT loop runs that often)."""
+    ranks = []
+    for e in exps:
+        e = e[: e.size - e.size % 512]
+        ids = np.arange(e.size) // chunk
+        order = np.argsort(-per_chunk_counts(e, chunk, values), axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(values), order.shape).copy(), axis=1)
+        ranks.append(rank[ids, e])
+    r = np.concatenate(ranks)
+    shares = np.bincount(np.minimum(r // 3, 3), minlength=4) / r.size
+
+    def runs(first: int) -> str:
+        per_run = (r >= first).reshape(-1, 32, 16).sum(axis=2)
+        return f"mean {per_run.mean():.2f}, the warp's largest (32 runs) mean {per_run.max(axis=1).mean():.2f}"
+
+    return (f"# chunk {chunk}: exponents in 2-bit tier 1 / 2 / 3 / beyond " + " / ".join(f"{x:.3f}" for x in shares)
+            + f"; escapes per lane run beyond tier 1: {runs(3)}; beyond rank-3's 7 values "
+            f"({(r >= 7).mean():.2%} of exponents): {runs(7)}")
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -108,32 +119,24 @@ def main() -> None:
         print("| chunk | entropy bound | ecf8 v2 frames | " + " | ".join(f"rank-{k} + escape" for k in ks)
               + " | " + " | ".join("tiers " + "+".join(map(str, t)) for t in tiers) + " | best - v2 |")
         print("|---:|---:|---:|" + "---:|" * (len(ks) + len(tiers)) + "---:|")
+        exps = [exponents(t, man, exp) for t in tensors]
         for chunk in args.chunks:
             ent = v2 = 0.0
             rank = dict.fromkeys(ks, 0)
             tier = dict.fromkeys(tiers, 0)
-            for t in tensors:
-                counts = per_chunk_counts(exponents(t, man, exp), chunk, 1 << exp)
+            for t, e in zip(tensors, exps):
+                counts = per_chunk_counts(e, chunk, 1 << exp)
                 ent += entropy_bits(counts)
                 for k in ks:
                     rank[k] += rank_k_bits(counts, k, exp)
                 for widths in tiers:
                     tier[widths] += tiers_bits(counts, widths, exp)
                 v2 += len(ecf8.encode(t.view(dtype), chunk_size=chunk)) * 8
-            if chunk == args.chunks[0]:
-                ranks, runs = zip(*(escapes_per_run(exponents(t, man, exp), chunk, 1 << exp) for t in tensors))
-                r, runs = np.concatenate(ranks), np.concatenate(runs)
-                shares = np.bincount(np.minimum(r // 3, 3), minlength=4) / r.size
-                stats = (f"# chunk {chunk}, tiers of 2 bits: exponents in tier 1 / 2 / 3 / beyond "
-                         + " / ".join(f"{x:.3f}" for x in shares)
-                         + f"; tier-1 escapes per 16-exponent lane run: mean {runs.mean():.2f}, "
-                         f"the warp's largest (32 runs) mean {runs.max(axis=1).mean():.2f}")
             best = min(min(rank.values()), min(tier.values()))
             print(f"| {chunk} | {(ent / n + raw):.3f} | {v2 / n:.3f} | "
                   + " | ".join(f"{rank[k] / n + raw:.3f}" for k in ks) + " | "
                   + " | ".join(f"{tier[w] / n + raw:.3f}" for w in tiers) + f" | {(best - (v2 - raw * n)) / n:+.3f} |")
-        print(stats)
-
+        print(escape_stats(exps, args.chunks[0], 1 << exp))
 
 if __name__ == "__main__":
     main()

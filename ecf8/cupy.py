@@ -35,7 +35,5 @@ def decode(blob: Any, device: Any = "cuda", out: Any = None, stream: Any = None)
     if device == "cpu":
         raise UnsupportedError("ecf8.cupy decodes on a GPU; use ecf8.decode or ecf8.numpy for the CPU")
     y = decoder_cuda.decode(blob, device, out=out, stream=stream)
-    bits = y.bits.reshape(y.shape)
-    if bits.size:       # the compressed tensor stays alive while the decode may still read it
-        bits = decoder_cuda._kept_with(bits, y._source)
+    bits = y.held_bits()        # the compressed tensor stays alive while the decode may read it
     return bits.view(np.float16) if y.dtype == np.float16 else bits

@@ -121,9 +121,7 @@ class CudaArray:
         stream: the consumer's stream (DLPack convention: None/1 legacy default, 2 per-thread
         default, -1 no synchronization, else a handle).  Versioned capsules when max_version asks.
         """
-        bits = self.bits.reshape(self.shape)
-        if self._source is not None and bits.size:
-            bits = _kept_with(bits, self._source)
+        bits = self.held_bits()
         kwargs = {"stream": stream}
         if max_version is not None:
             kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
@@ -135,6 +133,13 @@ class CudaArray:
         if self.typed:
             _retype_capsule(capsule, DLPACK_CODES[self.dtype.name])
         return capsule
+
+    def held_bits(self) -> Any:
+        """The element bits, shaped, as a CuPy array whose memory also keeps the compressed tensor
+        alive (while a decode queued on any stream may still read it), for consumers that may
+        outlive this CudaArray."""
+        bits = self.bits.reshape(self.shape)
+        return _kept_with(bits, self._source) if self._source is not None and bits.size else bits
 
     def __dlpack_device__(self):
         return self.bits.__dlpack_device__()

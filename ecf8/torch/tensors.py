@@ -71,19 +71,11 @@ def encode(t: torch.Tensor, *, stream: Any = None, **options):
 
         bits = t.detach().view(_BITS[spec.dtype.itemsize])
         with torch_memory():
-            return encoder_cuda.encode(bits, dtype=spec.dtype, stream=_stream_handle(stream, t.device),
+            return encoder_cuda.encode(bits, dtype=spec.dtype, stream=_torch_stream(stream, t.device).cuda_stream,
                                        **options)
     if stream is not None:
         raise UnsupportedError("stream= applies to CUDA tensors only")
     return encoder.encode(to_numpy(t), **options)
-
-
-def _stream_handle(stream: Any, device: torch.device) -> int:
-    if stream is None:
-        return torch.cuda.current_stream(device).cuda_stream
-    if isinstance(stream, torch.cuda.Stream):
-        return stream.cuda_stream
-    return stream
 
 
 def _torch_stream(stream: Any, device: torch.device) -> torch.cuda.Stream:
@@ -116,13 +108,14 @@ def decode(blob: Any, device: str | torch.device = "cpu", out: torch.Tensor | No
         raise UnsupportedError(f"device must be cpu or cuda, not {device}")
     from .. import decoder_cuda
 
-    if isinstance(blob, decoder_cuda.DeviceTensor):
+    resident = isinstance(blob, decoder_cuda.DeviceTensor)
+    dev = torch.device("cuda", blob.device_id if resident else cuda_index(device))
+    on = _torch_stream(stream, dev)
+    if resident:
         dt = blob
     else:       # allocated on the decode's stream: freed, it is reused only after the decode ran
-        index = cuda_index(device)
-        with torch.cuda.stream(_torch_stream(stream, torch.device("cuda", index))):
-            dt = upload(blob, index)
-    dev = torch.device("cuda", dt.device_id)
+        with torch.cuda.stream(on):
+            dt = upload(blob, dev.index)
     code, n = dt.frame.spec.code, dt.frame.n
     width = dt.frame.spec.dtype.itemsize
     if out is None:
@@ -130,7 +123,7 @@ def decode(blob: Any, device: str | torch.device = "cpu", out: torch.Tensor | No
     _check_out(out, n, width, dev)
     if out.data_ptr() % 16:
         raise UnsupportedError("out must be 16-byte aligned")
-    dt.launch(out.data_ptr(), _stream_handle(stream, dev))
+    dt.launch(out.data_ptr(), on.cuda_stream)
     return out.view(-1).view(TORCH_DTYPES[code]).view(dt.frame.shape)
 
 
