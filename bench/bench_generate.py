@@ -339,12 +339,13 @@ def e2e(args, s: Shape, fmt: str, cuda: bool) -> list[str]:
     for batch in args.batches:
         try:
             st = State(s, args.layers, batch, args.e2e_len, device)
-            ref = tokens(base, st, args.tokens)
-            same = torch.equal(ref, tokens(comp, st, args.tokens))
+            eager = {name: tokens(model, st, args.tokens) for name, model in models}   # each model's own
+            ref = eager["base"]
+            same = torch.equal(ref, eager["ecf8"])
             print(f"# {fmt} batch {batch}: tokens identical: {'yes' if same else 'NO'}", flush=True)
             r = {}
-            if len(models) > 2:
-                got = tokens(models[2][1], st, args.tokens)
+            if "fused" in eager:
+                got = eager["fused"]
                 r["fused same"] = bool(torch.equal(ref, got))
                 r["fused agree"] = float((ref == got).float().mean())
                 print(f"# {fmt} batch {batch}: fused tokens identical to the base's: "
@@ -353,8 +354,9 @@ def e2e(args, s: Shape, fmt: str, cuda: bool) -> list[str]:
                 for mode in (("graph", "eager") if cuda else ("eager",)):
                     try:
                         r[name, mode] = tok_s(model, st, args.tokens, mode == "graph", cuda)
-                        if mode == "graph" and not torch.equal(st.history[:, :args.tokens], ref):
-                            print(f"# {fmt} batch {batch} {name}: graph tokens differ from eager", flush=True)
+                        if mode == "graph" and not torch.equal(st.history[:, :args.tokens], eager[name]):
+                            print(f"# {fmt} batch {batch} {name}: graph tokens differ from its eager tokens",
+                                  flush=True)
                         if r[name, mode][1].startswith("eager:"):
                             print(f"case {fmt} batch {batch} {name} graph: {r[name, mode][1]}", flush=True)
                     except Exception as e:  # noqa: BLE001
