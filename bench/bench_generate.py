@@ -4,6 +4,7 @@ to end, and the largest batch that fits a fixed GPU memory budget.
     python bench/bench_generate.py [--layers 8] [--batches 1 16 64 256] [--tokens 32] [--kv-gib 2]
                                    [--max-len 1024] [--formats fp8 bf16] [--skip-budget] [--skip-e2e]
     python bench/bench_generate.py --cpu-smoke       # tiny shapes, BF16, eager: plumbing only
+    python bench/bench_generate.py --fused --formats fp8 --batches 1 16 --skip-budget
 
 Model: a minimal Llama-like decoder written here (RMSNorm, attention, SwiGLU; no rotary embedding)
 with Llama-3-8B layer shapes (hidden 4096, MLP 14336, 32 heads / 8 KV heads, head dim 128) and a
@@ -25,6 +26,13 @@ every run, eager or graph, on that one stream, so ecf8 keeps one decode buffer).
    ecf8 and base token histories are compared ("tokens identical"; a mismatch is printed, not
    fatal).  ratio = ecf8 tok/s / base tok/s (1.0 = no tax).  A failed capture falls back to eager
    for that cell, marked "(eager)", with the error on its own line.
+   With --fused (GPU): a third model whose decoder linears multiply through ``ecf8.fused`` (each
+   weight an ECF8 frame decoded inside the product, never written to memory).  FP8: this file's
+   ``FusedLinear`` (the same FP8 activations as float32, float32 sums in the kernel's order,
+   times the weight's scale, then BF16).  BF16 (``torch.nn.Linear``): ``compress_module(fused=
+   True)``, which times both paths per shape and rows at first use (the choices are printed).
+   It is not cuBLAS's arithmetic, so its tokens may differ from the base's; the table says
+   whether they do, and the ratio is fused tok/s / base tok/s.
 2. Fixed memory budget: cap = the uncompressed model's bytes + --kv-gib, enforced with
    ``torch.cuda.set_per_process_memory_fraction`` in a fresh process per measurement, set once
    the model is built (the ecf8 one: built whole, compressed by one ``compress_module`` call, the
@@ -58,6 +66,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ecf8.torch
+from ecf8.torch import fused_linear
 
 BF16, E4M3 = torch.bfloat16, torch.float8_e4m3fn
 BUDGET_TOKENS, PAPER_EAGER_B16 = 16, 0.67
@@ -77,6 +86,16 @@ class Shape:
 
 
 LLAMA3_8B, TINY = Shape(), Shape(256, 512, 4, 2, 512)
+
+
+def linear(n_in: int, n_out: int, fp8: bool, device: str) -> torch.nn.Module:
+    """An FP8 ``Linear`` (below), or a bias-free BF16 ``torch.nn.Linear`` initialized the same way."""
+    if fp8:
+        return Linear(n_in, n_out, True, device)
+    lin = torch.nn.Linear(n_in, n_out, bias=False, dtype=BF16, device=device)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, device=device) / n_in ** 0.5)
+    return lin
 
 
 class Linear(torch.nn.Module):
@@ -104,17 +123,65 @@ class Linear(torch.nn.Module):
         return y[:m] if pad else y
 
 
+class FusedLinear(torch.nn.Module):
+    """An FP8 ``Linear`` whose product runs in ``ecf8.fused``: x [M, n_in] BF16 -> E4M3 (as the base
+    path casts it) -> float32 -> fused product with the compressed weight, times scale_b -> BF16."""
+
+    _workspaces: dict = {}                          # (device, rows) -> float32 scratch, shared
+    _outgrown: list = []                            # smaller ones an earlier capture may still use
+
+    def __init__(self, lin: Linear):
+        super().__init__()
+        from ecf8 import fused
+
+        self.n_out, self.n_in = lin.weight.shape
+        self.fw = fused.FusedWeight(ecf8.torch.encode(lin.weight.detach()))     # GPU-encoded, resident
+        self.scale = float(lin.scale_b)             # a host float: nothing read back at run time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        x32 = x.to(E4M3).float().contiguous()
+        y = torch.empty(m, self.n_out, dtype=torch.float32, device=x.device)
+        key = (x.device, m)
+        work = self._workspaces.get(key)
+        if work is None or work.numel() < self.fw.workspace_floats(m):
+            if work is not None:
+                self._outgrown.append(work)
+            work = self._workspaces[key] = torch.empty(self.fw.workspace_floats(m), dtype=torch.float32,
+                                                       device=x.device)
+        self.fw.matmul(_cupy_view(x32), scale=self.scale, out=_cupy_view(y), workspace=_cupy_view(work),
+                       stream=torch.cuda.current_stream(x.device).cuda_stream)
+        return y.to(BF16)
+
+
+def _cupy_view(t: torch.Tensor):
+    """A CuPy view of a contiguous CUDA tensor, made without any stream synchronization (which a
+    CUDA graph capture would refuse); the tensor must outlive the view's use."""
+    import cupy
+
+    mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * t.element_size(), t, t.device.index)
+    return cupy.ndarray(tuple(t.shape), cupy.dtype(str(t.dtype).replace("torch.", "")), cupy.cuda.MemoryPointer(mem, 0))
+
+
+def fuse(model: "Decoder") -> "Decoder":
+    """model with every decoder-layer Linear replaced by its FusedLinear (in place)."""
+    for block in model.layers:
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            setattr(block, name, FusedLinear(getattr(block, name)))
+    return model
+
+
 class Block(torch.nn.Module):
     def __init__(self, s: Shape, fp8: bool, device: str):
         super().__init__()
         kv = s.kv_heads * s.head_dim
         self.s = s
         self.attn_norm = torch.nn.RMSNorm(s.hidden, dtype=BF16, device=device)
-        self.q, self.k = Linear(s.hidden, s.hidden, fp8, device), Linear(s.hidden, kv, fp8, device)
-        self.v, self.o = Linear(s.hidden, kv, fp8, device), Linear(s.hidden, s.hidden, fp8, device)
+        self.q, self.k = linear(s.hidden, s.hidden, fp8, device), linear(s.hidden, kv, fp8, device)
+        self.v, self.o = linear(s.hidden, kv, fp8, device), linear(s.hidden, s.hidden, fp8, device)
         self.mlp_norm = torch.nn.RMSNorm(s.hidden, dtype=BF16, device=device)
-        self.gate, self.up = Linear(s.hidden, s.mlp, fp8, device), Linear(s.hidden, s.mlp, fp8, device)
-        self.down = Linear(s.mlp, s.hidden, fp8, device)
+        self.gate, self.up = linear(s.hidden, s.mlp, fp8, device), linear(s.hidden, s.mlp, fp8, device)
+        self.down = linear(s.mlp, s.hidden, fp8, device)
 
     def forward(self, h, cache_k, cache_v, pos, mask):
         s, b = self.s, h.shape[0]
@@ -258,25 +325,47 @@ def e2e(args, s: Shape, fmt: str, cuda: bool) -> list[str]:
     bits = stats.compressed_bytes * 8 / (stats.original_bytes / (1 if fmt == "fp8" else 2))
     print(f"# {fmt}: compress_module of {stats.weights} weights in {time.perf_counter() - t:.2f} s, "
           f"{bits:.3f} bits/weight, decode buffer {stats.buffer_bytes / 2**20:.1f} MiB", flush=True)
+    models = [("base", base), ("ecf8", comp)]
+    if args.fused and cuda and fmt == "fp8":
+        models.append(("fused", fuse(copy.deepcopy(base))))
+    elif args.fused and cuda:                   # BF16 nn.Linear: the library's own fused path
+        fused_linear._choices = fused_linear.Choices(None)      # timed afresh, kept in memory
+        model = copy.deepcopy(base)
+        fstats = ecf8.torch.compress_module(model.layers, fused=True, group_bytes=args.group_bytes)
+        print(f"# {fmt}: compress_module(fused=True): {fstats.fused} of {fstats.weights} weights with the "
+              f"fused path", flush=True)
+        models.append(("fused", model))
     rows = []
     for batch in args.batches:
         try:
             st = State(s, args.layers, batch, args.e2e_len, device)
-            ref = tokens(base, st, args.tokens)
-            same = torch.equal(ref, tokens(comp, st, args.tokens))
+            eager = {name: tokens(model, st, args.tokens) for name, model in models}   # each model's own
+            ref = eager["base"]
+            same = torch.equal(ref, eager["ecf8"])
             print(f"# {fmt} batch {batch}: tokens identical: {'yes' if same else 'NO'}", flush=True)
             r = {}
-            for name, model in (("base", base), ("ecf8", comp)):
+            if "fused" in eager:
+                got = eager["fused"]
+                r["fused same"] = bool(torch.equal(ref, got))
+                r["fused agree"] = float((ref == got).float().mean())
+                print(f"# {fmt} batch {batch}: fused tokens identical to the base's: "
+                      f"{'yes' if r['fused same'] else 'NO'} ({r['fused agree']:.1%} of tokens equal)", flush=True)
+            for name, model in models:
                 for mode in (("graph", "eager") if cuda else ("eager",)):
                     try:
                         r[name, mode] = tok_s(model, st, args.tokens, mode == "graph", cuda)
-                        if mode == "graph" and not torch.equal(st.history[:, :args.tokens], ref):
-                            print(f"# {fmt} batch {batch} {name}: graph tokens differ from eager", flush=True)
+                        if mode == "graph" and not torch.equal(st.history[:, :args.tokens], eager[name]):
+                            print(f"# {fmt} batch {batch} {name}: graph tokens differ from its eager tokens",
+                                  flush=True)
                         if r[name, mode][1].startswith("eager:"):
                             print(f"case {fmt} batch {batch} {name} graph: {r[name, mode][1]}", flush=True)
                     except Exception as e:  # noqa: BLE001
                         fail(f"{fmt} batch {batch} {name} {mode}", e)
             rows.append(row(fmt, batch, r, same))
+            if len(models) > 2 and fmt == "bf16":
+                print("# bf16 fused choices (timed at first use): " + "; ".join(
+                    f"{k.split('|', 1)[1]}: {v['path']} ({v['fused_ms']:.3f} vs {v['default_ms']:.3f} ms)"
+                    for k, v in sorted(fused_linear.choices().entries().items())), flush=True)
             del st
         except Exception as e:  # noqa: BLE001
             fail(f"{fmt} batch {batch}", e)
@@ -287,20 +376,26 @@ def e2e(args, s: Shape, fmt: str, cuda: bool) -> list[str]:
 
 
 def row(fmt: str, batch: int, r: dict, same: bool) -> str:
-    def cell(key):
-        if key not in r:
+    def cell(name, mode):
+        if (name, mode) not in r:
             return "n/a"
-        v, how = r[key]
-        return f"{v:,.0f}" + (" (eager)" if key[1] == "graph" and how != "graph" else "")
+        v, how = r[name, mode]
+        return f"{v:,.0f}" + (" (eager)" if mode == "graph" and how != "graph" else "")
 
-    def ratio(mode):
-        if ("base", mode) in r and ("ecf8", mode) in r:
-            return f"{r['ecf8', mode][0] / r['base', mode][0]:.2f}"
+    def ratio(name, mode):
+        if ("base", mode) in r and (name, mode) in r:
+            return f"{r[name, mode][0] / r['base', mode][0]:.2f}"
         return "n/a"
 
-    return (f"| {fmt} | {batch} | {cell(('base', 'graph'))} | {cell(('ecf8', 'graph'))} | {ratio('graph')} | "
-            f"{cell(('base', 'eager'))} | {cell(('ecf8', 'eager'))} | {ratio('eager')} | "
-            f"{'yes' if same else 'NO'} |")
+    def line(label, name, same_cell):
+        return (f"| {label} | {batch} | {cell('base', 'graph')} | {cell(name, 'graph')} | {ratio(name, 'graph')} | "
+                f"{cell('base', 'eager')} | {cell(name, 'eager')} | {ratio(name, 'eager')} | {same_cell} |")
+
+    lines = [line(fmt, "ecf8", "yes" if same else "NO")]
+    if "fused same" in r:
+        lines.append(line(f"{fmt}, fused", "fused", f"{'yes' if r['fused same'] else 'NO'} "
+                                                    f"({r['fused agree']:.1%} of tokens equal)"))
+    return "\n".join(lines)
 
 
 # --- 2. fixed memory budget (one fresh process per measurement) ----------------------------------
@@ -437,6 +532,9 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"])
     ap.add_argument("--group-bytes", type=int, default=None,
                     help="compress_module's group_bytes (default: its own; 0: one decode launch per weight)")
+    ap.add_argument("--fused", action="store_true",
+                    help="end to end (GPU): also a model whose linears multiply through ecf8.fused (FP8: "
+                         "this file's FusedLinear; BF16: compress_module(fused=True))")
     ap.add_argument("--skip-budget", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, BF16, eager, on the CPU")

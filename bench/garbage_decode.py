@@ -48,22 +48,23 @@ for dtype_name, dtype, chunk in (("E4M3", "float8_e4m3fn", 4096), ("BF16", "bflo
     print(f"{dtype_name}: garbage and valid frame in one group launch: as decoded alone, "
           f"nothing else written: {bool(grouped)}")
 
-# The fused decode + product (ecf8.fused) on a garbage E4M3 frame: in bounds, and equal to the
-# same kernel on the CPU's decode of the same garbage.
+# The fused decode + product (ecf8.fused) on garbage E4M3 and BF16 frames: in bounds, and equal
+# to the same kernel on the CPU's decode of the same garbage.
 from ecf8 import fused  # noqa: E402
 
-w = (np.random.default_rng(1).standard_normal(512 * 2048).astype(np.float32) * 16).astype(
-    ml_dtypes.float8_e4m3fn).reshape(512, 2048)
-blob = ecf8.encode(w, chunk_size=4096, max_tables=8, allow_stored=False)
-bad = bytearray(blob)
-frame = fmt.parse(memoryview(blob))
-bad[frame.payload_offset : -4] = np.random.default_rng(2).integers(
-    0, 256, len(bad) - 4 - frame.payload_offset, dtype=np.uint8).tobytes()
 x = cp.asarray(np.random.default_rng(3).standard_normal((3, 2048)).astype(np.float32))
-for label, data, verify in (("valid", blob, True), ("garbage", bytes(bad), False)):
-    y = fused.FusedWeight(ecf8.to_device(data, verify=verify)).matmul(x)
-    plain = cp.asarray(ecf8.decode(data, verify=verify).view(np.uint8).reshape(-1))
-    twin = fused.PlainWeight(plain, (512, 2048), 4096).matmul(x)
-    cp.cuda.Device().synchronize()
-    same = bool((y.view(cp.uint32) == twin.view(cp.uint32)).all())
-    print(f"fused E4M3 product, {label} frame: equals the twin on the CPU's decode: {same}")
+for dtype, scale in ((ml_dtypes.float8_e4m3fn, 16), (ml_dtypes.bfloat16, 0.02)):
+    w = (np.random.default_rng(1).standard_normal(512 * 2048).astype(np.float32) * scale).astype(
+        dtype).reshape(512, 2048)
+    blob = ecf8.encode(w, chunk_size=4096, max_tables=8, allow_stored=False)
+    bad = bytearray(blob)
+    frame = fmt.parse(memoryview(blob))
+    bad[frame.payload_offset : -4] = np.random.default_rng(2).integers(
+        0, 256, len(bad) - 4 - frame.payload_offset, dtype=np.uint8).tobytes()
+    for label, data, verify in (("valid", blob, True), ("garbage", bytes(bad), False)):
+        y = fused.FusedWeight(ecf8.to_device(data, verify=verify)).matmul(x)
+        plain = cp.asarray(ecf8.decode(data, verify=verify).view(f"u{w.itemsize}").reshape(-1))
+        twin = fused.PlainWeight(plain, (512, 2048), 4096, dtype=np.dtype(dtype).name).matmul(x)
+        cp.cuda.Device().synchronize()
+        same = bool((y.view(cp.uint32) == twin.view(cp.uint32)).all())
+        print(f"fused {np.dtype(dtype).name} product, {label} frame: equals the twin on the CPU's decode: {same}")

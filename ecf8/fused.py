@@ -1,8 +1,8 @@
-"""Fused decode + matrix product on a GPU for FP8 E4M3 weights (``cuda/ecf8_fused.cu``).
+"""Fused decode + matrix product on a GPU for FP8 E4M3 and BF16 weights (``cuda/ecf8_fused.cu``).
 
-    fw = ecf8.fused.FusedWeight(blob, device="cuda")        # an N x K E4M3 frame, K % 512 == 0
+    fw = ecf8.fused.FusedWeight(blob, device="cuda")        # an N x K E4M3/BF16 frame, K % 512 == 0
     y = fw.matmul(x)                                          # x: B x K float32 -> B x N float32
-    twin = ecf8.fused.PlainWeight(bits, fw.shape, fw.chunk_size)   # the same kernel, uncompressed
+    twin = fw.twin()                                          # the same kernel, uncompressed bytes
     assert (twin.matmul(x) == y).all()                         # bit for bit
 
 The weights are decoded into registers inside the product and never written to memory, so the
@@ -12,11 +12,13 @@ compressed bytes cross device memory once.  The arithmetic is float32 in an orde
 cuBLAS (``bench/bench_fused.py`` measures the difference: 1.4e-4 to 1.9e-4 of each row's largest
 |y| on an H200).  It is an opt-in path and, today, a slow one: on Llama-3-8B shapes it ran at 0.41
 of cuBLAS at batch 1 on an H100 (its twin 0.71-0.74) and below the default path above batch 1
-(bench/NOTES.md), so ``ecf8.decode`` followed by the framework's own matmul stays the default and
-nothing in ``ecf8.torch`` uses this module yet.
+(bench/NOTES.md), so ``ecf8.decode`` followed by the framework's own matmul stays the default;
+``ecf8.torch`` uses this module only where asked (``compress_module(fused=True)``: BF16
+``nn.Linear`` weights, where a timed first forward finds it faster).
 
 Scales: ``scale`` (a float, per tensor) multiplies each output; ``block_scales`` (float32,
-``ceil(N/128) x ceil(K/128)``, DeepSeek's 128 x 128 recipe) weighs each block's partial sums.
+``ceil(N/128) x ceil(K/128)``, DeepSeek's 128 x 128 recipe; E4M3 only) weighs each block's partial
+sums.
 Batches of any size run as slabs of 8, 4, 2 and 1 rows.
 """
 
@@ -42,13 +44,15 @@ FUSED_DESC_DTYPE = np.dtype([(f, "<u8") for f in dc.DESC_FIELDS] +
                                                   "scale_cols")])
 
 _workspaces: dict[tuple[int, int], Any] = {}
-SLAB_NAMES = [f"ecf8_fused<{b}, {d}, {s}>" for b in SLABS for d in ("true", "false") for s in ("true", "false")]
+ELEM_BYTES = {"float8_e4m3fn": 1, "bfloat16": 2}   # the weight dtypes the kernel multiplies
+SLAB_NAMES = [f"ecf8_fused<{b}, {d}, {s}, {e}>" for b in SLABS for d in ("true", "false")
+              for s, e in (("false", 1), ("true", 1), ("false", 2))]
 
 
 def supports(shape: tuple[int, ...], dtype_name: str) -> str | None:
     """None if the fused kernel covers an N x K weight of this dtype, else the reason it does not."""
-    if dtype_name != "float8_e4m3fn":
-        return f"the fused kernel multiplies float8_e4m3fn weights, not {dtype_name}"
+    if dtype_name not in ELEM_BYTES:
+        return f"the fused kernel multiplies {' or '.join(ELEM_BYTES)} weights, not {dtype_name}"
     if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
         return f"the fused kernel needs a 2-D N x K weight, not shape {shape}"
     if shape[1] % GROUP:
@@ -84,8 +88,9 @@ def _launch_setup(kernel: Any) -> None:
 KERNELS = gpu.KernelCache(compile_module, _launch_setup)     # the fused kernels, per device
 
 
-def _kernel(device_id: int, batch: int, decode: bool, block: bool):
-    return KERNELS.function(device_id, f"ecf8_fused<{batch}, {str(decode).lower()}, {str(block).lower()}>")
+def _kernel(device_id: int, batch: int, decode: bool, block: bool, elem_bytes: int):
+    return KERNELS.function(device_id, f"ecf8_fused<{batch}, {str(decode).lower()}, {str(block).lower()}, "
+                                       f"{elem_bytes}>")
 
 
 def _workspace(device_id: int, stream_ptr: int, floats: int):
@@ -105,10 +110,11 @@ class _Product:
 
     decode = False
 
-    def _setup(self, shape: tuple[int, int], chunk_log2: int, device_id: int, weights_ptr: int,
-               base_desc: np.ndarray | None, block_scales: Any) -> None:
+    def _setup(self, shape: tuple[int, int], dtype_name: str, chunk_log2: int, device_id: int,
+               weights_ptr: int, base_desc: np.ndarray | None, block_scales: Any) -> None:
         cupy = gpu.cupy()
         self.shape, self.device_id = (int(shape[0]), int(shape[1])), device_id
+        self.dtype_name = dtype_name
         n, k = self.shape
         self.chunk_size = 1 << chunk_log2
         self.nchunks = -(-(n * k) // self.chunk_size)
@@ -122,6 +128,8 @@ class _Product:
         d["weights"], d["rows"], d["cols"] = weights_ptr, n, k
         d["rows_per_chunk"], d["scale_cols"] = self.rows_per_chunk, -(-k // 128)
         self.block = block_scales is not None
+        if self.block and dtype_name != "float8_e4m3fn":
+            raise UnsupportedError(f"block_scales apply to float8_e4m3fn weights, not {dtype_name}")
         if self.block:
             scales = cupy.asarray(block_scales, dtype=np.float32)
             want = (-(-n // 128), -(-k // 128))
@@ -190,7 +198,7 @@ class _Product:
                 while done < rows:
                     slab = next(s for s in SLABS if s <= rows - done)
                     y_ptr = np.uint64(y.data.ptr + done * n * 4)
-                    _kernel(self.device_id, slab, self.decode, self.block)(
+                    _kernel(self.device_id, slab, self.decode, self.block, ELEM_BYTES[self.dtype_name])(
                         (blocks,), (WARPS * 32,), (self._desc, np.uint64(xp + done * k * 4), partials,
                                                    y_ptr if self._direct else np.uint64(0), y_scale),
                         shared_mem=self._shared)
@@ -212,8 +220,8 @@ def _as_cupy(x: Any):
 
 
 class FusedWeight(_Product):
-    """An N x K FP8 E4M3 weight held on a GPU as an ECF8 frame, multiplied without decoding it to
-    memory.  ``blob``: frame bytes (validated on the host, then uploaded) or an
+    """An N x K FP8 E4M3 or BF16 weight held on a GPU as an ECF8 frame, multiplied without decoding
+    it to memory.  ``blob``: frame bytes (validated on the host, then uploaded) or an
     ``ecf8.to_device`` DeviceTensor.  Raises UnsupportedError for frames the kernel does not cover
     (see ``supports``; stored frames too) and CorruptDataError for invalid frames."""
 
@@ -229,34 +237,36 @@ class FusedWeight(_Product):
             raise UnsupportedError(why)
         self.tensor = dt
         with gpu.cupy().cuda.Device(dt.device_id):
-            self._setup(f.shape, f.chunk_log2, dt.device_id, 0, dt.descriptor(0), block_scales)
+            self._setup(f.shape, f.spec.dtype.name, f.chunk_log2, dt.device_id, 0, dt.descriptor(0),
+                        block_scales)
         self._shared = f.ntables * dc.LUT_BYTES
 
     def twin(self) -> "PlainWeight":
         """The uncompressed twin: this weight decoded once and multiplied by the same kernel."""
         return PlainWeight(dc.decode(self.tensor).bits, self.shape, self.chunk_size,
-                           block_scales=self._scales if self.block else None)
+                           block_scales=self._scales if self.block else None, dtype=self.dtype_name)
 
 
 class PlainWeight(_Product):
-    """The fused kernel's twin: an N x K E4M3 weight's bytes (a uint8/float8 CUDA array of N*K
-    elements, C order, on the current device) multiplied exactly as a FusedWeight with the same
-    chunk_size multiplies its frame."""
+    """The fused kernel's twin: an N x K weight's bytes (a CUDA array of N*K elements of `dtype`,
+    or of its bits: uint8 for float8_e4m3fn, uint16 for bfloat16; C order, on the current device)
+    multiplied exactly as a FusedWeight with the same chunk_size multiplies its frame."""
 
-    def __init__(self, weights: Any, shape: tuple[int, int], chunk_size: int, *, block_scales: Any = None):
+    def __init__(self, weights: Any, shape: tuple[int, int], chunk_size: int, *, block_scales: Any = None,
+                 dtype: str = "float8_e4m3fn"):
         cupy = gpu.cupy()
-        why = supports(tuple(shape), "float8_e4m3fn")
+        why = supports(tuple(shape), dtype)
         if why:
             raise UnsupportedError(why)
         if chunk_size < GROUP or chunk_size & (chunk_size - 1):
             raise UnsupportedError(f"chunk_size must be a power of two >= {GROUP}, not {chunk_size}")
-        w = _as_cupy(weights)
-        if w.size != shape[0] * shape[1] or w.dtype.itemsize != 1 or not w.flags.c_contiguous:
-            raise UnsupportedError(f"weights must be {shape[0] * shape[1]} contiguous one-byte elements")
-        self._weights = w.view(np.uint8)
+        w, width = _as_cupy(weights), ELEM_BYTES[dtype]
+        if w.size != shape[0] * shape[1] or w.dtype.itemsize != width or not w.flags.c_contiguous:
+            raise UnsupportedError(f"weights must be {shape[0] * shape[1]} contiguous {width}-byte elements")
+        self._weights = w.reshape(-1).view(np.uint8)
         if self._weights.data.ptr % 16:
             raise UnsupportedError("weights must be 16-byte aligned")
         with cupy.cuda.Device(w.device.id):
-            self._setup(tuple(shape), chunk_size.bit_length() - 1, w.device.id, self._weights.data.ptr,
-                        None, block_scales)
+            self._setup(tuple(shape), dtype, chunk_size.bit_length() - 1, w.device.id,
+                        self._weights.data.ptr, None, block_scales)
         self._shared = 0

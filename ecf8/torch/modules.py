@@ -13,6 +13,7 @@ import torch
 from ..errors import UnsupportedError
 from .compiled import decode_in_graph
 from .edits import DecodedWeight, copy_of, plain
+from .fused_linear import FusedLinear, fused_skip_reason
 from .training import decode_again_in_backward, records
 from .parallel import Layout, check_sharded, is_dtensor
 from .runtime import CompressionStats, Group, Pool, Weight, aligned
@@ -55,6 +56,11 @@ class _CompressedModule:
         if torch.compiler.is_compiling():
             return self._ecf8_base.forward(self, *args, **kwargs)
         w = self.__dict__["_ecf8"]
+        fused = getattr(w, "fused", None)
+        if fused is not None:
+            y = fused.forward(self, args, kwargs)
+            if y is not None:
+                return y
         with w.decoded() as view:
             if w.layout is None and torch.is_grad_enabled() and records(self, args, kwargs):
                 with decode_again_in_backward(w, view):
@@ -238,7 +244,7 @@ def encoder_options(numel: int, options: dict) -> dict:
 
 
 def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embeddings: bool = False,
-                    chunk_size: int | None = None, group_bytes: int | None = None,
+                    chunk_size: int | None = None, group_bytes: int | None = None, fused: bool = False,
                     **options) -> CompressionStats:
     """Hold the 2-D FP8/BF16/FP16 weights of `module`'s submodules compressed, on their device.
 
@@ -261,6 +267,14 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
     ``.to()`` and ``decompress_module`` turn groups back into single weights.  Writing into
     ``module.weight`` in place during a forward changes what later forwards of its group see.
     Inference only: compressed weights have no gradient.
+
+    fused=True (opt-in): BF16 ``torch.nn.Linear`` weights on a GPU may also multiply their frames
+    directly (``ecf8.fused``: decoded inside the product, never written to memory) for inputs of
+    up to 16 rows, wherever a first timed forward finds that faster than decoding
+    (``ecf8.torch.fused_linear``, which says what it computes: float32 sums in the kernel's order,
+    so outputs may differ from the uncompressed module's in the last bit).  Such weights are
+    decoded one by one when the default path runs, not in groups.  The statistics count the
+    weights given the fused path and, for the others, why not.
 
     Every target is checked before anything changes: a weight on the meta device or on a device
     other than cpu/cuda raises UnsupportedError and leaves the model as it was.  When no weight
@@ -298,7 +312,16 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
             original += local.numel() * local.element_size()
             compressed += w.stored_bytes
         made = [hs[0][0].__dict__["_ecf8"] for _, hs in done]
-        group_weights(module, made, group_bytes)
+        not_fused: dict[str, int] = {}
+        if fused:
+            for w, (_, hs) in zip(made, done):
+                bases = {m._ecf8_base for m, _, _ in hs}
+                why = fused_skip_reason(bases.pop(), w) if len(bases) == 1 else "held by modules of several classes"
+                if why is None:
+                    w.fused = FusedLinear(w)
+                else:
+                    not_fused[why] = not_fused.get(why, 0) + 1
+        group_weights(module, [w for w in made if w.fused is None], group_bytes)
     except BaseException:
         for p, hs in done:                      # the originals are still referenced: put them back
             for m, _, _ in hs:
@@ -306,7 +329,7 @@ def compress_module(module: torch.nn.Module, *, min_numel: int = 4096, embedding
         raise
     pool.warm(made)
     return CompressionStats(sum(len(hs) for _, hs in done), original, compressed, pool.buffer_bytes(),
-                            len(done))
+                            len(done), sum(w.fused is not None for w in made), not_fused)
 
 
 def decompress_module(module: torch.nn.Module) -> int:

@@ -31,6 +31,8 @@ class CompressionStats:
     compressed_bytes: int       # frames (host bytes on CPU; on a GPU with decode tables and index)
     buffer_bytes: int           # one decode buffer per device (per thread and stream in use)
     weights: int = 0            # distinct compressed weights (< modules when weights are tied)
+    fused: int = 0              # compress_module(fused=True): weights with the fused path
+    not_fused: dict[str, int] = dataclasses.field(default_factory=dict)   # why not: weights
 
     @property
     def resident_bytes(self) -> int:
@@ -167,6 +169,7 @@ class Weight:
         self.group: Group | None = None      # decoded with its neighbours (CUDA), at offset
         self.offset = 0
         self.generation = 0                   # re-encodes so far (compiled graphs guard on it)
+        self.fused = None                     # its FusedLinear (compress_module(fused=True))
         self.number = register(self)
         pool.add(self)
 
@@ -264,6 +267,8 @@ class Weight:
         if self.group is not None:                  # its neighbours may stay: decode it alone
             self.group.dissolve()
         self.blob = upload(frame, cuda_index(device)) if device.type == "cuda" else frame
+        if getattr(self, "fused", None) is not None:
+            self.fused.forget()
         old, self.device = self.device, torch.device("cuda", self.blob.device_id) if device.type == "cuda" else device
         self.pool.add(self)
         self.pool.release(old)
@@ -278,6 +283,8 @@ class Weight:
         value = value.to(device=self.device, dtype=self.dtype)
         self.blob = encode(value, **self.options)
         self.generation += 1
+        if getattr(self, "fused", None) is not None:
+            self.fused.forget()
         if not edit:
             refresh(self, value)
         if self.group is not None:
