@@ -9,10 +9,11 @@ The weights are decoded into registers inside the product and never written to m
 compressed bytes cross device memory once.  The arithmetic is float32 in an order fixed by
 (N, K, chunk size) alone (the kernel's header says which), so a ``FusedWeight`` and the
 ``PlainWeight`` of the same bytes and chunk size give identical bits; neither is claimed equal to
-cuBLAS (``bench/bench_fused.py`` measures the difference: 1.4e-4 to 1.9e-4 of each row's largest
-|y| on an H200).  It is an opt-in path and, today, a slow one: on Llama-3-8B shapes it ran at 0.41
-of cuBLAS at batch 1 on an H100 (its twin 0.71-0.74) and below the default path above batch 1
-(bench/NOTES.md), so ``ecf8.decode`` followed by the framework's own matmul stays the default;
+cuBLAS (``bench/bench_fused.py`` measures the difference: for E4M3 1.4e-4 to 2.1e-4 of each row's
+largest |y|, for BF16 up to 3.4e-3 of cuBLAS's BF16 output).  It is an opt-in path: on Llama-3-8B
+shapes at batch 1 on an H100 it ran at 0.41-0.42 of cuBLAS for E4M3 and 0.49 for BF16 (the default
+path: 0.30-0.31), and below the default path above batch 1 (bench/NOTES.md), so ``ecf8.decode``
+followed by the framework's own matmul stays the default;
 ``ecf8.torch`` uses this module only where asked (``compress_module(fused=True)``: BF16
 ``nn.Linear`` weights, where a timed first forward finds it faster).
 
