@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ecf8.torch
 from ecf8.torch import fused_linear
+from ecf8.torch.tensors import cupy_view
 
 BF16, E4M3 = torch.bfloat16, torch.float8_e4m3fn
 BUDGET_TOKENS, PAPER_EAGER_B16 = 16, 0.67
@@ -149,18 +150,9 @@ class FusedLinear(torch.nn.Module):
                 self._outgrown.append(work)
             work = self._workspaces[key] = torch.empty(self.fw.workspace_floats(m), dtype=torch.float32,
                                                        device=x.device)
-        self.fw.matmul(_cupy_view(x32), scale=self.scale, out=_cupy_view(y), workspace=_cupy_view(work),
+        self.fw.matmul(cupy_view(x32), scale=self.scale, out=cupy_view(y), workspace=cupy_view(work),
                        stream=torch.cuda.current_stream(x.device).cuda_stream)
         return y.to(BF16)
-
-
-def _cupy_view(t: torch.Tensor):
-    """A CuPy view of a contiguous CUDA tensor, made without any stream synchronization (which a
-    CUDA graph capture would refuse); the tensor must outlive the view's use."""
-    import cupy
-
-    mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * t.element_size(), t, t.device.index)
-    return cupy.ndarray(tuple(t.shape), cupy.dtype(str(t.dtype).replace("torch.", "")), cupy.cuda.MemoryPointer(mem, 0))
 
 
 def fuse(model: "Decoder") -> "Decoder":

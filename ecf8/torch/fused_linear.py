@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import format as fmt
 from ..errors import UnsupportedError
-from .tensors import torch_memory
+from .tensors import cupy_view, torch_memory
 
 __all__ = ["FusedLinear", "Choices", "choices", "choices_path", "fused_skip_reason", "MAX_ROWS"]
 
@@ -163,15 +163,6 @@ def _bucket(rows: int) -> int:
     return next(b for b in BUCKETS if b >= rows)
 
 
-def _cupy_view(t: torch.Tensor):
-    """A CuPy view of a contiguous CUDA tensor, made without a stream synchronization (which a
-    CUDA-graph capture would refuse)."""
-    import cupy
-
-    mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * t.element_size(), t, t.device.index)
-    return cupy.ndarray(tuple(t.shape), cupy.dtype(str(t.dtype).replace("torch.", "")), cupy.cuda.MemoryPointer(mem, 0))
-
-
 class FusedLinear:
     """The fused path of one compressed weight (shared by the modules that hold it)."""
 
@@ -226,7 +217,7 @@ class FusedLinear:
         x32 = x2.float().contiguous()
         y = torch.empty(rows, self.weight.shape[0], dtype=torch.float32, device=x2.device)
         work = torch.empty(product.workspace_floats(rows), dtype=torch.float32, device=x2.device)
-        product.matmul(_cupy_view(x32), out=_cupy_view(y), workspace=_cupy_view(work),
+        product.matmul(cupy_view(x32), out=cupy_view(y), workspace=cupy_view(work),
                        stream=torch.cuda.current_stream(x2.device).cuda_stream)
         if bias is not None:
             y += bias.float()

@@ -39,7 +39,7 @@ from .. import gpu
 from ..errors import UnsupportedError
 from .modules import group_weights, is_compressed
 from .runtime import Pool, Weight
-from .tensors import check_device, cuda_index, decode, torch_memory
+from .tensors import check_device, cuda_index, cupy_view, decode, torch_memory
 
 __all__ = ["offload_module", "OffloadStats", "is_offloaded"]
 
@@ -394,8 +394,8 @@ class _Unit:
         with cupy.cuda.Device(index), torch_memory():
             first = []
             for h, (at, length) in zip(self.weights, self.entries):
-                first.append(dcu.resident(h.frame, index, _cupy_view(s.slots[0], at, length)))
-            second = [dc.replace(t, payload=_cupy_view(s.slots[1], at, length))
+                first.append(dcu.resident(h.frame, index, cupy_view(s.slots[0][at : at + length])))
+            second = [dc.replace(t, payload=cupy_view(s.slots[1][at : at + length]))
                       for t, (at, length) in zip(first, self.entries)]
             for slot, tensors in enumerate((first, second)):
                 for code in sorted({t.frame.spec.code for t in tensors}):
@@ -417,13 +417,6 @@ class _Unit:
 
     def build(self) -> None:
         raise UnsupportedError("an offloaded weight cannot be re-encoded in place")
-
-
-def _cupy_view(t: torch.Tensor, start: int, length: int):
-    """A CuPy uint8 array over bytes [start, start + length) of the device tensor t."""
-    cupy = gpu.cupy()
-    mem = cupy.cuda.UnownedMemory(t.data_ptr() + start, length, t, t.device.index)
-    return cupy.ndarray((length,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
 
 
 class _HostWeight(Weight):

@@ -159,6 +159,16 @@ def cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def cupy_view(t: torch.Tensor):
+    """A CuPy array over the memory of a contiguous CUDA tensor (same shape and dtype; the tensor
+    kept alive by it), made without a stream synchronization, which DLPack and
+    ``__cuda_array_interface__`` imports may do and a CUDA-graph capture refuses."""
+    cupy = gpu.cupy()
+    mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * t.element_size(), t, t.device.index)
+    return cupy.ndarray(tuple(t.shape), cupy.dtype(str(t.dtype).replace("torch.", "")),
+                        cupy.cuda.MemoryPointer(mem, 0))
+
+
 def upload(blob: Any, index: int):
     """A frame uploaded to cuda:index as a DeviceTensor, in torch-allocated memory."""
     from .. import decoder_cuda
