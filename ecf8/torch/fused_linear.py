@@ -251,7 +251,7 @@ class FusedLinear:
             product = self.product(False)
             if product is None:
                 return None
-            path = table.put(key, *self._time(module, x.reshape(rows, -1), bias, product))
+            path = table.put(key, *self._time(x.reshape(rows, -1), bias, product))
         if path != "fused":
             return None
         product = self.product(capturing)
@@ -260,20 +260,16 @@ class FusedLinear:
         y = self._fused(x.reshape(rows, -1), bias, product)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
-    def _time(self, module: torch.nn.Module, x2: torch.Tensor, bias: torch.Tensor | None,
-              product: Any) -> tuple[float, float]:
+    def _time(self, x2: torch.Tensor, bias: torch.Tensor | None, product: Any) -> tuple[float, float]:
         """(fused ms, default ms): medians of TIMING_REPS calls of each path after two untimed
         ones, on the current stream (this synchronizes the host once)."""
         def default() -> None:
             with self.weight.decoded() as view:
                 F.linear(x2, view, bias)
 
-        def fused_path() -> None:
-            self._fused(x2, bias, product)
-
         times = {}
         stream = torch.cuda.current_stream(x2.device)       # the events on the weight's GPU
-        for name, fn in (("fused", fused_path), ("default", default)):
+        for name, fn in (("fused", lambda: self._fused(x2, bias, product)), ("default", default)):
             fn()
             fn()
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
