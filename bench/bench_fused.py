@@ -11,14 +11,17 @@ per format and batch:
   weights (per-tensor scales, FP8 activations, BF16 out), or ``F.linear`` on the BF16 weights;
 - decode + cuBLAS: ecf8's default path (each weight decoded into one shared buffer, then the same
   product);
-- fused: ``FusedWeight.matmul`` on the frames (the same activations, as float32);
-- twin: ``PlainWeight.matmul``, the same kernel on the uncompressed bytes.
+- fused: ``FusedWeight.matmul`` on the frames (the same activations, as float32; CUDA cores);
+- twin: ``PlainWeight.matmul``, the same kernel on the uncompressed bytes;
+- fused TC / twin TC: the tensor-core prototype (``bench/fused_mma``, ``mma.matmul``: the same
+  FP8 or BF16 activations as cuBLAS's), on the frames and on the uncompressed bytes.
 
 Before timing, every fused product is compared with its twin bit for bit, and with cuBLAS: the
 largest difference relative to each row's largest |y| (against cuBLAS's float32 output for E4M3,
 its BF16 output for BF16), and the share of outputs that, rounded to BF16, differ from cuBLAS's
-BF16 output (what a BF16 model would see).  Ratios are cuBLAS ms / path ms (1.0 = as fast as the
-uncompressed model).  Times: medians of --reps graph replays (bench_tax.graph_ms).
+BF16 output (what a BF16 model would see); "CC" columns are the CUDA-core kernel's, "TC" the
+prototype's.  Ratios are cuBLAS ms / path ms (1.0 = as fast as the uncompressed model).
+Times: medians of --reps graph replays (bench_tax.graph_ms).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cupy as cp  # noqa: E402
 
 import minilm  # noqa: E402
+from fused_mma import mma  # noqa: E402
 from bench_tax import SHAPES, Layers, graph_ms  # noqa: E402
 from ecf8 import fused  # noqa: E402
 
@@ -44,7 +48,8 @@ TORCH = {"e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
 
 
 def table(fmt: str, args) -> list[tuple]:
-    """Rows (batch, cuBLAS ms, default ms, fused ms, twin ms, max rel. diff, BF16 share differing)."""
+    """Rows (batch, cuBLAS ms, default ms, fused ms, twin ms, fused TC ms, twin TC ms, max rel.
+    diffs, BF16 outputs differing, outputs)."""
     torch.manual_seed(0)
     source = np.concatenate([w.reshape(-1) for w in minilm.weights(fmt).values()])
     layers = Layers(source, args.layers, args.chunk_size, TORCH[fmt])
@@ -69,19 +74,25 @@ def table(fmt: str, args) -> list[tuple]:
         ys = [torch.empty(batch, n, device="cuda") for n, _ in layers.shape_of]
         yc = [cp.from_dlpack(y) for y in ys]
         work = cp.empty(max(f.workspace_floats(batch) for f in fw), cp.float32)
-        worst_rel, differing, outputs = 0.0, 0, 0
+        xb = {k: cp.from_dlpack(v.view(bits)) for k, v in xs.items()}
+        worst = {"cc": 0.0, "tc": 0.0}
+        differing = {"cc": 0, "tc": 0}
+        outputs = 0
         for i in range(count):                  # fused == twin, and the distance to cuBLAS
             n, k = layers.shape_of[i]
-            a = fw[i].matmul(xc[k], workspace=work).get()
-            b = twins[i].matmul(xc[k], workspace=work).get()
-            if not np.array_equal(a.view(np.uint32), b.view(np.uint32)):
-                raise AssertionError(f"{fmt} weight {i}: fused product differs from its twin")
             ref = product(xs[k], layers.raw[i], torch.float32 if fmt == "e4m3" else None).float().cpu().numpy()
-            worst_rel = max(worst_rel, float((np.abs(a - ref).max(axis=1) / np.abs(ref).max(axis=1)).max()))
-            ours = torch.from_numpy(a).to(torch.bfloat16).view(torch.int16)
             theirs = product(xs[k], layers.raw[i]).cpu().view(torch.int16)
-            differing += int((ours != theirs).sum())
-            outputs += ours.numel()
+            outputs += theirs.numel()
+            for path, (mine, twin) in {"cc": (lambda: fw[i].matmul(xc[k], workspace=work),
+                                              lambda: twins[i].matmul(xc[k], workspace=work)),
+                                       "tc": (lambda: mma.matmul(fw[i], xb[k]),
+                                              lambda: mma.matmul(twins[i], xb[k]))}.items():
+                a, b = mine().get(), twin().get()
+                if not np.array_equal(a.view(np.uint32), b.view(np.uint32)):
+                    raise AssertionError(f"{fmt} weight {i}: {path} fused product differs from its twin")
+                worst[path] = max(worst[path], float((np.abs(a - ref).max(axis=1) / np.abs(ref).max(axis=1)).max()))
+                ours = torch.from_numpy(a).to(torch.bfloat16).view(torch.int16)
+                differing[path] += int((ours != theirs).sum())
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         base = graph_ms(lambda: [product(xs[w.shape[1]], w) for w in layers.raw], args.reps)
         default = graph_ms(lambda: [product(xs[layers.shape_of[i][1]], layers.decoded(i)) for i in range(count)],
@@ -90,15 +101,21 @@ def table(fmt: str, args) -> list[tuple]:
                                                   stream=stream()) for i in range(count)], args.reps)
         twin_ms = graph_ms(lambda: [twins[i].matmul(xc[layers.shape_of[i][1]], out=yc[i], workspace=work,
                                                     stream=stream()) for i in range(count)], args.reps)
-        rows.append((batch, base, default, fused_ms, twin_ms, worst_rel, differing / outputs))
+        tc_ms = graph_ms(lambda: [mma.matmul(fw[i], xb[layers.shape_of[i][1]], out=yc[i], stream=stream())
+                                  for i in range(count)], args.reps)
+        tc_twin_ms = graph_ms(lambda: [mma.matmul(twins[i], xb[layers.shape_of[i][1]], out=yc[i], stream=stream())
+                                       for i in range(count)], args.reps)
+        rows.append((batch, base, default, fused_ms, twin_ms, tc_ms, tc_twin_ms, worst, differing, outputs))
     print(f"\n{fmt}: {args.layers} layers x 7 linears (Llama-3-8B shapes, {layers.weights / 1e9:.2f} G "
           f"weights, {layers.bits_per_weight:.3f} bits/w, chunk {args.chunk_size or 'auto'})")
-    print("| batch | cuBLAS ms | decode+cuBLAS ms (ratio) | fused ms (ratio) | twin ms (ratio) | "
-          "fused G weights/s | fused vs cuBLAS: max rel. diff | BF16 outputs differing |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for batch, base, default, f, t, rel, share in rows:
-        print(f"| {batch} | {base:.3f} | {default:.3f} ({base / default:.2f}) | {f:.3f} ({base / f:.2f}) | "
-              f"{t:.3f} ({base / t:.2f}) | {layers.weights / f / 1e6:.0f} | {rel:.1e} | {share:.2%} |", flush=True)
+    print("| batch | cuBLAS ms | decode+cuBLAS ms (ratio) | fused CC ms (ratio) | twin CC ms (ratio) | "
+          "fused TC ms (ratio) | twin TC ms (ratio) | max rel. diff to cuBLAS, CC / TC | "
+          "BF16 outputs differing, CC / TC |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, base, default, f, t, f_tc, t_tc, worst, differing, outputs in rows:
+        cells = " | ".join(f"{ms:.3f} ({base / ms:.2f})" for ms in (default, f, t, f_tc, t_tc))
+        print(f"| {batch} | {base:.3f} | {cells} | {worst['cc']:.1e} / {worst['tc']:.1e} | "
+              f"{differing['cc'] / outputs:.2%} / {differing['tc'] / outputs:.2%} |", flush=True)
     return rows
 
 

@@ -57,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 import weakref
 from pathlib import Path
 
@@ -303,6 +304,7 @@ def model_bytes(model: torch.nn.Module, frames: int = 0, buffers: int = 0) -> in
 def fail(case: str, e: BaseException) -> None:
     msg = str(e).splitlines()[0][:200] if str(e) else ""
     print(f"case {case}: failed: {type(e).__name__}: {msg}", flush=True)
+    traceback.print_exception(e, limit=-8, file=sys.stderr)         # where it failed
 
 
 # --- 1. end to end --------------------------------------------------------------------------------

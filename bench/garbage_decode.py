@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck python bench/garbage_decode.py
 
 Also decodes the valid frame, so memcheck sees the normal path too, and both frames by one
-``GroupDecoder`` launch into one buffer (the path ``ecf8.torch`` uses for consecutive weights).
+``GroupDecoder`` launch into one buffer (the path ``ecf8.torch`` uses for consecutive weights);
+then multiplies both by ``ecf8.fused`` and by the tensor-core prototype (``bench/fused_mma``).
 Prints what it checked.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import ecf8  # noqa: E402
 from ecf8 import format as fmt  # noqa: E402
 from ecf8.decoder_cuda import GroupDecoder  # noqa: E402
@@ -51,6 +52,7 @@ for dtype_name, dtype, chunk in (("E4M3", "float8_e4m3fn", 4096), ("BF16", "bflo
 # The fused decode + product (ecf8.fused) on garbage E4M3 and BF16 frames: in bounds, and equal
 # to the same kernel on the CPU's decode of the same garbage.
 from ecf8 import fused  # noqa: E402
+from fused_mma import mma  # noqa: E402  (bench/fused_mma: the tensor-core prototype)
 
 x = cp.asarray(np.random.default_rng(3).standard_normal((3, 2048)).astype(np.float32))
 for dtype, scale in ((ml_dtypes.float8_e4m3fn, 16), (ml_dtypes.bfloat16, 0.02)):
@@ -61,10 +63,14 @@ for dtype, scale in ((ml_dtypes.float8_e4m3fn, 16), (ml_dtypes.bfloat16, 0.02)):
     frame = fmt.parse(memoryview(blob))
     bad[frame.payload_offset : -4] = np.random.default_rng(2).integers(
         0, 256, len(bad) - 4 - frame.payload_offset, dtype=np.uint8).tobytes()
+    xb = cp.asarray(x.get().astype(dtype).view(f"u{w.itemsize}"))       # tensor cores: x of w's type
     for label, data, verify in (("valid", blob, True), ("garbage", bytes(bad), False)):
-        y = fused.FusedWeight(ecf8.to_device(data, verify=verify)).matmul(x)
+        fw = fused.FusedWeight(ecf8.to_device(data, verify=verify))
         plain = cp.asarray(ecf8.decode(data, verify=verify).view(f"u{w.itemsize}").reshape(-1))
-        twin = fused.PlainWeight(plain, (512, 2048), 4096, dtype=np.dtype(dtype).name).matmul(x)
-        cp.cuda.Device().synchronize()
-        same = bool((y.view(cp.uint32) == twin.view(cp.uint32)).all())
-        print(f"fused {np.dtype(dtype).name} product, {label} frame: equals the twin on the CPU's decode: {same}")
+        twin = fused.PlainWeight(plain, (512, 2048), 4096, dtype=np.dtype(dtype).name)
+        for kernel, y, y_twin in (("CUDA-core", fw.matmul(x), twin.matmul(x)),
+                                  ("tensor-core prototype", mma.matmul(fw, xb), mma.matmul(twin, xb))):
+            cp.cuda.Device().synchronize()
+            same = bool((y.view(cp.uint32) == y_twin.view(cp.uint32)).all())
+            print(f"fused {np.dtype(dtype).name} product ({kernel}), {label} frame: equals the twin on "
+                  f"the CPU's decode: {same}")
