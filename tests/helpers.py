@@ -1,5 +1,6 @@
 """Array builders used across test modules."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -58,3 +59,13 @@ def garbage_payload(blob: bytes, seed: int = 0) -> bytes:
     out[frame.payload_offset : end] = np.random.default_rng(seed).integers(
         0, 256, end - frame.payload_offset, dtype=np.uint8).tobytes()
     return bytes(out)
+
+
+@functools.cache
+def spin_kernel():
+    """A CuPy kernel ``spin(long long cycles)`` that busy-waits that many clock cycles (one thread),
+    to keep a decode queued behind it on a stream."""
+    import cupy
+
+    return cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")

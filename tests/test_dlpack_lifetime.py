@@ -15,14 +15,10 @@ import numpy as np
 import pytest
 
 import ecf8
-from helpers import DTYPES, bits, weights_like
+from helpers import DTYPES, bits, spin_kernel, weights_like
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
-
-SPIN = r'''extern "C" __global__ void spin(long long cycles) {
-    long long t0 = clock64(); while (clock64() - t0 < cycles) {} }'''
-
 
 def _churn(cupy, nbytes: int) -> None:
     """Allocate, fill and free blocks of every size near nbytes on the current and the null stream:
@@ -46,7 +42,7 @@ def test_dlpack_export_outlives_its_producer(producer_kind, dtype):
 
     x = weights_like(1 << 22, dtype)
     expected, blob = bits(x), ecf8.encode(x)
-    spin = cupy.RawKernel(SPIN, "spin")
+    spin = spin_kernel()
     ecf8.decode(blob, device="cuda")                       # kernels compiled before the spin starts
     dt = to_device(blob)                                   # the compressed bytes, up before the spin
     consumer = torch.cuda.Stream()                         # (torch's CUDA start-up, before the spin too)

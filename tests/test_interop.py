@@ -8,7 +8,7 @@ import pytest
 
 import ecf8
 import ecf8.numpy
-from helpers import DTYPES, assert_bit_exact, bits, weights_like
+from helpers import DTYPES, assert_bit_exact, bits, spin_kernel, weights_like
 
 torch = pytest.importorskip("torch")
 import ecf8.torch  # noqa: E402
@@ -217,8 +217,7 @@ def test_dlpack_consumer_waits_for_the_decode_stream():
     _torch_cuda()
     import cupy
 
-    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
-        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")
+    spin = spin_kernel()
     x = weights_like(1 << 22, DTYPES[0])
     dt = ecf8.to_device(ecf8.encode(x))
     out = cupy.zeros(x.size, cupy.uint8)
@@ -243,10 +242,7 @@ def test_bytes_decoded_on_another_stream_than_their_upload(dtype):
     first, a small copy left in flight would still be waiting behind it when the decode on the side
     stream read its memory.  Uploads are done when they return."""
     _torch_cuda()
-    import cupy
-
-    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
-        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")
+    spin = spin_kernel()
     x = weights_like(1 << 14, dtype)                   # a frame of a few KB: staged without waiting
     blob = ecf8.encode(x)
     ecf8.torch.decode(blob, "cuda")                    # kernels compiled first
@@ -268,8 +264,7 @@ def test_bytes_decoded_on_a_given_stream_hold_their_upload_until_the_decode(dtyp
     _torch_cuda()
     import cupy
 
-    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
-        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")
+    spin = spin_kernel()
     x = weights_like(1 << 20, dtype)
     blob = ecf8.encode(x)
     ecf8.torch.decode(blob, "cuda")                    # kernels compiled first
@@ -294,8 +289,7 @@ def test_cupy_decode_holds_the_compressed_tensor_it_reads():
 
     import ecf8.cupy
 
-    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
-        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")
+    spin = spin_kernel()
     x = weights_like(1 << 20, DTYPES[0])
     blob = ecf8.encode(x)
     ecf8.cupy.decode(blob)                             # kernels compiled first

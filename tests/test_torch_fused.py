@@ -137,6 +137,13 @@ def real_bf16_linear(real_weights, n: int, k: int, bias: bool = True) -> torch.n
     return lin
 
 
+def compressed_real_linear(real_weights, n: int, k: int) -> torch.nn.Linear:
+    """real_bf16_linear(n, k), compressed with fused=True."""
+    lin = real_bf16_linear(real_weights, n, k)
+    ecf8.torch.compress_module(lin, fused=True)
+    return lin
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 3, 8, 16])
 @pytest.mark.parametrize("n,k", [(512, 1024), (1024, 3584), (256, 14336)])
@@ -212,8 +219,7 @@ def test_weight_reloaded_incompressible_takes_the_default_path(real_weights, for
     takes the default path (F.linear on its bits) instead of failing."""
     _cuda()
     forced("fused")
-    lin = real_bf16_linear(real_weights, 512, 1024)
-    ecf8.torch.compress_module(lin, fused=True)
+    lin = compressed_real_linear(real_weights, 512, 1024)
     x = torch.randn(2, 1024, dtype=BF16, device="cuda")
     with torch.no_grad():
         lin(x)                                            # the fused product of the coded frame
@@ -261,8 +267,7 @@ def test_first_forward_times_both_paths_and_keeps_the_choice(monkeypatch, tmp_pa
 def test_cuda_graph_replays_the_fused_forward(real_weights, forced):
     _cuda()
     forced("fused")
-    lin = real_bf16_linear(real_weights, 1024, 2048)
-    ecf8.torch.compress_module(lin, fused=True)
+    lin = compressed_real_linear(real_weights, 1024, 2048)
     x = torch.randn(4, 2048, dtype=BF16, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -284,8 +289,7 @@ def test_loaded_weights_reach_the_fused_path(real_weights, forced):
     """load_state_dict re-encodes the weight: the next fused forward multiplies the new one."""
     _cuda()
     forced("fused")
-    lin = real_bf16_linear(real_weights, 512, 1024)
-    ecf8.torch.compress_module(lin, fused=True)
+    lin = compressed_real_linear(real_weights, 512, 1024)
     x = torch.randn(2, 1024, dtype=BF16, device="cuda")
     with torch.no_grad():
         lin(x)

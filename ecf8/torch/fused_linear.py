@@ -138,9 +138,10 @@ def fused_skip_reason(base: type, w: Any) -> str | None:
     if w.dtype != torch.bfloat16:
         return f"{str(w.dtype).replace('torch.', '')} weights: the fused path multiplies bfloat16 nn.Linear weights"
     why = fused.supports(w.shape, "bfloat16")
-    frame = w.blob.frame if w.device.type == "cuda" else fmt.parse(memoryview(w.blob), verify=False)
-    if why is None and frame.mode != fmt.MODE_CODED:
-        why = "stored raw (incompressible): nothing to decode"
+    if why is None:
+        frame = w.blob.frame if w.device.type == "cuda" else fmt.parse(memoryview(w.blob), verify=False)
+        if frame.mode != fmt.MODE_CODED:
+            why = "stored raw (incompressible): nothing to decode"
     return why
 
 
@@ -170,6 +171,7 @@ class FusedLinear:
         self.weight = w
         self._product: Any = None          # ecf8.fused.FusedWeight of _blob (None: _blob not fusable)
         self._blob: Any = None
+        self._keys: dict[int, tuple[Any, str]] = {}     # rows bucket -> (the frame it is for, key)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -182,16 +184,23 @@ class FusedLinear:
         """Drop the product of a frame the weight no longer holds (re-encoded or moved)."""
         with self._lock:
             self._product = self._blob = None
+            self._keys = {}
 
     def key(self, rows: int) -> str:
         """The choice's key: the kernels' version, GPU name, weight shape and dtype, chunk size,
-        rows bucket."""
-        w = self.weight
+        rows bucket (made once per frame and bucket: every forward asks)."""
+        w, bucket = self.weight, _bucket(rows)
+        blob = w.blob
+        known = self._keys.get(bucket)
+        if known is not None and known[0] is blob:
+            return known[1]
         name = _device_names.get(w.device)
         if name is None:
             name = _device_names[w.device] = torch.cuda.get_device_name(w.device)
-        return (f"{_kernels_tag()}|{name}|{w.shape[0]}x{w.shape[1]}|bfloat16|chunk {1 << w.blob.frame.chunk_log2}"
-                f"|rows {_bucket(rows)}")
+        key = (f"{_kernels_tag()}|{name}|{w.shape[0]}x{w.shape[1]}|bfloat16|chunk {1 << blob.frame.chunk_log2}"
+               f"|rows {bucket}")
+        self._keys[bucket] = (blob, key)
+        return key
 
     def product(self, capturing: bool):
         """The FusedWeight of the weight's current frame; None where the frame has none (re-encoded

@@ -56,9 +56,8 @@ class _CompressedModule:
         if torch.compiler.is_compiling():
             return self._ecf8_base.forward(self, *args, **kwargs)
         w = self.__dict__["_ecf8"]
-        fused = getattr(w, "fused", None)
-        if fused is not None:
-            y = fused.forward(self, args, kwargs)
+        if w.fused is not None:
+            y = w.fused.forward(self, args, kwargs)
             if y is not None:
                 return y
         with w.decoded() as view:

@@ -161,6 +161,8 @@ class Weight:
     module that holds it (tied weights).  With a layout (tensor parallelism) the frame is this
     rank's local shard, and the weight is seen as a DTensor."""
 
+    fused: Any = None        # its FusedLinear (compress_module(fused=True)); also for older pickles
+
     def __init__(self, blob: Any, dtype: torch.dtype, shape: tuple, device: torch.device,
                  requires_grad: bool, pool: Pool, options: dict, layout: Layout | None = None):
         self.blob, self.dtype, self.shape, self.device = blob, dtype, tuple(shape), device
@@ -169,7 +171,6 @@ class Weight:
         self.group: Group | None = None      # decoded with its neighbours (CUDA), at offset
         self.offset = 0
         self.generation = 0                   # re-encodes so far (compiled graphs guard on it)
-        self.fused = None                     # its FusedLinear (compress_module(fused=True))
         self.number = register(self)
         pool.add(self)
 
@@ -267,7 +268,7 @@ class Weight:
         if self.group is not None:                  # its neighbours may stay: decode it alone
             self.group.dissolve()
         self.blob = upload(frame, cuda_index(device)) if device.type == "cuda" else frame
-        if getattr(self, "fused", None) is not None:
+        if self.fused is not None:
             self.fused.forget()
         old, self.device = self.device, torch.device("cuda", self.blob.device_id) if device.type == "cuda" else device
         self.pool.add(self)
@@ -283,7 +284,7 @@ class Weight:
         value = value.to(device=self.device, dtype=self.dtype)
         self.blob = encode(value, **self.options)
         self.generation += 1
-        if getattr(self, "fused", None) is not None:
+        if self.fused is not None:
             self.fused.forget()
         if not edit:
             refresh(self, value)
