@@ -15,6 +15,7 @@ import cupy as cp
 import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import exact_memory  # noqa: E402,F401  (before anything allocates)
 import ecf8  # noqa: E402
 from ecf8 import format as fmt  # noqa: E402
 from ecf8.decoder_cuda import GroupDecoder  # noqa: E402

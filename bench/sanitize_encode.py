@@ -13,7 +13,8 @@ import cupy as cp
 import ml_dtypes
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import exact_memory  # noqa: E402,F401  (before anything allocates)
 import ecf8  # noqa: E402
 from ecf8 import encoder_cuda  # noqa: E402
 

@@ -13,9 +13,10 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import exact_memory  # noqa: E402,F401  (before torch: its allocations exact too)
+import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ecf8.torch  # noqa: E402
 from ecf8.torch import offload_module  # noqa: E402
 

@@ -27,6 +27,16 @@ def cuda_available() -> bool:
         return False
 
 
+def pytest_configure(config):
+    """``ECF8_EXACT_ALLOCATIONS=1``: CuPy's pool and torch's cache off, for runs under memcheck
+    (bench/exact_memory.py says why)."""
+    if os.environ.get("ECF8_EXACT_ALLOCATIONS") == "1" and cuda_available():
+        os.environ["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+        import cupy
+
+        cupy.cuda.set_allocator(None)
+
+
 def pytest_collection_modifyitems(config, items):
     if cuda_available():
         return
