@@ -6,10 +6,10 @@
 
 Not part of the library: on Llama-3-8B shapes it ran slower than ecf8's default path (decode,
 then cuBLAS) at batch 16 and slower than ``ecf8.fused``'s CUDA-core kernel at batch 1 (H100,
-bench/NOTES.md "Tensor cores"), and an end-to-end run with it inside ``compress_module(fused=True)``
-stopped on an illegal memory access that was not diagnosed.  Its tests:
+bench/NOTES.md "Tensor cores").  Its tests:
 ``pytest -p no:cacheprovider bench/fused_mma/test_fused_mma.py`` (GPU tests skip without a GPU);
-per-shape times: ``python bench/fused_mma/shapes.py``.
+per-shape times: ``python bench/fused_mma/shapes.py``; inside a model, every forward forced through
+it: ``python bench/fused_mma/generate_check.py 1 1 graph``.
 """
 
 from __future__ import annotations
