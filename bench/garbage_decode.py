@@ -14,11 +14,13 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent),
+                str(Path(__file__).resolve().parents[1] / "tests")]
 import exact_memory  # noqa: E402,F401  (before anything allocates)
 import ecf8  # noqa: E402
 from ecf8 import format as fmt  # noqa: E402
 from ecf8.decoder_cuda import GroupDecoder  # noqa: E402
+from helpers import garbage_payload  # noqa: E402  (tests/helpers.py)
 
 for dtype_name, dtype, chunk in (("E4M3", "float8_e4m3fn", 4096), ("BF16", "bfloat16", 2048)):
     import ml_dtypes
@@ -28,19 +30,17 @@ for dtype_name, dtype, chunk in (("E4M3", "float8_e4m3fn", 4096), ("BF16", "bflo
     blob = ecf8.encode(x, chunk_size=chunk, max_tables=8)
     good = ecf8.decode(blob, device="cuda").get()
     assert (good.view(np.uint8) == x.view(np.uint8)).all()
-    bad = bytearray(blob)
+    bad = garbage_payload(blob, seed=1)
     frame = fmt.parse(memoryview(blob))
-    bad[frame.payload_offset : -4] = rng.integers(0, 256, len(bad) - 4 - frame.payload_offset,
-                                                   dtype=np.uint8).tobytes()
-    y = ecf8.decode(bytes(bad), device="cuda", verify=False)
+    y = ecf8.decode(bad, device="cuda", verify=False)
     cp.cuda.Device().synchronize()
-    same = (y.get().view(np.uint8) == ecf8.decode(bytes(bad), verify=False).view(np.uint8)).all()
+    same = (y.get().view(np.uint8) == ecf8.decode(bad, verify=False).view(np.uint8)).all()
     print(f"{dtype_name}: valid frame bit-exact; garbage payload decoded ({x.size} elements, "
           f"{frame.nchunks} chunks), equals the CPU reference on the same garbage: {bool(same)}")
     width = x.itemsize
     second = -(-x.size * width // 256) * 256
     buf = cp.full(second + x.size * width + 256, 0x5A, cp.uint8)
-    group = GroupDecoder([ecf8.to_device(bytes(bad), verify=False), ecf8.to_device(blob)], [0, second])
+    group = GroupDecoder([ecf8.to_device(bad, verify=False), ecf8.to_device(blob)], [0, second])
     group.launch(buf.data.ptr)
     cp.cuda.Device().synchronize()
     host = buf.get()
@@ -60,12 +60,9 @@ for dtype, scale in ((ml_dtypes.float8_e4m3fn, 16), (ml_dtypes.bfloat16, 0.02)):
     w = (np.random.default_rng(1).standard_normal(512 * 2048).astype(np.float32) * scale).astype(
         dtype).reshape(512, 2048)
     blob = ecf8.encode(w, chunk_size=4096, max_tables=8, allow_stored=False)
-    bad = bytearray(blob)
-    frame = fmt.parse(memoryview(blob))
-    bad[frame.payload_offset : -4] = np.random.default_rng(2).integers(
-        0, 256, len(bad) - 4 - frame.payload_offset, dtype=np.uint8).tobytes()
+    bad = garbage_payload(blob, seed=2)
     xb = cp.asarray(x.get().astype(dtype).view(f"u{w.itemsize}"))       # tensor cores: x of w's type
-    for label, data, verify in (("valid", blob, True), ("garbage", bytes(bad), False)):
+    for label, data, verify in (("valid", blob, True), ("garbage", bad, False)):
         fw = fused.FusedWeight(ecf8.to_device(data, verify=verify))
         plain = cp.asarray(ecf8.decode(data, verify=verify).view(f"u{w.itemsize}").reshape(-1))
         twin = fused.PlainWeight(plain, (512, 2048), 4096, dtype=np.dtype(dtype).name)

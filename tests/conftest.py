@@ -2,6 +2,7 @@
 marker."""
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,8 @@ def pytest_configure(config):
     """``ECF8_EXACT_ALLOCATIONS=1``: CuPy's pool and torch's cache off, for runs under memcheck
     (bench/exact_memory.py says why)."""
     if os.environ.get("ECF8_EXACT_ALLOCATIONS") == "1" and cuda_available():
-        os.environ["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
-        import cupy
-
-        cupy.cuda.set_allocator(None)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+        import exact_memory  # noqa: F401  (importing it turns the caches off)
 
 
 def pytest_collection_modifyitems(config, items):
